@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine: `make test` and `make render`.
+# Both create the virtual environment when there is none and install wanrender into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch 2.13.0 satisfies setup.py's pin; installing it first keeps pip from pulling CUDA wheels.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test render bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+render: install
+	$(VENV)/bin/wanrender generate model=tiny_t2v prompt="a red kite over a beach at dusk" out=out/example
+
+bench: install
+	$(PY) -m benchmarks.scaling model=tiny_t2v gpus=[1] out=out/bench
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,1 @@
+"""Ray jobs: the render farm and the nightly benchmark."""

@@ -1,0 +1,1 @@
+"""Wan2.1 and Wan2.2 video VAEs."""

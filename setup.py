@@ -1,0 +1,40 @@
+"""wanrender: a distributed, multi-GPU batch renderer for the Wan2.2 video models."""
+from setuptools import setup
+
+# torch is pinned to a range that the 2.13.0 CPU wheel satisfies, so a CPU machine never pulls CUDA wheels;
+# the GPU machines bring their own torch (2.11) and install nothing over it.
+TORCH = "torch>=2.5,<2.14"
+
+setup(
+    name="wanrender",
+    version="0.1.0",
+    description="Distributed multi-GPU batch renderer for Wan2.2 video models",
+    python_requires=">=3.10,<3.13",
+    packages=["renderer", "renderer.vae", "kernels", "jobs", "benchmarks", "conf"],
+    package_data={"conf": ["*.yaml", "*/*.yaml"]},
+    install_requires=[
+        TORCH,
+        "numpy",
+        "safetensors>=0.4",
+        "hydra-core>=1.3,<1.4",
+        "omegaconf>=2.3",
+        "transformers>=4.45",
+        "sentencepiece",
+        "tokenizers",
+        "ray[default]>=2.30",
+        "pillow",
+        "ffmpeg-python==0.2.0",
+        "imageio-ffmpeg>=0.5",
+        "decord>=0.6; platform_machine == 'x86_64'",
+        "tqdm",
+        "rich",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6", "diffusers>=0.35", "accelerate"],
+        "gpu": ["flash-attn", "xformers"],
+        # DeepSpeed builds against the installed torch: pip install --no-build-isolation -e .[deepspeed]
+        "deepspeed": ["deepspeed>=0.16"],
+    },
+    entry_points={"console_scripts": ["wanrender=renderer.cli:main"]},
+)
