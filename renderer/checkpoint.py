@@ -1,0 +1,227 @@
+"""Loading Wan2.2 DiT checkpoints from the two layouts studios keep on disk.
+
+Official Wan-AI layout (what the Wan-AI release ships):
+    <root>/high_noise_model/{config.json, diffusion_pytorch_model-0000N-of-0000M.safetensors, *.index.json}
+    <root>/low_noise_model/...                       (A14B: two experts)
+    <root>/{config.json, *.safetensors, *.index.json} (ti2v-5B: the model at the root)
+diffusers layout:
+    <root>/transformer/    the high-noise expert (or the only model)
+    <root>/transformer_2/  the low-noise expert (A14B)
+
+Our module names are the official key names, so only the diffusers names are mapped (DIFFUSERS_TO_OFFICIAL).
+
+The model is built on the meta device and every tensor is read straight from its shard into its final dtype and
+device, then assigned: a 14B expert never exists twice in memory. The keys and shapes in the shard headers are
+checked against the model before a single tensor is read, so a wrong folder fails fast with one clear error.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from renderer.model import DiTConfig, WanDiT, keeps_fp32
+
+# (diffusers prefix, official prefix) pairs. Block pairs apply to the part after "blocks.N.".
+_BLOCK_MAP = [
+    ("attn1.to_q.", "self_attn.q."), ("attn1.to_k.", "self_attn.k."), ("attn1.to_v.", "self_attn.v."),
+    ("attn1.to_out.0.", "self_attn.o."), ("attn1.norm_q.", "self_attn.norm_q."), ("attn1.norm_k.", "self_attn.norm_k."),
+    ("attn2.to_q.", "cross_attn.q."), ("attn2.to_k.", "cross_attn.k."), ("attn2.to_v.", "cross_attn.v."),
+    ("attn2.to_out.0.", "cross_attn.o."), ("attn2.norm_q.", "cross_attn.norm_q."),
+    ("attn2.norm_k.", "cross_attn.norm_k."),
+    ("norm2.", "norm3."),  # diffusers' norm2 is the affine norm before cross-attention, the official norm3
+    ("ffn.net.0.proj.", "ffn.0."), ("ffn.net.2.", "ffn.2."),
+    ("scale_shift_table", "modulation"),
+]
+_TOP_MAP = [
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    ("scale_shift_table", "head.modulation"),
+    ("proj_out.", "head.head."),
+]
+_BLOCK_KEY = re.compile(r"^(blocks\.\d+\.)(.*)$")
+
+
+def _rename(pairs: list[tuple[str, str]], name: str, reverse: bool) -> str:
+    for a, b in pairs:
+        src, dst = (b, a) if reverse else (a, b)
+        # a prefix ending in "." renames a submodule; one without renames exactly one parameter
+        if (src.endswith(".") and name.startswith(src)) or name == src:
+            return dst + name[len(src):]
+    return name
+
+
+def _map_key(name: str, reverse: bool) -> str:
+    m = _BLOCK_KEY.match(name)
+    if m:
+        return m.group(1) + _rename(_BLOCK_MAP, m.group(2), reverse)
+    return _rename(_TOP_MAP, name, reverse)
+
+
+def diffusers_to_official(name: str) -> str:
+    """One diffusers WanTransformer3DModel key -> the official Wan-AI key (= our module name)."""
+    return _map_key(name, reverse=False)
+
+
+def official_to_diffusers(name: str) -> str:
+    """The inverse map (used to write diffusers-layout checkpoints)."""
+    return _map_key(name, reverse=True)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the folder and what is wrong."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# finding the experts
+
+
+def expert_folders(root: str | Path, expert_names: Iterable[str | None]) -> tuple[str, list[Path]]:
+    """Where each expert of a model lives under `root`, and which layout it is.
+
+    expert_names come from the model preset: ["high_noise_model", "low_noise_model"] for A14B, [None] for a
+    model at the root (ti2v-5B). Returns ("official" | "diffusers", [folder per expert, preset order]).
+    """
+    root = Path(root)
+    names = list(expert_names)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint folder {root} does not exist: set model.checkpoint to a Wan2.2 folder")
+    if (root / "transformer").is_dir():
+        diff = [root / "transformer", root / "transformer_2"][: len(names)]
+        missing = [str(p) for p in diff if not p.is_dir()]
+        if missing:
+            raise CheckpointError(f"checkpoint {root} (diffusers layout) lacks {', '.join(missing)}: "
+                                  f"this model needs {len(names)} transformer folder(s)")
+        return "diffusers", diff
+    folders = [root / n if n else root for n in names]
+    missing = [str(p) for p in folders if not (p / "config.json").is_file()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {root} is neither an official Wan-AI folder nor a diffusers folder: no config.json in "
+            f"{', '.join(missing)} and no transformer/ subfolder. Expected "
+            + (" and ".join(f"{n}/" for n in names if n) or "config.json and *.safetensors at the root"))
+    return "official", folders
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {folder}: index {indexes[0].name} is unreadable ({e})") from e
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {folder}: shards named in {indexes[0].name} are missing: "
+                                  f"{', '.join(missing[:5])} ({len(missing)} in all)")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint {folder} has no .safetensors files")
+    return files
+
+
+def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """key -> (shard, shape), from the safetensors headers alone (no tensor data is read)."""
+    from safetensors import safe_open
+
+    where: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    where[k] = (f, tuple(h.get_slice(k).get_shape()))
+        except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
+            raise CheckpointError(
+                f"checkpoint shard {f} cannot be read ({e}); it is truncated or corrupt: copy it again") from e
+    return where
+
+
+def _describe(keys: list[str], what: str) -> str:
+    head = ", ".join(keys[:5]) + (", …" if len(keys) > 5 else "")
+    return f"  {what} ({len(keys)}): {head}"
+
+
+def load_dit(folder: str | Path, layout: str | None = None, dtype: torch.dtype = torch.bfloat16,
+             device: str | torch.device = "cpu") -> WanDiT:
+    """Load one DiT (one expert) from an official or diffusers folder holding config.json + safetensors."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no config.json")
+    raw_cfg = json.loads(cfg_path.read_text())
+    layout = layout or ("diffusers" if "num_attention_heads" in raw_cfg else "official")
+    cfg = DiTConfig.from_dict(raw_cfg)
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    to_ours = diffusers_to_official if layout == "diffusers" else (lambda k: k)
+    headers = _read_headers(_shard_files(folder))
+    ours = {to_ours(k): (k, f, shape) for k, (f, shape) in headers.items()}
+    missing = sorted(k for k in expected if k not in ours)
+    unexpected = sorted(ours[k][0] for k in ours if k not in expected)
+    mismatched = sorted(f"{ours[k][0]}: checkpoint {list(ours[k][2])} vs model {list(shape)}"
+                        for k, shape in expected.items() if k in ours and ours[k][2] != shape)
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {folder} ({layout} layout) does not match its config.json "
+                 f"(dim {cfg.dim}, {cfg.num_layers} layers, in {cfg.in_dim} / out {cfg.out_dim} channels):"]
+        if missing:
+            lines.append(_describe(missing, "missing keys"))
+        if unexpected:
+            lines.append(_describe(unexpected, "unexpected keys"))
+        if mismatched:
+            lines.append(_describe(mismatched, "shape mismatches"))
+        lines.append("Check that this folder is a Wan2.2 transformer of the model preset you chose, "
+                     "and that every shard was copied completely.")
+        raise CheckpointError("\n".join(lines))
+
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, (src, f, _) in ours.items():
+        by_file.setdefault(f, []).append((name, src))
+    dev = torch.device(device)
+    for f, pairs in by_file.items():
+        state = {}
+        try:
+            with safe_open(str(f), framework="pt", device=str(dev) if dev.type != "cpu" else "cpu") as h:
+                for name, src in pairs:
+                    want = torch.float32 if keeps_fp32(name) else dtype
+                    state[name] = h.get_tensor(src).to(want)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint shard {f} cannot be read ({e}); it is truncated or corrupt: "
+                                  f"copy it again") from e
+        model.load_state_dict(state, strict=False, assign=True)
+        del state
+    return model.eval()
+
+
+def load_experts(root: str | Path, expert_names: Iterable[str | None], dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cpu") -> list[WanDiT]:
+    """Every expert of a model, in preset order (A14B: high-noise first, then low-noise)."""
+    layout, folders = expert_folders(root, expert_names)
+    return [load_dit(f, layout, dtype, device) for f in folders]
+
+
+def fingerprint(root: str | Path) -> str:
+    """A cheap identity for a checkpoint folder: hash of relative names, sizes and the config/index files.
+
+    Used in sidecars and the resume hash; hashing tens of GB of weights per render would cost minutes.
+    """
+    root = Path(root)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(f"{p.relative_to(root)}:{p.stat().st_size};".encode())
+            if p.suffix == ".json":
+                h.update(p.read_bytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,388 @@
+"""The Wan2.2 diffusion transformer (DiT), in plain PyTorch.
+
+One class covers every Wan2.2 variant the renderer serves:
+  * t2v-A14B experts  (in 16 -> out 16 channels, one timestep per sample),
+  * i2v-A14B experts  (in 36 = 16 noise + 4 mask + 16 image-latent channels),
+  * ti2v-5B           (in/out 48, one timestep per token: the conditioning frame's tokens get t = 0).
+
+Module names match the official Wan-AI state-dict keys, so an official checkpoint loads without renaming;
+renderer/checkpoint.py maps the diffusers names onto these.
+
+Precision follows the reference: the residual stream, the time embedding, the modulation and every norm are
+computed in fp32; the projections, attention and FFN run in the parameter dtype (bf16 for real renders).
+
+Parallelism is not in here. `renderer/parallel` applies it from outside (torchtitan style): it replaces
+`WanSelfAttention.attn_fn` (Ulysses / ring attention) and sets `WanDiT.token_split`, the object that splits the
+tokens across ranks after the embeddings and gathers them before the head.
+
+Shapes: B batch, C channels, F/H/W latent frames/height/width, L = (F/pt)(H/ph)(W/pw) video tokens, Lc text
+tokens (512), D model dim, Hn heads, Dh head dim (128 in the real models), E = 6 modulation chunks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.attention import AttentionFn, attention
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    in_dim: int = 16
+    out_dim: int = 16
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    text_dim: int = 4096
+    text_len: int = 512
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    cross_attn_norm: bool = True
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"DiT dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"DiT head dim {self.head_dim} must be even and at least 6 for the 3D RoPE")
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DiTConfig":
+        """From our preset dict, an official Wan-AI config.json or a diffusers transformer config.json."""
+        if "num_attention_heads" in d:  # diffusers naming
+            d = {
+                "in_dim": d["in_channels"],
+                "out_dim": d.get("out_channels") or d["in_channels"],
+                "dim": d["num_attention_heads"] * d["attention_head_dim"],
+                "num_heads": d["num_attention_heads"],
+                "ffn_dim": d["ffn_dim"],
+                "num_layers": d["num_layers"],
+                "text_dim": d.get("text_dim", 4096),
+                "freq_dim": d.get("freq_dim", 256),
+                "patch_size": d.get("patch_size", (1, 2, 2)),
+                "eps": d.get("eps", 1e-6),
+                "cross_attn_norm": d.get("cross_attn_norm", True),
+            }
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TokenSplit(Protocol):
+    """What sequence parallelism plugs into the model (see renderer/parallel)."""
+
+    def split(self, x: torch.Tensor, dim: int) -> torch.Tensor: ...  # full tokens -> this rank's padded slice
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor: ...  # slices -> full tokens, padding dropped
+
+
+# ----------------------------------------------------------------------------------------------------------
+# embeddings
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """cat[cos, sin] of t·10000^(-i/half), computed in float64 as the reference does. t: [N] -> [N, dim]."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)  # [half]
+    angles = torch.outer(t.to(torch.float64), freqs)  # [N, half]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)  # [N, dim]
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Complex pairs of a head given to time, height and width: 22:21:21 for a 128-wide head."""
+    pairs = head_dim // 2
+    hw = head_dim // 6
+    return pairs - 2 * hw, hw, hw
+
+
+def rope_table(grid: tuple[int, int, int], head_dim: int, theta: float, device: torch.device):
+    """cos and sin of the 3D rotary angles for an F×H×W token grid: two [L, Dh/2] fp32 tensors.
+
+    Token order is frame-major, then row, then column (the order the patch embedding flattens to).
+    """
+    angles = []
+    for axis, (n, pairs) in enumerate(zip(grid, rope_split(head_dim))):
+        part_dim = 2 * pairs
+        inv = 1.0 / theta ** (torch.arange(0, part_dim, 2, dtype=torch.float64, device=device) / part_dim)  # [pairs]
+        a = torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv)  # [n, pairs]
+        shape = [1, 1, 1, pairs]
+        shape[axis] = n
+        angles.append(a.view(shape).expand(*grid, pairs))  # [F, H, W, pairs]
+    ang = torch.cat(angles, dim=-1).reshape(-1, head_dim // 2)  # [L, Dh/2]
+    return torch.cos(ang).float(), torch.sin(ang).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x. x: [B, L, Hn, Dh]; cos/sin: [L, Dh/2] -> [B, L, Hn, Dh] in x's dtype."""
+    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # 2 × [B, L, Hn, Dh/2]
+    c, s = cos[:, None, :], sin[:, None, :]  # [L, 1, Dh/2]
+    out = torch.stack([xr * c - xi * s, xr * s + xi * c], dim=-1)  # [B, L, Hn, Dh/2, 2]
+    return out.flatten(-2).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# layers
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the full model dim (before the heads are split), normalised in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # [..., D] fp32
+        return y.to(x.dtype) * self.weight.to(x.dtype)
+
+
+def layer_norm_fp32(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+    """LayerNorm in fp32 (no affine unless `norm` carries one). x: [B, L, D] -> fp32 [B, L, D]."""
+    if norm is None:
+        return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    w = norm.weight.float() if norm.weight is not None else None
+    b = norm.bias.float() if norm.bias is not None else None
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
+
+
+class WanSelfAttention(nn.Module):
+    """q/k/v/o projections with q/k RMSNorm; RoPE on q and k. `attn_fn` is what sequence parallelism replaces."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, cfg.eps)
+        self.norm_k = RMSNorm(d, cfg.eps)
+        self.attn_fn: AttentionFn = attention
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)  # [B, L, Hn, Dh]
+        k = self.norm_k(self.k(x)).unflatten(-1, heads)  # [B, L, Hn, Dh]
+        v = self.v(x).unflatten(-1, heads)  # [B, L, Hn, Dh]
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # [B, L, Hn, Dh]
+        out = self.attn_fn(q, k, v)  # [B, L, Hn, Dh]
+        return self.o(out.flatten(-2))  # [B, L, D]
+
+
+class WanCrossAttention(nn.Module):
+    """Video tokens attend to the text tokens. Always local: every rank holds the whole text context."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, cfg.eps)
+        self.norm_k = RMSNorm(d, cfg.eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)  # [B, L, Hn, Dh]
+        k = self.norm_k(self.k(context)).unflatten(-1, heads)  # [B, Lc, Hn, Dh]
+        v = self.v(context).unflatten(-1, heads)  # [B, Lc, Hn, Dh]
+        return self.o(attention(q, k, v).flatten(-2))  # [B, L, D]
+
+
+class WanBlock(nn.Module):
+    """x += self_attn(mod(LN(x)))·gate; x += cross_attn(LN3(x), text); x += ffn(mod(LN(x)))·gate."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.self_attn = WanSelfAttention(cfg)
+        self.cross_attn = WanCrossAttention(cfg)
+        # norm1/norm2 carry no parameters; norm3 (before cross-attention) is affine
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.cross_attn_norm else None
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [B, L, D] fp32 residual stream; e0: [B, 1|L, 6, D] fp32; context: [B, Lc, D]."""
+        dt = self.ffn[0].weight.dtype
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(2)  # 6 × [B, 1|L, D]
+        h = layer_norm_fp32(x, self.eps) * (1 + scale1) + shift1  # [B, L, D] fp32
+        x = x + self.self_attn(h.to(dt), rope).float() * gate1  # [B, L, D]
+        h = layer_norm_fp32(x, self.eps, self.norm3) if self.norm3 is not None else x  # [B, L, D]
+        x = x + self.cross_attn(h.to(dt), context).float()  # [B, L, D]
+        h = layer_norm_fp32(x, self.eps) * (1 + scale2) + shift2  # [B, L, D] fp32
+        return x + self.ffn(h.to(dt)).float() * gate2  # [B, L, D]
+
+
+class WanHead(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, D] fp32; e: [B, 1|L, D] fp32 -> [B, L, pt·ph·pw·C_out]."""
+        shift, scale = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unbind(2)  # 2 × [B, 1|L, D]
+        h = layer_norm_fp32(x, self.eps) * (1 + scale) + shift  # [B, L, D]
+        return self.head(h.to(self.head.weight.dtype))  # [B, L, P·C_out]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model
+
+# parameters kept in fp32 whatever the render dtype: small, and the reference computes them in fp32
+FP32_PARAM_MARKERS = ("time_embedding", "time_projection", "modulation", "norm3")
+
+
+def keeps_fp32(name: str) -> bool:
+    return any(m in name for m in FP32_PARAM_MARKERS)
+
+
+class WanDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = WanHead(cfg)
+        self.token_split: TokenSplit | None = None
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- precision ------------------------------------------------------------------------------------------
+    def set_dtype(self, dtype: torch.dtype) -> "WanDiT":
+        """Cast to the render dtype, keeping the fp32 parameters (time embedding, modulation, norm3) in fp32."""
+        for name, p in self.named_parameters():
+            p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    # -- stages ---------------------------------------------------------------------------------------------
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables, computed once per token grid and device (every step of a shot reuses them)."""
+        key = (grid, str(device))
+        if key not in self._rope_cache:
+            if len(self._rope_cache) > 8:
+                self._rope_cache.clear()
+            self._rope_cache[key] = rope_table(grid, self.cfg.head_dim, self.cfg.rope_theta, device)
+        return self._rope_cache[key]
+
+    def embed_time(self, t: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """t: [B] or [B, L] -> e [B, 1|L, D] and e0 [B, 1|L, 6, D], fp32.
+
+        Per-token timesteps that are all equal collapse to one row per sample: the A14B experts always get
+        one timestep, and keeping [B, L, 6, D] for 75,600 tokens would cost 9 GB for nothing.
+        """
+        if t.ndim == 2:
+            if t.shape[1] != num_tokens:
+                raise ValueError(f"per-token timesteps have {t.shape[1]} entries for {num_tokens} video tokens")
+            if bool((t == t[:, :1]).all()):
+                t = t[:, 0]
+        rows = t.reshape(t.shape[0], -1)  # [B, 1|L]
+        w = self.time_embedding[0].weight
+        sin = sinusoidal_embedding(rows.flatten(), self.cfg.freq_dim).to(w.dtype)  # [B·(1|L), freq]
+        e = self.time_embedding(sin).float()  # [B·(1|L), D]
+        e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()  # [B·(1|L), 6D]
+        e = e.unflatten(0, rows.shape)  # [B, 1|L, D]
+        e0 = e0.unflatten(0, rows.shape).unflatten(-1, (6, -1))  # [B, 1|L, 6, D]
+        return e, e0
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """context: [B, Lc ≤ text_len, text_dim], zero rows after each prompt -> [B, text_len, D]."""
+        if context.shape[1] > self.cfg.text_len:
+            raise ValueError(f"text context has {context.shape[1]} tokens, the model takes at most {self.cfg.text_len}")
+        pad = self.cfg.text_len - context.shape[1]
+        context = F.pad(context, (0, 0, 0, pad))  # [B, text_len, text_dim]
+        return self.text_embedding(context.to(self.dtype))  # [B, text_len, D]
+
+    def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """x: [B, C_in, F, H, W] -> tokens [B, L, D] fp32 and the token grid (F/pt, H/ph, W/pw)."""
+        pt, ph, pw = self.cfg.patch_size
+        _, _, f, h, w = x.shape
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent {f}×{h}×{w} is not a multiple of the patch size {self.cfg.patch_size}")
+        if x.shape[1] != self.cfg.in_dim:
+            raise ValueError(f"latent has {x.shape[1]} channels, the model takes {self.cfg.in_dim}")
+        tokens = self.patch_embedding(x.to(self.dtype))  # [B, D, F', H', W']
+        grid = tuple(tokens.shape[2:])
+        return tokens.flatten(2).transpose(1, 2).float(), grid  # [B, L, D]
+
+    def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """out: [B, L, pt·ph·pw·C] -> [B, C, F'·pt, H'·ph, W'·pw]."""
+        pt, ph, pw = self.cfg.patch_size
+        f, h, w = grid
+        u = out.unflatten(1, (f, h, w)).unflatten(-1, (pt, ph, pw, -1))  # [B, F', H', W', pt, ph, pw, C]
+        u = u.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, F', pt, H', ph, W', pw]
+        return u.reshape(u.shape[0], u.shape[1], f * pt, h * ph, w * pw)
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Predict the flow velocity.
+
+        x: [B, C_in, F, H, W] latent (i2v: noise, mask and image latent concatenated on C);
+        t: [B] timesteps in [0, 1000], or [B, L] per token (ti2v); context: [B, Lc, text_dim].
+        Returns [B, C_out, F, H, W] fp32.
+        """
+        tokens, grid = self.patchify(x)  # [B, L, D], (F', H', W')
+        num_tokens = tokens.shape[1]
+        e, e0 = self.embed_time(t, num_tokens)  # [B, 1|L, D], [B, 1|L, 6, D]
+        ctx = self.embed_text(context)  # [B, Lc, D]
+        cos, sin = self.rope(grid, tokens.device)  # 2 × [L, Dh/2]
+
+        split = self.token_split
+        if split is not None:  # sequence parallel: each rank keeps its slice of the tokens from here on
+            tokens, cos, sin = split.split(tokens, 1), split.split(cos, 0), split.split(sin, 0)
+            if e.shape[1] > 1:
+                e, e0 = split.split(e, 1), split.split(e0, 1)
+
+        for block in self.blocks:
+            tokens = block(tokens, e0, ctx, (cos, sin))  # [B, L_local, D]
+        out = self.head(tokens, e)  # [B, L_local, P·C_out]
+        if split is not None:
+            out = split.gather(out, 1)  # [B, L, P·C_out]
+        return self.unpatchify(out.float(), grid)  # [B, C_out, F, H, W]
+
+
+def build_dit(cfg: DiTConfig, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+              seed: int | None = None) -> WanDiT:
+    """A DiT with random weights (benchmarks and tiny test models). `seed` makes the weights reproducible."""
+    gen_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    prev_dtype = torch.get_default_dtype()
+    try:
+        # created directly in the render dtype: a 14B expert never passes through 56 GB of fp32
+        torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
+        with torch.device(device):
+            model = WanDiT(cfg)
+        # init_weights as the reference: xavier for linears, so random-weight activations stay in range
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+    finally:
+        torch.set_default_dtype(prev_dtype)
+        if seed is not None:
+            torch.random.set_rng_state(gen_state)
+    return model.set_dtype(dtype).eval()
