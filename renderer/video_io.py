@@ -230,8 +230,10 @@ def _parse_ffmetadata(text: str) -> dict[str, str]:
         i += 1
     lines.append(cur)
     for line in lines:
-        if not line or (line[0] == ("", ";")) or line[0] == ("", "#") or line[0] == ("", "["):
-            continue  # header, comment, or a [STREAM]/[CHAPTER] section marker
+        if not line or line[0] in (("", ";"), ("", "#")):
+            continue  # blank, header or comment
+        if line[0] == ("", "["):
+            break  # a [STREAM]/[CHAPTER] section: everything from here on is not a global tag
         try:
             eq = line.index(("", "="))
         except ValueError:
@@ -252,18 +254,20 @@ def read_mp4_metadata(path) -> dict[str, str]:
     )
     if res.returncode != 0:
         raise ValueError(f"cannot read metadata of {path}: {res.stderr.decode('utf-8', 'replace').strip()}")
-    text = res.stdout.decode("utf-8", "replace")
-    # Only the global section: stream/chapter sections, if any, follow the first '[' header.
-    return _parse_ffmetadata(text.split("\n[", 1)[0])
+    return _parse_ffmetadata(res.stdout.decode("utf-8", "replace"))
 
 
-def _open_video(path):
+def _video_reader(path, width: int = -1, height: int = -1):
+    """decord VideoReader for `path`; missing -> FileNotFoundError, undecodable -> ValueError, both naming it."""
     import decord
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such video: {path}")
-    return path, decord
+    try:
+        return decord.VideoReader(str(path), ctx=decord.cpu(0), width=width, height=height)
+    except Exception as e:  # decord raises its own DECORDError for anything it cannot demux/decode
+        raise ValueError(f"cannot decode video {path}: {e}") from e
 
 
 def read_video(path, num_frames: int | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -272,12 +276,8 @@ def read_video(path, num_frames: int | None = None, size: tuple[int, int] | None
     num_frames: only the first `num_frames` frames (more than the video has is a ValueError).
     size: (width, height) to resize to while decoding (plain resize, aspect ratio not kept).
     """
-    path, decord = _open_video(path)
     w, h = size if size is not None else (-1, -1)
-    try:
-        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), width=w, height=h)
-    except Exception as e:  # decord raises its own DECORDError for anything it cannot demux/decode
-        raise ValueError(f"cannot decode video {path}: {e}") from e
+    vr = _video_reader(path, w, h)
     n = len(vr)
     if num_frames is not None:
         if not 0 < num_frames <= n:
@@ -288,22 +288,14 @@ def read_video(path, num_frames: int | None = None, size: tuple[int, int] | None
 
 def video_info(path) -> dict:
     """{"frames", "width", "height", "fps"} of a video, via decord."""
-    path, decord = _open_video(path)
-    try:
-        vr = decord.VideoReader(str(path), ctx=decord.cpu(0))
-    except Exception as e:
-        raise ValueError(f"cannot decode video {path}: {e}") from e
+    vr = _video_reader(path)
     h, w, _ = vr[0].shape
     return {"frames": len(vr), "width": int(w), "height": int(h), "fps": float(vr.get_avg_fps())}
 
 
 def extract_frames(path, indices: list[int]) -> list[np.ndarray]:
     """Decode the frames at `indices` (negative counts from the end, like Python) as [H,W,3] uint8."""
-    path, decord = _open_video(path)
-    try:
-        vr = decord.VideoReader(str(path), ctx=decord.cpu(0))
-    except Exception as e:
-        raise ValueError(f"cannot decode video {path}: {e}") from e
+    vr = _video_reader(path)
     n = len(vr)
     idx = []
     for i in indices:

@@ -116,7 +116,7 @@ def test_extract_frames_first_middle_last(tmp_path):
 
 
 def test_metadata_round_trip(tmp_path):
-    prompt = 'Ein "Drache" über Tōkyō, 夜景 🐉 — it\'s = ; # \\ done\nsecond line'
+    prompt = 'Ein "Drache" über Tōkyō, 夜景 🐉 — it\'s = ; # \\ done\n[not a section]\n;nor a comment'
     meta = {"comment": prompt, "title": "shot_007", "description": "wan2.2 t2v", "seed": "1234567"}
     path = vio.write_mp4(gradient_clip(f=3), tmp_path / "m.mp4", fps=16, metadata=meta)
     back = vio.read_mp4_metadata(path)
@@ -129,6 +129,11 @@ def test_metadata_round_trip(tmp_path):
     assert back["ai_generated"] == "true; model=wan2.2-ti2v-5b" and back["seed"] == "7"
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.mp4"))):
         vio.read_mp4_metadata(tmp_path / "nope.mp4")
+
+
+def test_ffmetadata_parser_stops_at_stream_sections():
+    text = ";FFMETADATA1\ntitle=a\\=b\nseed=1\n[STREAM]\ntitle=stream tag\n"
+    assert vio._parse_ffmetadata(text) == {"title": "a=b", "seed": "1"}
 
 
 def test_label_changes_corner_only(tmp_path):
