@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import html
 import json
+import pickle
 import re
 import unicodedata
 from pathlib import Path
@@ -155,9 +156,13 @@ def _build_on_meta(config: UMT5Config, hf_sd: dict, source: str, dtype, device) 
 def load_official_state_dict(pth: Path, dtype=torch.bfloat16, device="cpu") -> UMT5EncoderModel:
     """Load the official .pth (untrusted pickle: weights_only, never full unpickling)."""
     try:
-        raw = torch.load(pth, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        raw = torch.load(pth, map_location="cpu", weights_only=True)
+        try:
+            raw = torch.load(pth, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            raw = torch.load(pth, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused something: never retry unsafely
+        raise ValueError(f"text encoder checkpoint {pth} is not a plain tensor pickle "
+                         f"(refused by torch.load(weights_only=True)): {e}") from e
     if not isinstance(raw, dict):
         raise ValueError(f"text encoder checkpoint {pth} holds a {type(raw).__name__}, not a state dict")
     hf_sd = {}

@@ -1,6 +1,7 @@
 """UMT5 text encoder: official-layout key map, diffusers layout, padding contract, errors, cleaning."""
 import hashlib
 import math
+import pickle
 
 import pytest
 import torch
@@ -160,11 +161,24 @@ def test_mismatched_pth_raises_clear_error(tmp_path, tiny):
     assert "1 shape mismatches" in msg and "SelfAttention.q.weight: file (32, 16) vs model (32, 32)" in msg
 
 
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {_Evil.target}",))
+
+
 def test_non_state_dict_pth_rejected(tmp_path, tiny):
     torch.save([torch.zeros(2)], tmp_path / "x.pth")
     tiny.tokenizer.save_pretrained(tmp_path / OFFICIAL_TOKENIZER_DIR)
     with pytest.raises(ValueError, match="not a state dict"):
         load_text_encoder(tmp_path / "x.pth")
+    # A pickle that would run code on load is refused, not executed.
+    _Evil.target = tmp_path / "pwned"
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump(_Evil(), f)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        load_text_encoder(tmp_path / "evil.pth")
+    assert not (tmp_path / "pwned").exists()
     with pytest.raises(ValueError, match="expected an official Wan root"):
         load_text_encoder(tmp_path / "nowhere")
 
