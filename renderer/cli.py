@@ -1,0 +1,106 @@
+"""The `wanrender` command.
+
+    wanrender generate [overrides]     render one shot to <out>/<name>.mp4 + sidecar JSON
+    wanrender render manifest=FILE     render a manifest of shots on the render farm (Ray)
+    wanrender config [overrides]       print the resolved config
+
+Overrides are Hydra's: model=t2v_a14b model.checkpoint=/ckpt/Wan2.2-T2V-A14B prompt="..." seed=7
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from renderer.presets import CONF_DIR
+
+log = logging.getLogger("wanrender")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="wanrender"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def options_from(cfg: DictConfig):
+    from renderer.pipeline import RenderOptions
+
+    r = cfg.render
+    return RenderOptions(device=r.device, dtype=r.dtype, placement=r.placement, t5_cpu=bool(r.t5_cpu),
+                         vae_tile=r.vae_tile, progress=bool(r.progress))
+
+
+def shot_from(cfg: DictConfig):
+    from renderer.pipeline import ShotSpec
+
+    g = cfg.guidance
+    if g is not None and not isinstance(g, (int, float)):
+        g = tuple(float(v) for v in g)
+    return ShotSpec(prompt=cfg.prompt or "", task=cfg.task, negative_prompt=cfg.negative_prompt, image=cfg.image,
+                    size=None if cfg.size is None else str(cfg.size), frames=cfg.frames, steps=cfg.steps,
+                    seed=int(cfg.seed), guidance=g, sampler=cfg.sampler, shift=cfg.shift,
+                    shot_id=cfg.name or "shot")
+
+
+def cmd_generate(cfg: DictConfig) -> int:
+    from kernels.attention import set_default_backend
+    from renderer.output import write_shot
+    from renderer.pipeline import Pipeline, ShotSpec
+    from renderer.presets import load_preset
+
+    preset = load_preset(cfg.model)
+    shot: ShotSpec = shot_from(cfg)
+    # every check on the request runs before a model is loaded or a GPU touched
+    from renderer.presets import check_shot
+
+    s = shot.resolve(preset)
+    problems = check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image)
+    if problems:
+        for field, msg in problems:
+            print(f"error: shot {s.shot_id}: {field}: {msg}", file=sys.stderr)
+        return 2
+    set_default_backend(cfg.render.attention)
+    pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options_from(cfg))
+    print(f"wanrender: {preset.name} on {pipe.device} ({pipe.describe()['dtype']}, experts {pipe.placement}), "
+          f"{s.task} {s.size} {s.frames} frames, {s.steps} steps, seed {s.seed}")
+    result = pipe.render(shot)
+    mp4, side = write_shot(pipe, result, cfg.out, name=cfg.name, label=bool(cfg.label),
+                           extra={"config": OmegaConf.to_container(cfg, resolve=True)})
+    t = result.timings
+    print(f"wrote {mp4} and {side.name}: text {t['text_encode']:.1f}s, denoise {t['denoise']:.1f}s, "
+          f"decode {t['vae_decode']:.1f}s, write {t['mp4_write']:.1f}s")
+    return 0
+
+
+def cmd_render(cfg: DictConfig) -> int:
+    from jobs.farm import run_job  # the render farm (Ray)
+
+    return run_job(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    command, overrides = argv[0], argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    commands = {"generate": cmd_generate, "render": cmd_render,
+                "config": lambda c: print(OmegaConf.to_yaml(c)) or 0}
+    if command not in commands:
+        print(f"unknown command {command!r}: use {', '.join(commands)}\n{__doc__}", file=sys.stderr)
+        return 2
+    try:
+        cfg = compose(overrides)
+    except Exception as e:  # Hydra's own errors name the bad override; show them without a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return int(commands[command](cfg) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""A rendered shot becomes `<out>/<name>.mp4` and its sidecar `<out>/<name>.json`, both written atomically.
+
+The sidecar holds everything needed to re-render the shot (prompt, negative prompt, seed, task, model,
+checkpoint fingerprint, sampler, steps, guidance, size, frames, code version) and the per-stage timings.
+`render_hash` is the hash of exactly the render-relevant settings: the farm skips a shot whose MP4 exists and
+whose sidecar carries the same hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from renderer import __version__
+from renderer.pipeline import Pipeline, RenderResult, ShotSpec
+
+# settings that change the pixels; anything else (timings, paths, tags) does not force a re-render
+RENDER_FIELDS = ("task", "prompt", "negative_prompt", "image", "size", "frames", "steps", "seed", "guidance",
+                 "sampler", "shift")
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the checkout, when there is one."""
+    try:
+        root = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if sha:
+            return f"{__version__}+g{sha}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+def _image_digest(path: str | None) -> str | None:
+    if not path:
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def render_hash(shot: ShotSpec, model_name: str, fingerprint: str) -> str:
+    """Hash of the resolved render-relevant settings, the model and the checkpoint (and the image's bytes)."""
+    d = {k: getattr(shot, k) for k in RENDER_FIELDS}
+    d["guidance"] = list(d["guidance"]) if isinstance(d["guidance"], tuple) else d["guidance"]
+    d["image"] = _image_digest(shot.image)
+    d["model"], d["fingerprint"] = model_name, fingerprint
+    return hashlib.sha256(json.dumps(d, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
+
+
+def sidecar(pipe: Pipeline, result: RenderResult, extra: dict | None = None) -> dict:
+    shot = result.shot
+    from kernels.attention import get_default_backend
+
+    steps = result.step_seconds
+    return {
+        "shot_id": shot.shot_id,
+        "task": shot.task,
+        "prompt": shot.prompt,
+        "negative_prompt": shot.negative_prompt,
+        "image": shot.image,
+        "seed": shot.seed,
+        "size": shot.size,
+        "frames": shot.frames,
+        "fps": pipe.preset.fps,
+        "steps": shot.steps,
+        "sampler": shot.sampler,
+        "shift": shot.shift,
+        "guidance": {"low_noise": shot.guidance[0], "high_noise": shot.guidance[1]},
+        "boundary": pipe.preset.boundary,
+        "experts_used_per_step": result.experts_used,
+        "model": pipe.preset.name,
+        "checkpoint": pipe.checkpoint,
+        "checkpoint_fingerprint": pipe.fingerprint,
+        "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint),
+        "code_version": code_version(),
+        "device": str(pipe.device),
+        "dtype": str(pipe.dtype).replace("torch.", ""),
+        "placement": pipe.placement,
+        "attention_backend": get_default_backend(),
+        "timings_s": {**{k: round(v, 4) for k, v in result.timings.items()},
+                      "step_median": round(sorted(steps)[len(steps) // 2], 4) if steps else None,
+                      "model_load": round(pipe.load_seconds, 4)},
+        "rendered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "shot": asdict(shot),
+        **(extra or {}),
+    }
+
+
+def write_shot(pipe: Pipeline, result: RenderResult, out_dir: str | Path, name: str | None = None,
+               label: bool = False, extra: dict | None = None) -> tuple[Path, Path]:
+    """Write the MP4 then the sidecar (each atomically). The sidecar lands last: an MP4 without a sidecar, or
+    with a sidecar from other settings, never counts as done."""
+    from renderer.video_io import sidecar_path, write_json_atomic, write_mp4
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mp4 = out / f"{name or result.shot.shot_id}.mp4"
+    t0 = time.perf_counter()
+    shot = result.shot
+    meta = {"comment": shot.prompt, "title": shot.shot_id, "seed": str(shot.seed), "ai_generated": "true",
+            "description": f"AI-generated with wanrender {code_version()} ({pipe.preset.name})"}
+    write_mp4(result.frames, mp4, fps=pipe.preset.fps, metadata=meta, label="AI-generated" if label else None)
+    result.timings["mp4_write"] = time.perf_counter() - t0
+    side = write_json_atomic(sidecar_path(mp4), sidecar(pipe, result, extra))
+    return mp4, side

@@ -1,0 +1,299 @@
+"""One shot from prompt (and image) to frames: text encoder -> noise -> two-expert denoising -> VAE decode.
+
+    shot (ShotSpec) --check--> text encoding --> latent noise (CPU generator: same video on any device)
+        --> denoising loop (A14B: high-noise expert while t >= boundary·1000, then the low-noise expert;
+            classifier-free guidance with each expert's own scale)
+        --> VAE decode --> uint8 frames + everything needed to re-render the shot
+
+The pipeline holds the models of one preset and renders shot after shot without reloading them (the render
+farm keeps one Pipeline per render group). Writing files is renderer/output.py's job.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from renderer import checkpoint as ckpt
+from renderer.model import WanDiT, build_dit
+from renderer.presets import ModelPreset, check_shot, parse_size
+from renderer.sampling import make_sampler
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ShotError(ValueError):
+    """A shot that cannot be rendered as asked; raised before any compute."""
+
+
+@dataclass(frozen=True)
+class ShotSpec:
+    """What one render needs. Unset fields take the model preset's defaults (see `resolve`)."""
+
+    prompt: str
+    task: str | None = None
+    negative_prompt: str | None = None
+    image: str | None = None
+    size: str | None = None
+    frames: int | None = None
+    steps: int | None = None
+    seed: int = 0
+    guidance: tuple[float, float] | float | None = None  # (low-noise, high-noise) or one scale for both
+    sampler: str = "unipc"
+    shift: float | None = None
+    shot_id: str = "shot"
+
+    def resolve(self, preset: ModelPreset) -> "ShotSpec":
+        g = self.guidance if self.guidance is not None else preset.guidance
+        g = (float(g), float(g)) if isinstance(g, (int, float)) else (float(g[0]), float(g[1]))
+        task = self.task or ("ti2v" if preset.tasks == ("t2v", "ti2v") and self.image else preset.tasks[0])
+        return replace(self, task=task, size=str(self.size or preset.size), frames=self.frames or preset.frames,
+                       steps=self.steps or preset.steps, guidance=g,
+                       shift=float(self.shift if self.shift is not None else preset.shift))
+
+
+@dataclass
+class RenderOptions:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    placement: str = "auto"  # auto | resident (all experts on the device) | offload (idle expert in CPU memory)
+    t5_cpu: bool = False  # keep the text encoder in CPU memory (saves ~11 GB of GPU memory for UMT5-XXL)
+    vae_tile: bool | None = None  # None: tile the VAE decode when the frame is large
+    progress: bool = True
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r}: use one of auto, {', '.join(DTYPES)}")
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class RenderResult:
+    frames: "object"  # numpy uint8 [F, H, W, 3]
+    shot: ShotSpec
+    timings: dict[str, float] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
+    experts_used: list[int] = field(default_factory=list)
+    latent: torch.Tensor | None = None
+
+
+def _load_components(preset: ModelPreset, checkpoint: str | None, device: torch.device, dtype: torch.dtype,
+                     t5_device: torch.device, expert_device: torch.device):
+    """Text encoder, VAE and experts: from a checkpoint folder, or random weights drawn from the preset's seed."""
+    from renderer.text_encoder import build_tiny_text_encoder, load_text_encoder
+    from renderer.vae import build_vae, load_vae
+
+    if checkpoint is None:
+        if not preset.is_tiny:
+            raise ShotError(f"model {preset.name} needs model.checkpoint=<Wan2.2 folder> (random full-size weights "
+                            f"are for the benchmarks only)")
+        text = build_tiny_text_encoder(seed=preset.seed_weights, d_model=preset.dit.text_dim)
+        text = _move_text_encoder(text, t5_device, dtype)
+        vae = build_vae(preset.vae.version, tiny=True, dtype=torch.float32, device=device, seed=preset.seed_weights)
+        experts = [build_dit(preset.dit, dtype=dtype, device=expert_device, seed=preset.seed_weights + i)
+                   for i in range(len(preset.experts))]
+        return text, vae, experts
+    root = Path(checkpoint)
+    text = load_text_encoder(root, device=t5_device, dtype=dtype)
+    layout, _ = ckpt.expert_folders(root, preset.experts)
+    vae_path = root / "vae" if layout == "diffusers" else root / f"Wan{preset.vae.version}_VAE.pth"
+    vae = load_vae(vae_path, version=preset.vae.version, dtype=dtype, device=device)
+    experts = ckpt.load_experts(root, preset.experts, dtype=dtype, device=expert_device)
+    return text, vae, experts
+
+
+def _move_text_encoder(text, device: torch.device, dtype: torch.dtype):
+    text.model.to(device=device, dtype=dtype if device.type == "cuda" else torch.float32)
+    text.device = device
+    return text
+
+
+class Pipeline:
+    def __init__(self, preset: ModelPreset, checkpoint: str | None = None, options: RenderOptions | None = None,
+                 components=None):
+        self.preset = preset
+        self.options = options or RenderOptions()
+        self.device = self.options.torch_device()
+        self.dtype = self.options.torch_dtype()
+        self.checkpoint = checkpoint
+        self.fingerprint = ckpt.fingerprint(checkpoint) if checkpoint else f"random-seed{preset.seed_weights}"
+        t5_device = torch.device("cpu") if self.options.t5_cpu else self.device
+        self.placement = self._choose_placement()
+        expert_device = self.device if self.placement == "resident" else torch.device("cpu")
+        t0 = time.perf_counter()
+        if components is None:
+            components = _load_components(preset, checkpoint, self.device, self.dtype, t5_device, expert_device)
+        self.text_encoder, self.vae, self.experts = components
+        self.load_seconds = time.perf_counter() - t0
+        self._on_device: int | None = None if self.placement == "offload" else -1
+
+    # -- memory placement -------------------------------------------------------------------------------------
+    def _choose_placement(self) -> str:
+        """Both experts resident when they fit in free device memory, else one at a time (the idle one on CPU)."""
+        choice = self.options.placement
+        if choice not in ("auto", "resident", "offload"):
+            raise ValueError(f"placement {choice!r}: use auto, resident or offload")
+        if choice != "auto":
+            return choice
+        if self.device.type != "cuda" or len(self.preset.experts) < 2:
+            return "resident"
+        c = self.preset.dit
+        params_per_expert = c.num_layers * (4 * 2 * c.dim * c.dim + 2 * c.dim * c.ffn_dim) + 8 * c.dim * c.dim
+        need = 2 * params_per_expert * self.dtype.itemsize
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # keep ~40% of free memory for activations, the VAE and the text encoder
+        return "resident" if need < 0.6 * free else "offload"
+
+    def _expert(self, index: int) -> WanDiT:
+        if self.placement == "offload" and self._on_device != index:
+            for j, m in enumerate(self.experts):
+                if j != index:
+                    m.to("cpu")
+            self.experts[index].to(self.device)
+            self._on_device = index
+        return self.experts[index]
+
+    # -- checks -------------------------------------------------------------------------------------------------
+    def check(self, shot: ShotSpec) -> list[tuple[str, str]]:
+        s = shot.resolve(self.preset)
+        problems = check_shot(self.preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image)
+        from renderer.sampling import SAMPLER_NAMES
+
+        if s.sampler not in SAMPLER_NAMES:
+            problems.append(("sampler", f"unknown sampler {s.sampler!r}: use one of {', '.join(SAMPLER_NAMES)}"))
+        return problems
+
+    def latent_shape(self, shot: ShotSpec) -> tuple[int, int, int, int]:
+        w, h = parse_size(shot.size)
+        st, sh, sw = self.preset.vae.stride
+        return self.preset.vae.z_dim, (shot.frames - 1) // st + 1, h // sh, w // sw
+
+    # -- conditioning -------------------------------------------------------------------------------------------
+    def encode_text(self, shot: ShotSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        from renderer.text_encoder import DEFAULT_NEGATIVE_PROMPT
+
+        negative = shot.negative_prompt if shot.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
+        with torch.no_grad():
+            both = self.text_encoder.encode([shot.prompt, negative])  # [2, 512, text_dim]
+        both = both.to(self.device, self.dtype)
+        return both[:1], both[1:]
+
+    def _image_condition(self, shot: ShotSpec, shape) -> dict[str, torch.Tensor]:
+        """i2v: mask + image latent channels for the model input; ti2v: the first latent frame to pin."""
+        from renderer.video_io import load_image
+
+        z, f, h, w = shape
+        width, height = parse_size(shot.size)
+        image = load_image(shot.image, size=(width, height)).to(self.device)  # [3, H, W] in [-1, 1]
+        vae_dtype = next(self.vae.parameters()).dtype
+        if shot.task == "i2v":
+            video = torch.zeros(1, 3, shot.frames, height, width, device=self.device)  # [1, 3, F, H, W]
+            video[:, :, 0] = image
+            y = self.vae.encode(video.to(vae_dtype)).float()  # [1, 16, F', h, w]
+            mask = torch.zeros(1, 4, f, h, w, device=self.device)
+            mask[:, :, 0] = 1.0  # the first latent frame holds the given image (4 video frames per latent frame)
+            return {"i2v": torch.cat([mask, y], dim=1)}  # [1, 20, F', h, w]
+        z0 = self.vae.encode(image[None, :, None].to(vae_dtype)).float()  # [1, 48, 1, h, w]
+        return {"ti2v": z0}
+
+    # -- the render ---------------------------------------------------------------------------------------------
+    def render(self, shot: ShotSpec, on_step: Callable[[int, int], None] | None = None,
+               keep_latent: bool = False, initial_noise: torch.Tensor | None = None) -> RenderResult:
+        shot = shot.resolve(self.preset)
+        problems = self.check(shot)
+        if problems:
+            raise ShotError("; ".join(f"shot {shot.shot_id}: {f}: {m}" for f, m in problems))
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        context, context_null = self.encode_text(shot)
+        timings["text_encode"] = time.perf_counter() - t0
+
+        shape = self.latent_shape(shot)
+        if initial_noise is None:
+            gen = torch.Generator("cpu").manual_seed(int(shot.seed))
+            initial_noise = torch.randn((1, *shape), generator=gen, dtype=torch.float32)  # [1, z, F', h, w]
+        latent = initial_noise.to(self.device)
+        t0 = time.perf_counter()
+        cond = self._image_condition(shot, shape) if shot.image and shot.task in ("i2v", "ti2v") else {}
+        timings["image_encode"] = time.perf_counter() - t0
+
+        pinned = cond.get("ti2v")
+        keep = None
+        if pinned is not None:
+            keep = torch.ones_like(latent)
+            keep[:, :, 0] = 0.0  # 0 where the image latent is pinned, 1 where the sampler moves the latent
+            latent = (1 - keep) * pinned + keep * latent
+
+        sampler = make_sampler(shot.sampler, shot.steps, shot.shift)
+        boundary = None if self.preset.boundary is None else self.preset.boundary * 1000
+        step_seconds, experts_used = [], []
+        bar = _progress(shot, self.options.progress)
+        t_loop = time.perf_counter()
+        with torch.no_grad():
+            for i, t in enumerate(sampler.timesteps):
+                ts = time.perf_counter()
+                high = boundary is None or float(t) >= boundary
+                idx = 0 if high or len(self.experts) == 1 else 1
+                scale = shot.guidance[1] if high else shot.guidance[0]
+                model = self._expert(idx)
+                x_in = torch.cat([latent, cond["i2v"]], dim=1) if "i2v" in cond else latent  # [1, C_in, F', h, w]
+                t_in = self._timesteps(t, latent, keep)  # [1] or [1, L]
+                v = model(x_in, t_in, context)  # [1, C_out, F', h, w]
+                if scale != 1.0:
+                    v_null = model(x_in, t_in, context_null)
+                    v = v_null + scale * (v - v_null)
+                latent = sampler.step(v, i, latent)
+                if keep is not None:
+                    latent = (1 - keep) * pinned + keep * latent
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                step_seconds.append(time.perf_counter() - ts)
+                experts_used.append(idx)
+                bar.update(1)
+                if on_step:
+                    on_step(i + 1, shot.steps)
+        bar.close()
+        timings["denoise"] = time.perf_counter() - t_loop
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            vae_dtype = next(self.vae.parameters()).dtype
+            video = self.vae.decode(latent.to(vae_dtype), tile=self.options.vae_tile)  # [1, 3, F, H, W]
+        from renderer.video_io import to_uint8_frames
+
+        frames = to_uint8_frames(video.float().cpu())
+        timings["vae_decode"] = time.perf_counter() - t0
+        return RenderResult(frames=frames, shot=shot, timings=timings, step_seconds=step_seconds,
+                            experts_used=experts_used, latent=latent.cpu() if keep_latent else None)
+
+    def _timesteps(self, t: torch.Tensor, latent: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        t = t.to(self.device, torch.float32).reshape(1)
+        if keep is None:
+            return t  # [1]
+        pt, ph, pw = self.preset.dit.patch_size
+        token_keep = keep[0, 0, ::pt, ::ph, ::pw].flatten()  # [L]: 0 on the image's tokens
+        return (token_keep * t)[None]  # [1, L]: the pinned first frame is at t = 0
+
+    def describe(self) -> dict:
+        return {"model": self.preset.name, "checkpoint": self.checkpoint, "fingerprint": self.fingerprint,
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "placement": self.placement, "options": asdict(self.options)}
+
+
+def _progress(shot: ShotSpec, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=shot.steps, desc=f"{shot.shot_id} denoise", unit="step", disable=not enabled, leave=False)

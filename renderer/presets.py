@@ -1,0 +1,127 @@
+"""Model presets (conf/model/*.yaml) as checked dataclasses, and the checks a shot must pass before compute.
+
+A preset says what a model can do (tasks, sizes, frame counts) and how it samples (experts, boundary, shift,
+steps, guidance). Every check that can fail on user input lives here, so the CLI and the render farm give the
+same message — naming the field and the fix — before any GPU is reserved.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from renderer.model import DiTConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+TASKS = ("t2v", "i2v", "ti2v")
+
+
+@dataclass(frozen=True)
+class VAESpec:
+    version: str = "2.1"
+    z_dim: int = 16
+    stride: tuple[int, int, int] = (4, 8, 8)
+    tiny: bool = False
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str
+    tasks: tuple[str, ...]
+    dit: DiTConfig
+    experts: tuple[str | None, ...]
+    boundary: float | None
+    shift: float
+    steps: int
+    guidance: tuple[float, float]  # (low-noise expert, high-noise expert); one model uses guidance[1]
+    vae: VAESpec
+    text_encoder: str
+    fps: int
+    frames: int
+    size: str
+    sizes: tuple[str, ...]
+    checkpoint: str | None = None
+    seed_weights: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def two_experts(self) -> bool:
+        return len(self.experts) == 2
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.text_encoder == "tiny"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelPreset":
+        d = dict(d)
+        known = set(cls.__dataclass_fields__) - {"extra"}
+        extra = {k: d.pop(k) for k in list(d) if k not in known}
+        g = d.get("guidance", (5.0, 5.0))
+        guidance = (float(g), float(g)) if isinstance(g, (int, float)) else (float(g[0]), float(g[1]))
+        return cls(
+            name=d["name"], tasks=tuple(d["tasks"]), dit=DiTConfig.from_dict(dict(d["dit"])),
+            experts=tuple(d.get("experts") or [None]), boundary=d.get("boundary"), shift=float(d["shift"]),
+            steps=int(d["steps"]), guidance=guidance, vae=VAESpec(**{**dict(d["vae"]),
+                                                                     "stride": tuple(d["vae"]["stride"])}),
+            text_encoder=d.get("text_encoder", "umt5_xxl"), fps=int(d["fps"]), frames=int(d["frames"]),
+            size=str(d["size"]), sizes=tuple(str(s) for s in d["sizes"]), checkpoint=d.get("checkpoint"),
+            seed_weights=int(d.get("seed_weights", 0)), extra=extra)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def load_preset(name_or_cfg: str | dict[str, Any]) -> ModelPreset:
+    """A preset by name (conf/model/<name>.yaml) or from an already-composed Hydra `model` node."""
+    if not isinstance(name_or_cfg, str):
+        from omegaconf import DictConfig, OmegaConf
+
+        d = OmegaConf.to_container(name_or_cfg, resolve=True) if isinstance(name_or_cfg, DictConfig) else name_or_cfg
+        return ModelPreset.from_dict(d)
+    path = CONF_DIR / "model" / f"{name_or_cfg}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown model {name_or_cfg!r}: choose one of {', '.join(preset_names())}")
+    import yaml
+
+    return ModelPreset.from_dict(yaml.safe_load(path.read_text()))
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'1280*720' -> (width 1280, height 720). Raises ValueError on anything else."""
+    parts = str(size).lower().replace("x", "*").split("*")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"size {size!r} is not WIDTH*HEIGHT")
+    return int(parts[0]), int(parts[1])
+
+
+def check_shot(preset: ModelPreset, task: str, size: str, frames: int, steps: int,
+               prompt: str | None, image: str | None) -> list[tuple[str, str]]:
+    """Every problem with a shot's settings for this model, as (field, message with the fix). Empty = fine."""
+    problems: list[tuple[str, str]] = []
+    if task not in TASKS:
+        problems.append(("task", f"unknown task {task!r}: use one of {', '.join(TASKS)}"))
+    elif task not in preset.tasks:
+        problems.append(("task", f"model {preset.name} cannot do {task!r}: it does {', '.join(preset.tasks)}"))
+    try:
+        parse_size(size)
+        if str(size).replace("x", "*") not in preset.sizes:
+            problems.append(("size", f"model {preset.name} does not support size {size}: use one of "
+                                     f"{', '.join(preset.sizes)}"))
+    except ValueError as e:
+        problems.append(("size", f"{e}: use one of {', '.join(preset.sizes)}"))
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1 or (frames - 1) % 4:
+        near = max(1, (int(frames) - 1) // 4 * 4 + 1) if isinstance(frames, int) else preset.frames
+        problems.append(("frames", f"frames must be 4n+1 (e.g. {near} or {near + 4}); got {frames!r}"))
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        problems.append(("steps", f"steps must be a positive integer; got {steps!r}"))
+    if prompt is None or not str(prompt).strip():
+        problems.append(("prompt", "the prompt is empty: write what the shot shows"))
+    if task == "i2v" and not image:
+        problems.append(("image", "task i2v needs an input image: set image to a PNG/JPEG path"))
+    if image:
+        p = Path(image)
+        if not p.is_file():
+            problems.append(("image", f"input image {image} does not exist: check the path"))
+    return problems
