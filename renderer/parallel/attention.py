@@ -1,0 +1,168 @@
+"""Sequence-parallel self-attention: Ulysses, ring, and the two combined (USP).
+
+Everything here replaces `WanSelfAttention.attn_fn(q, k, v)`: inputs are this rank's token slice
+[B, n, Hn, Dh] (n = ceil(L / sp), padding included), output is the attention result for the same slice.
+
+  Ulysses   one all-to-all of stacked q/k/v: [B, n, Hn, Dh] -> [B, U·n, Hn/U, Dh] (scatter heads, gather tokens),
+            attention over the whole ring block, inverse all-to-all of the output.
+  ring      q stays; k/v blocks travel around the ring (send to r+1, receive from r−1) while each rank attends to
+            the block it holds and merges the partial results with their log-sum-exp (online softmax).
+  combined  Ulysses inside, ring across: after the all-to-all each rank holds one ring block for its heads.
+
+Padding: `SequenceSharder.block_valid(r)` is the real token count of ring block r; keys/values beyond it are
+sliced off before any attention, so padding never takes softmax weight.  A block with no real token is skipped.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from kernels.attention import attention
+from renderer.parallel.sequence import SequenceSharder
+
+# -------------------------------------------------------------------------------------------------------------
+# all-to-all
+
+
+def heads_to_tokens(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Ulysses forward all-to-all. x: [S, B, n, Hn, Dh] (S stacked tensors) -> [S, B, size·n, Hn/size, Dh].
+
+    Rank j receives head group j of every rank's tokens; the token order of the result is the group-rank order,
+    i.e. the contiguous ring block.
+    """
+    S, B, n, Hn, Dh = x.shape
+    send = x.reshape(S, B, n, size, Hn // size, Dh).permute(3, 0, 1, 2, 4, 5).contiguous()  # [size, S, B, n, Hh, Dh]
+    recv = torch.empty_like(send)  # recv[j] = rank j's tokens, my heads
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.permute(1, 2, 0, 3, 4, 5).reshape(S, B, size * n, Hn // size, Dh)
+
+
+def tokens_to_heads(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Inverse all-to-all. x: [B, size·n, Hh, Dh] -> [B, n, size·Hh, Dh] (my tokens, all heads)."""
+    B, Ln, Hh, Dh = x.shape
+    send = x.reshape(B, size, Ln // size, Hh, Dh).transpose(0, 1).contiguous()  # [size, B, n, Hh, Dh]
+    recv = torch.empty_like(send)  # recv[j] = my tokens, head group j
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.permute(1, 2, 0, 3, 4).reshape(B, Ln // size, size * Hh, Dh)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# attention that also returns the log-sum-exp (what ring attention merges)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q·kᵀ/√Dh)·v and its log-sum-exp. q: [B, Lq, H, Dh], k/v: [B, Lk, H, Dh]
+    -> out fp32 [B, Lq, H, Dh], lse fp32 [B, H, Lq].
+
+    SDPA returns no LSE, so this is an explicit fp32 softmax: exact, fine on CPU and for tests, but it
+    materialises [B, H, Lq, Lk] scores.  GPU: this is where an LSE-returning kernel belongs — flash-attn's
+    flash_attn_func(..., return_attn_probs=True) (FA2/FA3 give softmax_lse [B, H, Lq]) or
+    torch.ops.aten._scaled_dot_product_flash_attention / _cudnn_attention (output, logsumexp, ...).
+    Not wired yet: it has to be measured on the GPUs first (see the module docstring of renderer/parallel).
+    """
+    qf, kf, vf = q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2)  # [B, H, L, Dh]
+    scores = (qf @ kf.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, Lq, Lk]
+    lse = torch.logsumexp(scores, dim=-1)  # [B, H, Lq]
+    out = torch.exp(scores - lse.unsqueeze(-1)) @ vf  # [B, H, Lq, Dh]
+    return out.transpose(1, 2), lse
+
+
+def merge_partial(out: torch.Tensor | None, lse: torch.Tensor | None, out_i: torch.Tensor, lse_i: torch.Tensor):
+    """Online-softmax merge of two partial attentions over disjoint key sets (all fp32).
+
+    out: [B, Lq, H, Dh], lse: [B, H, Lq].  new_lse = log(e^lse + e^lse_i); each part is reweighted by
+    e^(its lse − new_lse), which is its share of the total softmax mass.
+    """
+    if out is None:
+        return out_i, lse_i
+    new_lse = torch.logaddexp(lse, lse_i)  # [B, H, Lq]
+    w = torch.exp(lse - new_lse).transpose(1, 2).unsqueeze(-1)  # [B, Lq, H, 1]
+    w_i = torch.exp(lse_i - new_lse).transpose(1, 2).unsqueeze(-1)  # [B, Lq, H, 1]
+    return out * w + out_i * w_i, new_lse
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, size: int, rank: int,
+                   valid: list[int]) -> torch.Tensor:
+    """Attention of this rank's queries over the keys of all `size` ring ranks.
+
+    q: [B, Lq, H, Dh]; k/v: [B, Lb, H, Dh] = this rank's key block (padded); valid[j]: real keys in rank j's
+    block.  -> [B, Lq, H, Dh] in q's dtype.  At iteration i this rank holds block (rank − i) mod size; the send
+    of that block to rank+1 and the receive of the next from rank−1 run while it attends to it.
+    """
+    nxt = dist.get_global_rank(group, (rank + 1) % size)
+    prv = dist.get_global_rank(group, (rank - 1) % size)
+    kv = torch.stack([k, v]).contiguous()  # [2, B, Lb, H, Dh]: one message per hop instead of two
+    out = lse = None
+    for i in range(size):
+        reqs = []
+        if i < size - 1:
+            incoming = torch.empty_like(kv)
+            reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, kv, nxt, group),
+                                           dist.P2POp(dist.irecv, incoming, prv, group)])
+        n = valid[(rank - i) % size]
+        if n > 0:  # a block of padding only (tiny grids, many ranks) would contribute nothing but NaN
+            out_i, lse_i = attention_lse(q, kv[0, :, :n], kv[1, :, :n])  # fp32 [B, Lq, H, Dh], [B, H, Lq]
+            out, lse = merge_partial(out, lse, out_i, lse_i)
+        for r in reqs:
+            r.wait()
+        if i < size - 1:
+            kv = incoming
+    return out.to(q.dtype)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# the attn_fn objects
+
+
+class SequenceParallelAttention:
+    """`attn_fn` for Ulysses (ulysses > 1), ring (ring > 1) or both; shares its sharder with the model.
+
+    q/k/v: [B, n, Hn, Dh] (this rank's slice) -> [B, n, Hn, Dh].
+    """
+
+    def __init__(self, sharder: SequenceSharder, backend: str | None = None):
+        self.sharder = sharder
+        self.backend = backend  # kernels.attention backend for the non-ring case (None: the process default)
+
+    def block_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of one ring block's queries. q/k/v: [B, Lb, Hh, Dh] with Lb = U·n -> [B, Lb, Hh, Dh]."""
+        s = self.sharder
+        if s.ring_size == 1:
+            n = s.block_valid(0)  # = L: the whole (padded) sequence is here; drop the padded keys
+            return attention(q, k[:, :n], v[:, :n], backend=self.backend)
+        valid = [s.block_valid(r) for r in range(s.ring_size)]
+        return ring_attention(q, k, v, s.ring_group, s.ring_size, s.ring_rank, valid)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s = self.sharder
+        if s.ulysses_size == 1:
+            return self.block_attention(q, k, v)
+        qkv = heads_to_tokens(torch.stack([q, k, v]), s.ulysses_group, s.ulysses_size)  # [3, B, U·n, Hn/U, Dh]
+        out = self.block_attention(*qkv.unbind(0))  # [B, U·n, Hn/U, Dh]
+        return tokens_to_heads(out, s.ulysses_group, s.ulysses_size)  # [B, n, Hn, Dh]
+
+
+class DeepSpeedUlyssesAttention(SequenceParallelAttention):
+    """Same contract, with DeepSpeed's `DistributedAttention` doing the Ulysses all-to-alls (three separate ones,
+    for q, k and v) around our block attention (ring or local).  For comparison with our own all-to-all."""
+
+    def __init__(self, sharder: SequenceSharder, backend: str | None = None):
+        super().__init__(sharder, backend)
+        try:
+            import deepspeed.comm as ds_comm
+            from deepspeed.sequence.layer import DistributedAttention
+        except ImportError as e:
+            raise RuntimeError("parallel.ulysses_impl=deepspeed needs DeepSpeed: "
+                               "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed, or use ulysses_impl=own") from e
+        if not ds_comm.is_initialized():
+            # DeepSpeed routes its collectives through its own backend object; wrap the live torch group
+            ds_comm.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False, verbose=False)
+        # our layout is [B, L, H, D]: heads on dim 2 are scattered, tokens on dim 1 gathered
+        self.ds = DistributedAttention(self.block_attention, sharder.ulysses_group, scatter_idx=2, gather_idx=1)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.sharder.ulysses_size == 1:
+            return self.block_attention(q, k, v)
+        return self.ds(q, k, v, 0)  # batch_dim_idx=0

@@ -1,0 +1,93 @@
+"""Apply a `ParallelConfig` to a `WanDiT` expert, torchtitan style: the model stays plain, parallelism is bolted on.
+
+Order (each step assumes the previous one):
+  1. validate    heads % ulysses, group size — before anything is changed;
+  2. sequence    set `model.token_split` (a SequenceSharder on the mesh's ring/ulysses slices) and replace every
+                 block's `self_attn.attn_fn` with one shared SequenceParallelAttention (or DeepSpeed's Ulysses);
+  3. fsdp        freeze the parameters, `fully_shard` every block, then the root (embeddings, head) — over the whole
+                 group (a 1-D mesh of all ranks), reshard after forward (ZeRO-3, as the official FULL_SHARD).
+Step 2 only sets attributes, so it must come before FSDP wraps the modules; casting to the render dtype
+(`model.set_dtype`) and loading weights must happen before step 3, because FSDP owns the parameters afterwards.
+
+CFG parallel needs nothing here: each half of the group runs the same parallelised model on its own prompt
+(renderer/parallel/denoise.py).
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from renderer.parallel.attention import DeepSpeedUlyssesAttention, SequenceParallelAttention
+from renderer.parallel.config import ParallelConfig
+from renderer.parallel.sequence import SequenceSharder
+
+
+def make_sharder(mesh) -> SequenceSharder:
+    """The sharder for this rank's slices of the ("cfg", "ring", "ulysses") mesh."""
+    uly, ring = mesh["ulysses"], mesh["ring"]
+    return SequenceSharder(uly.get_group() if uly.size() > 1 else None, uly.size(), uly.get_local_rank(),
+                           ring.get_group() if ring.size() > 1 else None, ring.size(), ring.get_local_rank())
+
+
+def apply_sequence_parallel(model: nn.Module, mesh, pcfg: ParallelConfig,
+                            attention_backend: str | None = None) -> SequenceSharder | None:
+    """Step 2. Returns the sharder (None when sp = 1: the model is left untouched)."""
+    if pcfg.sp == 1:
+        return None
+    sharder = make_sharder(mesh)
+    cls = DeepSpeedUlyssesAttention if pcfg.ulysses_impl == "deepspeed" else SequenceParallelAttention
+    attn = cls(sharder, attention_backend)  # one object for all blocks: they share the sharder's seq_len
+    model.token_split = sharder
+    for block in model.blocks:
+        block.self_attn.attn_fn = attn
+    return sharder
+
+
+def apply_fsdp(model: nn.Module, fsdp_mesh) -> nn.Module:
+    """Step 3. Shard every block, then the root, over `fsdp_mesh` (1-D, all ranks of the group).
+
+    The parameters are frozen first: rendering never needs gradients, and FSDP2 only insists on one parameter
+    dtype per group for trainable parameters — the DiT keeps modulation / time embedding / norm3 in fp32 beside
+    bf16 weights, which FSDP2 then all-gathers as bytes.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    model.requires_grad_(False)
+    for block in model.blocks:
+        fully_shard(block, mesh=fsdp_mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=fsdp_mesh, reshard_after_forward=True)
+    return model
+
+
+def expert_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def parallelize(model: nn.Module, mesh, pcfg: ParallelConfig, *, fsdp_mesh=None, fsdp: bool | None = None,
+                attention_backend: str | None = None) -> nn.Module:
+    """Apply steps 1–3 to one expert in place and return it.
+
+    mesh: the ("cfg", "ring", "ulysses") DeviceMesh (None for a single GPU); fsdp_mesh: 1-D mesh of the whole
+    group, needed when FSDP is on; fsdp: overrides pcfg.fsdp once resolved (the caller resolves "auto" over all
+    experts together — see `RenderGroup.parallelize_experts`).
+    """
+    world = mesh.size() if mesh is not None else 1
+    pcfg.validate(world, model.cfg.num_heads)
+    if mesh is not None:
+        apply_sequence_parallel(model, mesh, pcfg, attention_backend)
+    if fsdp is None:
+        fsdp = pcfg.resolve_fsdp(expert_bytes(model), next(model.parameters()).device)
+    if fsdp and world > 1:
+        if fsdp_mesh is None:
+            raise ValueError("FSDP is on but no fsdp_mesh was given: pass RenderGroup.fsdp_mesh")
+        apply_fsdp(model, fsdp_mesh)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True once `apply_fsdp` has run on the model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+__all__ = ["parallelize", "apply_sequence_parallel", "apply_fsdp", "make_sharder", "expert_bytes", "is_sharded"]
