@@ -20,6 +20,7 @@ setup(
         "omegaconf>=2.3",
         "transformers>=4.45",
         "sentencepiece",
+        "ftfy",  # the official prompt cleaning (fixes full-width punctuation before tokenizing)
         "tokenizers",
         "ray[default]>=2.30",
         "pillow",
