@@ -173,9 +173,11 @@ def _read_diffusers_folder(folder: Path) -> tuple[dict, dict[str, Tensor]]:
 
 def _config_from_diffusers(cfg: dict, where: Path) -> VAEConfig:
     version = "2.2" if cfg.get("is_residual", False) else "2.1"
-    if cfg.get("in_channels", 3) != 3 or cfg.get("out_channels", 3) != 3:
-        raise ValueError(f"{where}: only 3-channel (RGB) Wan VAEs are supported")
     base = VAEConfig.official(version)
+    patch = int(cfg.get("patch_size") or 1)
+    # diffusers counts channels after patchify (12 for Wan2.2); we only do RGB
+    if cfg.get("in_channels", 3) != 3 * patch**2 or cfg.get("out_channels", 3) != 3 * patch**2:
+        raise ValueError(f"{where}: only RGB Wan VAEs are supported (in/out_channels = 3 x patch_size^2)")
     z_dim = int(cfg.get("z_dim", base.z_dim))
     return VAEConfig(
         version=version,
@@ -187,7 +189,7 @@ def _config_from_diffusers(cfg: dict, where: Path) -> VAEConfig:
         dim_mult=tuple(cfg.get("dim_mult", base.dim_mult)),
         num_res_blocks=int(cfg.get("num_res_blocks", base.num_res_blocks)),
         temporal_downsample=tuple(bool(v) for v in cfg.get("temperal_downsample", base.temporal_downsample)),
-        patch_size=int(cfg.get("patch_size") or 1),
+        patch_size=patch,
     )
 
 
