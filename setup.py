@@ -1,5 +1,5 @@
 """wanrender: a distributed, multi-GPU batch renderer for the Wan2.2 video models."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # torch is pinned to a range that the 2.13.0 CPU wheel satisfies, so a CPU machine never pulls CUDA wheels;
 # the GPU machines bring their own torch (2.11) and install nothing over it.
@@ -10,7 +10,8 @@ setup(
     version="0.1.0",
     description="Distributed multi-GPU batch renderer for Wan2.2 video models",
     python_requires=">=3.10,<3.13",
-    packages=["renderer", "renderer.vae", "kernels", "jobs", "benchmarks", "conf"],
+    packages=find_packages(include=["renderer", "renderer.*", "kernels", "kernels.*", "jobs", "jobs.*",
+                                    "benchmarks", "benchmarks.*", "conf"]),
     package_data={"conf": ["*.yaml", "*/*.yaml"]},
     install_requires=[
         TORCH,
