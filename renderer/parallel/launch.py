@@ -1,0 +1,117 @@
+"""`python -m renderer.parallel.launch`: render one random-weight shot on a render group, time it, check it.
+
+    torchrun --nproc-per-node 4 -m renderer.parallel.launch --parallel gpus4 --check
+    torchrun --nproc-per-node 8 -m renderer.parallel.launch --parallel ulysses8 --model t2v_a14b \
+        --dtype bfloat16 --grid 21 90 160 --steps 2 --repeat 2          # a 720p A14B timing, random weights
+
+--check also renders the shot on rank 0 alone (no parallelism) and reports max|Δ| / max|ref| of the final latents;
+only sensible for models that fit one device.  Rank 0 prints one JSON line.  Also runs without torchrun as a
+single process (then the layout must be `single`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from renderer.parallel.config import ParallelConfig
+from renderer.parallel.group import init_group
+from renderer.parallel.parallelize import is_sharded
+from renderer.parallel.selftest import run_shot, tiny_shot
+
+PARALLEL_CONF = Path(__file__).resolve().parents[2] / "conf" / "parallel"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_parallel_preset(name: str) -> ParallelConfig:
+    """conf/parallel/<name>.yaml -> ParallelConfig."""
+    from omegaconf import OmegaConf
+
+    path = PARALLEL_CONF / f"{name}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in PARALLEL_CONF.glob("*.yaml"))
+        raise SystemExit(f"no parallel preset {name!r}: choose one of {', '.join(names)}")
+    return ParallelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path)))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m renderer.parallel.launch", description=__doc__.split("\n")[0])
+    ap.add_argument("--parallel", default=None, help="preset in conf/parallel (default: ulysses over all ranks)")
+    for dim in ("--cfg", "--ulysses", "--ring"):
+        ap.add_argument(dim, type=int, help="override the preset's degree")
+    ap.add_argument("--fsdp", choices=["true", "false", "auto"])
+    ap.add_argument("--ulysses-impl", choices=["own", "deepspeed"])
+    ap.add_argument("--task", default="t2v", choices=["t2v", "i2v", "ti2v"])
+    ap.add_argument("--model", default=None, help="model preset in conf/model (default tiny_<task>)")
+    ap.add_argument("--grid", type=int, nargs=3, default=[3, 6, 10], metavar=("F", "H", "W"), help="latent size")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--sampler", default="unipc")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--attention", default=None, help="kernels.attention backend (default: sdpa)")
+    ap.add_argument("--repeat", type=int, default=1, help="time this many renders (the first one warms up)")
+    ap.add_argument("--check", action="store_true", help="compare with a single-process render on rank 0")
+    ap.add_argument("--backend", default=None, help="nccl or gloo (default: nccl on CUDA)")
+    return ap.parse_args(argv)
+
+
+def layout_from_args(args, world_size: int) -> ParallelConfig:
+    base = load_parallel_preset(args.parallel).to_dict() if args.parallel else {"ulysses": world_size}
+    over = {"cfg": args.cfg, "ulysses": args.ulysses, "ring": args.ring, "ulysses_impl": args.ulysses_impl,
+            "fsdp": {"true": True, "false": False, "auto": "auto"}.get(args.fsdp)}
+    return ParallelConfig.from_dict({**base, **{k: v for k, v in over.items() if v is not None}})
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    group = init_group(layout_from_args(args, world), args.backend)
+    if args.attention:
+        from kernels.attention import set_default_backend
+
+        set_default_backend(args.attention)
+    try:
+        dtype = DTYPES[args.dtype]
+        shot = tiny_shot(args.task, tuple(args.grid), args.steps, args.sampler, preset=args.model)
+        group.pcfg.validate(group.world_size, shot.dit.num_heads)
+        experts = shot.experts(dtype, group.device)
+        if group.distributed:
+            experts = group.parallelize_experts(experts)
+        seconds = []
+        for _ in range(max(args.repeat, 1)):
+            group.barrier()
+            t0 = time.perf_counter()
+            latent = run_shot(shot, group, dtype, experts=experts)
+            if group.device.type == "cuda":
+                torch.cuda.synchronize(group.device)
+            seconds.append(time.perf_counter() - t0)
+        report = {"layout": group.pcfg.describe(), "world_size": group.world_size, "backend": group.backend,
+                  "device": str(group.device), "task": args.task, "model": args.model or f"tiny_{args.task}",
+                  "grid": args.grid, "steps": args.steps, "dtype": args.dtype, "seconds": seconds,
+                  "fsdp": any(is_sharded(m) for m in experts)}
+        if group.device.type == "cuda":
+            report["peak_gb"] = torch.cuda.max_memory_allocated(group.device) / 1e9
+        if args.check and group.is_main:
+            ref = run_shot(shot, _local(group), dtype)
+            report["max_rel_err"] = ((latent - ref).abs().max() / ref.abs().max()).item()
+        if group.is_main:
+            print(json.dumps(report, ensure_ascii=False), flush=True)
+        group.barrier()
+        return report
+    finally:
+        group.close()
+
+
+def _local(group):
+    """A one-rank view of the group for the reference render: same device, no parallelism."""
+    from renderer.parallel.group import RenderGroup
+
+    return RenderGroup(ParallelConfig(fsdp=False), device=group.device)
+
+
+if __name__ == "__main__":
+    main()
