@@ -11,6 +11,8 @@ dispatches to a backend:
   "math"            SDPA math kernel (runs everywhere; the CPU fallback)
   "flash_attn"      the flash-attn package (FlashAttention 3 `flash_attn_interface` if importable, else 2)
   "xformers"        xformers.ops.memory_efficient_attention
+  "auto"            the fastest of the above for (GPU name, dtype, head dim, sequence-length bucket), measured once
+                    and cached on disk (kernels/autotune.py); a fixed ranking when measuring is off; "sdpa" on CPU
 
 flash-attn and xformers are optional extras: asking for one that is not installed raises an error that says
 how to install it, and `available_backends()` lists only what works here.
@@ -24,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math", "flash_attn", "xformers")
+BACKENDS = ("auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math", "flash_attn", "xformers")
 
 _SDPA_KERNEL = {
     "sdpa_cudnn": "CUDNN_ATTENTION",
@@ -33,7 +35,9 @@ _SDPA_KERNEL = {
     "math": "MATH",
 }
 
-_default_backend = "sdpa"
+# "auto" is the default: on the CPU it resolves to "sdpa" (bit-identical to asking for "sdpa"), on a GPU to the
+# measured fastest kernel, so a render takes the fast path without a flag
+_default_backend = "auto"
 
 
 def set_default_backend(name: str) -> None:
@@ -63,10 +67,10 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run on `device` in this environment."""
     dev = torch.device(device)
     if dev.type != "cuda":
-        return ["sdpa", "math"]
-    names = ["sdpa", "sdpa_flash", "sdpa_efficient", "math"]
+        return ["auto", "sdpa", "math"]
+    names = ["auto", "sdpa", "sdpa_flash", "sdpa_efficient", "math"]
     if hasattr(torch.backends.cuda, "cudnn_sdp_enabled"):
-        names.insert(1, "sdpa_cudnn")
+        names.insert(2, "sdpa_cudnn")
     if _has_module("flash_attn_interface") or _has_module("flash_attn"):
         names.append("flash_attn")
     if _has_module("xformers"):
@@ -122,6 +126,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | 
     q: [B, Lq, H, D], k and v: [B, Lk, H, D] (same dtype) -> [B, Lq, H, D].
     """
     name = backend or _default_backend
+    if name == "auto":
+        from kernels.autotune import choose
+
+        # python constants only: under torch.compile the choice is made once at trace time and baked in
+        name = choose(q.device, q.dtype, q.shape[-1], q.shape[1], k.shape[1])
     if name == "sdpa":
         return _sdpa(q, k, v, None)
     if name in _SDPA_KERNEL:
@@ -139,6 +148,21 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     scores = qd @ kd.transpose(-1, -2) / qd.shape[-1] ** 0.5  # [B, H, Lq, Lk]
     return (scores.softmax(-1) @ vd).transpose(1, 2)  # [B, Lq, H, D]
+
+
+def resolved_backend() -> str:
+    """What `attention()` without a backend argument ran, for the run log and the sidecar.
+
+    A fixed default is reported as is; "auto" as "auto:<choice>", listing every distinct choice made so far in this
+    process ("auto:sdpa_cudnn", or "auto:sdpa_cudnn+sdpa_flash" when shapes chose differently), or "auto" when
+    nothing ran yet.
+    """
+    if _default_backend != "auto":
+        return _default_backend
+    from kernels.autotune import choices_made
+
+    made = sorted(set(choices_made().values()))
+    return "auto:" + "+".join(made) if made else "auto"
 
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

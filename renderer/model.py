@@ -11,6 +11,11 @@ renderer/checkpoint.py maps the diffusers names onto these.
 Precision follows the reference: the residual stream, the time embedding, the modulation and every norm are
 computed in fp32; the projections, attention and FFN run in the parameter dtype (bf16 for real renders).
 
+Speed: the memory-bound steps around the matmuls (q/k RMSNorm + RoPE, LayerNorm modulation, gated residual
+adds) go through the dispatchers of kernels/fused.py (Triton on CUDA, the plain math here on the CPU); attention
+defaults to the "auto" backend (the measured fastest kernel on a GPU, "sdpa" on the CPU); and on a CUDA device
+the blocks are compiled with torch.compile at the first forward (`compile_mode`, kernels/compile.py).
+
 Parallelism is not in here. `renderer/parallel` applies it from outside (torchtitan style): it replaces
 `WanSelfAttention.attn_fn` (Ulysses / ring attention) and sets `WanDiT.token_split`, the object that splits the
 tokens across ranks after the embeddings and gathers them before the head.
@@ -20,7 +25,9 @@ tokens (512), D model dim, Hn heads, Dh head dim (128 in the real models), E = 6
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
@@ -28,7 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.attention import AttentionFn, attention
+from kernels import autotune
+from kernels.attention import AttentionFn, attention, get_default_backend
+from kernels.compile import blocks_compiled, compile_blocks, compile_wanted
+from kernels.fused import apply_rope, gated_residual, ln_modulate, rms_norm_rope  # noqa: F401 (apply_rope: API)
+
+log = logging.getLogger("wanrender.model")
 
 
 @dataclass(frozen=True)
@@ -125,14 +137,6 @@ def rope_table(grid: tuple[int, int, int], head_dim: int, theta: float, device: 
     return torch.cos(ang).float(), torch.sin(ang).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of x. x: [B, L, Hn, Dh]; cos/sin: [L, Dh/2] -> [B, L, Hn, Dh] in x's dtype."""
-    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # 2 × [B, L, Hn, Dh/2]
-    c, s = cos[:, None, :], sin[:, None, :]  # [L, 1, Dh/2]
-    out = torch.stack([xr * c - xi * s, xr * s + xi * c], dim=-1)  # [B, L, Hn, Dh/2, 2]
-    return out.flatten(-2).to(x.dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # layers
 
@@ -145,10 +149,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # [..., D] fp32
-        return y.to(x.dtype) * self.weight.to(x.dtype)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: [B, L, D] -> [B, L, D]; with `rope` (cos/sin [L, Dh/2]) the heads are rotated in the same pass."""
+        return rms_norm_rope(x, self.weight, self.eps, rope)
 
 
 def layer_norm_fp32(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = None) -> torch.Tensor:
@@ -174,10 +177,9 @@ class WanSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)  # [B, L, Hn, Dh]
-        k = self.norm_k(self.k(x)).unflatten(-1, heads)  # [B, L, Hn, Dh]
+        q = self.norm_q(self.q(x), rope).unflatten(-1, heads)  # [B, L, Hn, Dh], normalised and rotated
+        k = self.norm_k(self.k(x), rope).unflatten(-1, heads)  # [B, L, Hn, Dh]
         v = self.v(x).unflatten(-1, heads)  # [B, L, Hn, Dh]
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # [B, L, Hn, Dh]
         out = self.attn_fn(q, k, v)  # [B, L, Hn, Dh]
         return self.o(out.flatten(-2))  # [B, L, D]
 
@@ -219,13 +221,19 @@ class WanBlock(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: [B, L, D] fp32 residual stream; e0: [B, 1|L, 6, D] fp32; context: [B, Lc, D]."""
         dt = self.ffn[0].weight.dtype
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(2)  # 6 × [B, 1|L, D]
-        h = layer_norm_fp32(x, self.eps) * (1 + scale1) + shift1  # [B, L, D] fp32
-        x = x + self.self_attn(h.to(dt), rope).float() * gate1  # [B, L, D]
+        mod = self.modulation.float()  # [1, 6, D]
+
+        def chunk(i: int) -> torch.Tensor:
+            # one modulation row at a time: with per-token timesteps (ti2v) e0 is [B, L, 6, D], and adding all six
+            # at once would hold a second [B, L, 6, D] copy per block. Same fp32 sums as the reference.
+            return mod[:, i] + e0[:, :, i]  # [B, 1|L, D]
+
+        h = ln_modulate(x, chunk(0), chunk(1), self.eps, dt)  # LN(x)·(1 + scale1) + shift1: [B, L, D] in dt
+        x = gated_residual(x, self.self_attn(h, rope), chunk(2))  # x + attn·gate1: [B, L, D] fp32
         h = layer_norm_fp32(x, self.eps, self.norm3) if self.norm3 is not None else x  # [B, L, D]
-        x = x + self.cross_attn(h.to(dt), context).float()  # [B, L, D]
-        h = layer_norm_fp32(x, self.eps) * (1 + scale2) + shift2  # [B, L, D] fp32
-        return x + self.ffn(h.to(dt)).float() * gate2  # [B, L, D]
+        x = gated_residual(x, self.cross_attn(h.to(dt), context))  # [B, L, D] fp32
+        h = ln_modulate(x, chunk(3), chunk(4), self.eps, dt)  # [B, L, D] in dt
+        return gated_residual(x, self.ffn(h), chunk(5))  # x + ffn·gate2: [B, L, D] fp32
 
 
 class WanHead(nn.Module):
@@ -265,6 +273,9 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = WanHead(cfg)
         self.token_split: TokenSplit | None = None
+        # "auto": compile the blocks at the first forward on a CUDA device; "on" / "off" force it (kernels/compile.py)
+        self.compile_mode: str = "auto"
+        self.compile_seconds: dict[str, float] = {}  # shape key -> first (compiling) call of a block, seconds
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- precision ------------------------------------------------------------------------------------------
@@ -356,12 +367,46 @@ class WanDiT(nn.Module):
             if e.shape[1] > 1:
                 e, e0 = split.split(e, 1), split.split(e0, 1)
 
-        for block in self.blocks:
+        self._prepare_fast_path(tokens, e0, ctx)
+        for i, block in enumerate(self.blocks):
+            if i == 0 and blocks_compiled(self):
+                tokens = self._first_block_timed(block, tokens, e0, ctx, (cos, sin))  # [B, L_local, D]
+                continue
             tokens = block(tokens, e0, ctx, (cos, sin))  # [B, L_local, D]
         out = self.head(tokens, e)  # [B, L_local, P·C_out]
         if split is not None:
             out = split.gather(out, 1)  # [B, L, P·C_out]
         return self.unpatchify(out.float(), grid)  # [B, C_out, F, H, W]
+
+
+    def _prepare_fast_path(self, tokens: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor) -> None:
+        """Outside the compiled blocks: compile them if wanted, and let "auto" attention measure its choices
+        eagerly here rather than while dynamo traces."""
+        if not self.blocks:
+            return
+        if not blocks_compiled(self) and compile_wanted(self.compile_mode, tokens.device):
+            compile_blocks(self)
+        if get_default_backend() == "auto" and tokens.is_cuda:
+            b, n = tokens.shape[:2]
+            hn, dh, dt = self.cfg.num_heads, self.cfg.head_dim, self.dtype
+            autotune.prepare(tokens.device, dt, b, n, ctx.shape[1], hn, dh)  # cross-attention: text keys
+            if self.blocks[0].self_attn.attn_fn is attention:  # sequence parallel attention sees other shapes
+                autotune.prepare(tokens.device, dt, b, n, n, hn, dh)
+
+    def _first_block_timed(self, block: nn.Module, tokens: torch.Tensor, *args) -> torch.Tensor:
+        """Block 0 of a compiled model; the first call per shape compiles (the other blocks reuse its graph), so
+        time it: that is the compile time the run log reports."""
+        key = f"{tuple(tokens.shape)}|{args[0].shape[1]}|{tokens.device}|{self.dtype}"
+        if key in self.compile_seconds:
+            return block(tokens, *args)
+        sync = torch.cuda.synchronize if tokens.is_cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        out = block(tokens, *args)
+        sync()
+        self.compile_seconds[key] = time.perf_counter() - t0
+        log.info("compiled the DiT blocks for %s in %.1f s", key, self.compile_seconds[key])
+        return out
 
 
 def build_dit(cfg: DiTConfig, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
