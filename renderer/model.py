@@ -378,7 +378,6 @@ class WanDiT(nn.Module):
             out = split.gather(out, 1)  # [B, L, P·C_out]
         return self.unpatchify(out.float(), grid)  # [B, C_out, F, H, W]
 
-
     def _prepare_fast_path(self, tokens: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor) -> None:
         """Outside the compiled blocks: compile them if wanted, and let "auto" attention measure its choices
         eagerly here rather than while dynamo traces."""

@@ -125,6 +125,25 @@ def test_compiled_blocks_match_eager_on_cpu():
     assert len(model.compile_seconds) == 1  # one entry per shape, recorded once
 
 
+def test_regional_compile_traces_one_graph_for_all_blocks():
+    """Regional compile pays for one block: the other blocks (and a second expert) reuse its graph."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    cfg = DiTConfig(dim=64, ffn_dim=96, num_heads=4, num_layers=4, text_dim=24)
+    experts = [compile_blocks(build_dit(cfg, dtype=torch.float32, seed=i), backend=counting_backend) for i in (0, 1)]
+    x, t, ctx = torch.randn(1, 16, 3, 6, 8), torch.tensor([400.0]), torch.randn(1, 7, 24)
+    with torch.no_grad():
+        for model in experts:
+            model(x, t, ctx)
+            model(x, t, ctx)
+    assert len(graphs) == 1
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Triton kernels: against the plain versions (interpreter on the CPU, or a GPU)
 
@@ -182,7 +201,7 @@ def test_triton_outputs_are_fully_written():
     x = torch.randn(b, l, d, device="cuda")
     # poison the allocator's blocks: the outputs reuse freed NaN-filled memory, so an unwritten element stays NaN
     torch.full((b * l * d * 4,), float("nan"), device="cuda")
-    out = ft.ln_modulate(x, torch.zeros(b, 1, d, device="cuda"), torch.randn(b, 1, d, device="cuda"), 1e-6,
+    out = ft.ln_modulate(x, torch.randn(b, 1, d, device="cuda"), torch.randn(b, 1, d, device="cuda"), 1e-6,
                          torch.bfloat16)
     torch.full((b * l * d * 4,), float("nan"), device="cuda")
     res = ft.gated_residual(x, x.bfloat16(), torch.randn(b, 1, d, device="cuda"))
