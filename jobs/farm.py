@@ -1,0 +1,260 @@
+"""`wanrender render manifest=FILE`: the render farm's driver.
+
+    Hydra config + manifest --validate--> plan (what is done, priority order, estimate)   [no Ray, no GPU]
+        --dry_run=true--> print the plan, stop
+        --> Ray (embedded local cluster, or cluster=ray cluster.address=HOST:PORT)
+        --> render groups (jobs/group.py) pulling from the priority queue (jobs/scheduler.py)
+        --> <out>/<shot>.mp4 + sidecar, <out>/logs/, <out>/config.yaml, <out>/report.{json,html}
+
+Exit status: 0 when every shot is rendered (or was already), 1 when any shot failed for good, 2 for bad input
+(nothing reserved), 130 when interrupted.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from jobs.manifest import ManifestError, Problem, load_manifest, read_manifest, validate_manifest
+from jobs.plan import Plan, build_plan, format_duration, format_plan
+
+log = logging.getLogger("wanrender.farm")
+FAULTS_ENV = "WANRENDER_FAULTS"  # test hook: "crash:sh03:1,hang:sh05:1[:step]" (kind:shot:attempt[:step])
+
+
+def _node(cfg: DictConfig, key: str, default: Any = None) -> Any:
+    return OmegaConf.select(cfg, key, default=default)
+
+
+def gpus_per_group(cfg: DictConfig) -> tuple[int, dict | None]:
+    """G = parallel.cfg × parallel.ulysses × parallel.ring; no `parallel` node means one GPU per group."""
+    node = _node(cfg, "parallel")
+    if node is None:
+        return 1, None
+    d = OmegaConf.to_container(node, resolve=True)
+    try:
+        from renderer.parallel.config import ParallelConfig
+
+        return ParallelConfig.from_dict(d).world_size, d
+    except ImportError:  # renderer.parallel not present: read the three degrees directly
+        return int(d.get("cfg", 1)) * int(d.get("ulysses", 1)) * int(d.get("ring", 1)), d
+
+
+def choose_preset(cfg: DictConfig, manifest_model: Any):
+    """The manifest's `model` (a preset name) when it names one, else the config's model node."""
+    from renderer.presets import load_preset
+
+    if manifest_model and manifest_model != _node(cfg, "model.name"):
+        return load_preset(str(manifest_model)), f"model {manifest_model} (from the manifest)"
+    return load_preset(cfg.model), f"model {cfg.model.name}"
+
+
+def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
+    """Config + manifest -> plan. Raises ManifestError listing every problem; reserves nothing."""
+    problems: list[Problem] = []
+    path = _node(cfg, "manifest")
+    if not path:
+        raise ManifestError([Problem("manifest", "manifest", "no manifest given: wanrender render "
+                                                             "manifest=examples/previs.yaml")], "config")
+    raw = read_manifest(path)
+    try:
+        preset, _ = choose_preset(cfg, raw.get("model") if isinstance(raw, dict) else None)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ManifestError([Problem("manifest", "model", str(e))], str(path))
+    if preset.checkpoint is None and not preset.is_tiny:
+        problems.append(Problem("manifest", "model.checkpoint", f"model {preset.name} needs its weights: "
+                                                                f"model.checkpoint=/path/to/Wan2.2 folder"))
+    try:
+        g, _ = gpus_per_group(cfg)
+        parallel = _node(cfg, "parallel")
+        if parallel is not None and preset.dit.num_heads % int(parallel.get("ulysses", 1)):
+            problems.append(Problem("manifest", "parallel.ulysses", f"ulysses={parallel.ulysses} does not divide "
+                                                                    f"{preset.name}'s {preset.dit.num_heads} heads"))
+    except (ValueError, TypeError) as e:
+        problems.append(Problem("manifest", "parallel", str(e)))
+    job = cfg.job
+    for key, low in (("max_retries", 0), ("node_failure_limit", 1), ("shot_timeout_s", 1e-3)):
+        v = _node(job, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low:
+            problems.append(Problem("manifest", f"job.{key}", f"must be a number >= {low:g}, got {v!r}"))
+    defaults = OmegaConf.to_container(job.shot_defaults, resolve=True) if _node(job, "shot_defaults") is not None else {}
+    priorities = OmegaConf.to_container(job.priorities, resolve=True) if _node(job, "priorities") else None
+    try:
+        manifest = validate_manifest(raw, preset, base_dir=Path(path).resolve().parent, config_defaults=defaults,
+                                     priorities=priorities, source=str(path))
+    except ManifestError as e:
+        problems += e.problems
+    if problems:
+        raise ManifestError(problems, str(path))
+    out = Path(str(_node(job, "output_root") or cfg.out))
+    plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force))
+    return plan, preset
+
+
+def planned_groups(cfg: DictConfig, plan: Plan) -> tuple[int | None, str]:
+    """How many groups the job will run, guessed without starting Ray (for the dry run)."""
+    cluster = cfg.cluster
+    if cluster.kind != "local":
+        return None, f"cluster at {cluster.address}"
+    gpus = cluster.num_gpus
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    cpus = cluster.num_cpus or os.cpu_count() or 1
+    g = plan.gpus_per_group
+    n = min(gpus // g, cpus // g) if gpus else cpus // g
+    note = f"{gpus} GPUs" if gpus else f"CPU only, {cpus} cores"
+    cap = _node(cfg, "job.max_groups")
+    n = min(n, cap or n, max(1, len(plan.todo)))
+    return max(n, 0), note
+
+
+def parse_faults(text: str | None) -> dict[tuple[str, int], dict]:
+    faults = {}
+    for item in (text or "").split(","):
+        parts = item.strip().split(":")
+        if len(parts) >= 3:
+            faults[(parts[1], int(parts[2]))] = {"kind": parts[0], "at_step": int(parts[3]) if len(parts) > 3 else 1}
+    return faults
+
+
+@contextmanager
+def ray_session(cfg: DictConfig):
+    """Reuse a Ray already initialised in this process (tests), else start/join one and stop it afterwards."""
+    import ray
+
+    if ray.is_initialized():
+        yield _dashboard_url()
+        return
+    cluster = cfg.cluster
+    common = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+    if cluster.kind == "local":
+        ctx = ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+                       include_dashboard=bool(cluster.dashboard), **common)
+    else:
+        ctx = ray.init(address=str(cluster.address), **common)
+    try:
+        yield getattr(ctx, "dashboard_url", None) or _dashboard_url()
+    finally:
+        ray.shutdown()
+
+
+def _dashboard_url() -> str | None:
+    try:
+        import ray
+
+        return ray._private.worker.get_dashboard_url() or None
+    except Exception:  # private API: no link is better than a crash
+        return None
+
+
+def save_config(cfg: DictConfig, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    tmp = out / f".config.yaml.tmp-{os.getpid()}"
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def worker_spec(cfg: DictConfig, preset) -> dict[str, Any]:
+    from renderer.cli import options_from
+
+    options = asdict(options_from(cfg))
+    options["progress"] = False  # a progress bar per actor would only clutter the shot logs
+    _, parallel = gpus_per_group(cfg)
+    preset_dict = OmegaConf.to_container(cfg.model, resolve=True) if preset.name == cfg.model.name else preset.name
+    return {"preset": preset_dict, "options": options, "parallel": parallel, "attention": cfg.render.attention,
+            "cpu_threads": 1}
+
+
+def run_job(cfg: DictConfig) -> int:
+    t_start = time.time()
+    try:
+        plan, preset = prepare(cfg)
+    except ManifestError as e:
+        print(f"error: {e}\nnothing was rendered and no resources were reserved.", file=sys.stderr)
+        return 2
+    groups, note = planned_groups(cfg, plan)
+    print(format_plan(plan, groups, note), flush=True)
+    if cfg.dry_run:
+        print("dry run: nothing reserved, nothing rendered.")
+        return 0
+    out = plan.out_dir
+    save_config(cfg, out)
+    from jobs.report import write_report
+
+    job_info = {"name": plan.manifest.name, "manifest": str(Path(cfg.manifest).resolve()), "model": plan.model,
+                "fingerprint": plan.fingerprint, "gpus_per_group": plan.gpus_per_group,
+                "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
+                "config": str(out / "config.yaml")}
+    if not plan.todo:
+        records = _records_without_render(plan)
+        json_path, html_path = write_report(out, job_info, records, time.time() - t_start)
+        print(f"nothing to render: all {len(plan.shots)} shots are done.\nreport: {html_path}")
+        return 0
+    records, interrupted = _render(cfg, plan, preset, job_info)
+    wall = time.time() - t_start
+    json_path, html_path = write_report(out, {**job_info, "dashboard": job_info.get("dashboard")}, records, wall)
+    failed = [r for r in records.values() if r.status != "done" and r.status != "skipped"]
+    done = sum(1 for r in records.values() if r.status == "done")
+    print(f"\njob {plan.manifest.name}: {done} rendered, {len(plan.done)} already done, {len(failed)} failed "
+          f"in {format_duration(wall)}")
+    for r in failed:
+        last = r.attempts[-1]["log"] if r.attempts else "-"
+        print(f"  FAILED {r.shot.id}: {r.error or r.status} (attempts {len(r.attempts)}, log {last})")
+    print(f"report: {html_path}\n        {json_path}")
+    if interrupted:
+        return 130
+    return 1 if failed else 0
+
+
+def _records_without_render(plan: Plan):
+    from jobs.scheduler import ShotRecord
+
+    return {p.id: ShotRecord(p, "skipped") for p in plan.shots}
+
+
+def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
+    import ray
+
+    from jobs.progress import JobProgress
+    from jobs.scheduler import Farm, FarmSettings
+
+    job = cfg.job
+    interrupted = False
+    with ray_session(cfg) as dashboard:
+        job_info["dashboard"] = dashboard
+        print(f"Ray dashboard: {dashboard}" if dashboard else "Ray dashboard: not running", flush=True)
+        use_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        settings = FarmSettings(
+            gpus_per_group=plan.gpus_per_group, use_gpus=use_gpus, max_groups=_node(job, "max_groups"),
+            max_retries=int(job.max_retries), shot_timeout_s=float(job.shot_timeout_s),
+            group_start_timeout_s=float(_node(job, "group_start_timeout_s", 900)),
+            node_failure_limit=int(job.node_failure_limit), worker_spec=worker_spec(cfg, preset),
+            faults=parse_faults(os.environ.get(FAULTS_ENV)),
+            job_meta={"name": plan.manifest.name, "manifest": job_info["manifest"]})
+        progress = JobProgress(len(plan.todo), len(plan.done), live=_node(job, "live_progress"))
+        farm = Farm(plan, settings, progress)
+        try:
+            records = farm.run()
+        except KeyboardInterrupt:
+            interrupted = True
+            records = farm.records
+            for r in records.values():
+                if r.status in ("queued", "running"):
+                    r.status, r.error = "interrupted", "job interrupted (Ctrl-C)"
+        finally:
+            progress.close()
+        job_info["events"] = farm.events
+        job_info["blocklisted_nodes"] = sorted(farm.blocklist)
+        job_info["node_failures"] = dict(farm.node_failures)
+    return records, interrupted

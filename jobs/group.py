@@ -1,0 +1,225 @@
+"""A render group: a placement group of G bundles (one per GPU, STRICT_PACK on one node) and G actors that form
+one torch.distributed group, load the models once and render shot after shot. Rank 0 writes the outputs.
+
+The driver talks to a group only through `GroupHandle`: start (non-blocking: the refs it returns resolve when
+every rank has loaded its models), render (refs that resolve when the shot is written), kill. Everything an actor
+needs travels in a plain dict (`worker_spec`), so an actor never reads the driver's Hydra config.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class InjectedCrash(RuntimeError):
+    """Raised by the fault-injection hook (tests): a simulated failure that is not the shot's fault."""
+
+
+class RenderRank:
+    """One rank of a render group (a Ray actor; see `GroupHandle` for how it is created)."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        self.rank = int(spec["rank"])
+        self.world_size = int(spec["world_size"])
+        self.pipe = None
+        self.group = None
+
+    def where(self) -> dict[str, Any]:
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def master_address(self) -> tuple[str, int]:
+        """Rank 0's address and a free port for the group's rendezvous (torch.distributed TCP store)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master: tuple[str, int]) -> dict[str, Any]:
+        """Join the process group and load the models; returns where this rank runs and how long loading took."""
+        import torch
+
+        from kernels.attention import set_default_backend
+        from renderer.pipeline import Pipeline, RenderOptions
+        from renderer.presets import load_preset
+
+        t0 = time.perf_counter()
+        options = RenderOptions(**self.spec["options"])
+        if options.torch_device().type == "cpu":
+            # Ray gives each rank one CPU; more torch threads than that only fight the other groups on the node
+            torch.set_num_threads(max(1, int(self.spec.get("cpu_threads", 1))))
+        set_default_backend(self.spec.get("attention") or "sdpa")
+        preset = load_preset(self.spec["preset"])
+        supports_group = "group" in inspect.signature(Pipeline.__init__).parameters
+        if self.world_size > 1:
+            from renderer.parallel.config import ParallelConfig
+            from renderer.parallel.group import init_group
+
+            backend = "gloo" if options.torch_device().type == "cpu" else None
+            self.group = init_group(ParallelConfig.from_dict(self.spec["parallel"]), backend, rank=self.rank,
+                                    world_size=self.world_size, master_addr=master[0], master_port=master[1],
+                                    local_rank=0)  # Ray shows each rank only its own GPU: it is always cuda:0
+        if self.rank == 0 or supports_group:
+            kwargs = {"group": self.group} if supports_group and self.group is not None else {}
+            self.pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, **kwargs)
+        return {**self.where(), "rank": self.rank, "load_s": round(time.perf_counter() - t0, 3),
+                "shares_work": supports_group or self.world_size == 1}
+
+    def render(self, task: dict[str, Any]) -> dict[str, Any]:
+        """Render one shot (every rank), write it (rank 0); the log goes to <out>/logs/<shot>.attempt<N>.log."""
+        log_path = Path(task["log"])
+        if self.rank:
+            log_path = log_path.with_name(log_path.stem + f".rank{self.rank}.log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(min(root.level, logging.INFO))
+        log = logging.getLogger("wanrender.shot")
+        t0 = time.perf_counter()
+        try:
+            where = self.where()
+            shot = task["shot"]
+            log.info("shot %s attempt %d on group %s rank %d/%d, node %s (%s), pid %d, gpus %s", shot.shot_id,
+                     task["attempt"], task["group"], self.rank, self.world_size, where["node_id"][:12], where["ip"],
+                     where["pid"], where["gpu_ids"] or "none")
+            log.info("settings: task %s size %s frames %d steps %d seed %d guidance %s sampler %s; prompt: %s",
+                     shot.task, shot.size, shot.frames, shot.steps, shot.seed, shot.guidance, shot.sampler,
+                     shot.prompt)
+            if self.pipe is None:  # a rank the pipeline cannot use yet (no group support): nothing to compute
+                return {"rank": self.rank, "seconds": 0.0}
+            fault = task.get("fault")
+
+            def on_step(step: int, total: int) -> None:
+                log.info("step %d/%d", step, total)
+                if fault and step == int(fault.get("at_step", 1)):
+                    _inject(fault, log, handler)
+
+            result = self.pipe.render(shot, on_step=on_step)
+            out: dict[str, Any] = {"rank": self.rank}
+            if self.rank == 0:
+                from renderer.output import write_shot
+
+                mp4, side = write_shot(self.pipe, result, task["out_dir"], name=task["output"],
+                                       extra={"job": task["job"]})
+                out.update(mp4=str(mp4), sidecar=str(side))
+            out.update(seconds=round(time.perf_counter() - t0, 3),
+                       timings={k: round(v, 4) for k, v in result.timings.items()}, node_id=where["node_id"])
+            log.info("done in %.2fs: %s", out["seconds"], out.get("mp4", "(rank > 0 writes nothing)"))
+            return out
+        except BaseException:
+            log.error("failed after %.2fs:\n%s", time.perf_counter() - t0, traceback.format_exc())
+            raise
+        finally:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def _inject(fault: dict[str, Any], log: logging.Logger, handler: logging.Handler) -> None:
+    """Test hook (WANRENDER_FAULTS): die, hang or raise in the middle of a shot, like a lost GPU would."""
+    kind = fault["kind"]
+    log.warning("fault injection: %s", kind)
+    handler.flush()
+    if kind == "crash":
+        os._exit(17)  # no cleanup, no exception: what a segfault or a lost node looks like to the driver
+    if kind == "hang":
+        time.sleep(10**6)
+    raise InjectedCrash(f"injected failure ({kind})")
+
+
+RenderRankActor = ray.remote(max_restarts=0, max_task_retries=0)(RenderRank)
+
+
+@dataclass
+class GroupHandle:
+    """The driver's view of one render group."""
+
+    gid: str
+    size: int
+    use_gpus: bool
+    worker_spec: dict[str, Any]
+    avoid_nodes: frozenset[str] = frozenset()
+    state: str = "starting"  # starting | idle | busy | dead
+    created: float = field(default_factory=time.monotonic)
+    pg: Any = None
+    actors: list = field(default_factory=list)
+    node_id: str | None = None
+    load_s: float | None = None
+    ready_ranks: int = 0
+    shot_id: str | None = None  # the shot it is rendering
+    shot_started: float = 0.0
+    attempt: int = 0
+    pending_ranks: int = 0
+    result: dict | None = None
+    label_selector_ok: bool = True
+
+    def start(self) -> list:
+        """Reserve the bundles and start the ranks; returns the setup refs (one per rank)."""
+        bundle = {"GPU": 1, "CPU": 1} if self.use_gpus else {"CPU": 1}
+        bundles = [dict(bundle) for _ in range(self.size)]
+        kwargs = {}
+        if self.avoid_nodes:  # the blocklist: no bundle of a new group on a node that kept failing
+            kwargs["bundle_label_selector"] = [{"ray.io/node-id": f"!in({','.join(sorted(self.avoid_nodes))})"}
+                                               for _ in bundles]
+        try:
+            self.pg = placement_group(bundles, strategy="STRICT_PACK", name=f"wanrender-{self.gid}", **kwargs)
+        except (TypeError, ValueError):  # a Ray without label selectors: place anywhere, the driver still checks
+            self.label_selector_ok = False
+            self.pg = placement_group(bundles, strategy="STRICT_PACK", name=f"wanrender-{self.gid}")
+        env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+               "TOKENIZERS_PARALLELISM": "false"}
+        for rank in range(self.size):
+            spec = {**self.worker_spec, "rank": rank, "world_size": self.size}
+            actor = RenderRankActor.options(
+                num_cpus=1, num_gpus=1 if self.use_gpus else 0, name=None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+                runtime_env={"env_vars": env}).remote(spec)
+            self.actors.append(actor)
+        master = self.actors[0].master_address.remote()
+        return [a.setup.remote(master) for a in self.actors]
+
+    def render(self, task: dict[str, Any]) -> list:
+        self.state, self.shot_id, self.shot_started = "busy", task["shot"].shot_id, time.monotonic()
+        self.attempt, self.pending_ranks, self.result = task["attempt"], self.size, None
+        return [a.render.remote(task) for a in self.actors]
+
+    def lookup_node(self) -> str | None:
+        """The node the bundles sit on, for a group that died before it reported where it runs."""
+        if self.node_id or self.pg is None:
+            return self.node_id
+        try:
+            from ray.util.placement_group import placement_group_table
+
+            nodes = placement_group_table(self.pg).get("bundles_to_node_id") or {}
+            return next(iter(nodes.values()), None)
+        except Exception:  # the table is gone with the group: the failure cannot be pinned on a node
+            return None
+
+    def kill(self) -> None:
+        self.state = "dead"
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already dead
+                pass
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # already removed with its node
+                pass

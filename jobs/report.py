@@ -1,0 +1,196 @@
+"""The job's final report: <out>/report.json (machine-readable) and <out>/report.html (for people).
+
+report.html is one self-contained file: inline CSS, thumbnails as base64 JPEG data URIs, no external fonts, scripts
+or images, so it opens offline and can be mailed around. Its contact sheet shows the first, middle and last frame
+of every shot with status, attempts, seed, prompt, timings and, for a failed shot, the error and its log. A tiny
+inline script checks that every thumbnail decoded and records the result on <body data-thumbs-ok=...> (the test
+reads it back from headless Chromium).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.plan import format_duration
+
+THUMB_WIDTH = 192
+
+
+def thumbnails(mp4: Path) -> list[str]:
+    """First, middle and last frame as JPEG data URIs; [] when the video cannot be read."""
+    from PIL import Image
+
+    from renderer.video_io import video_info, extract_frames
+
+    try:
+        n = video_info(mp4)["frames"]
+        frames = extract_frames(mp4, [0, n // 2, n - 1])
+    except Exception:  # a missing or unreadable MP4 gets placeholders, never a broken report
+        return []
+    uris = []
+    for f in frames:
+        im = Image.fromarray(f)
+        if im.width < THUMB_WIDTH:  # tiny renders: scale up with hard edges so the pixels stay honest
+            scale = max(1, THUMB_WIDTH // im.width)
+            im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+        elif im.width > THUMB_WIDTH:
+            im = im.resize((THUMB_WIDTH, round(im.height * THUMB_WIDTH / im.width)), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=85)
+        uris.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"))
+    return uris
+
+
+def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
+    """One shot of the report (plain JSON types only)."""
+    from renderer.video_io import read_json, sidecar_path
+
+    p = rec.shot
+    spec = p.spec
+    timings, seconds = {}, None
+    if rec.status in ("done", "skipped") and sidecar_path(p.mp4).is_file():
+        try:
+            timings = read_json(sidecar_path(p.mp4)).get("timings_s", {})
+        except (OSError, ValueError):
+            timings = {}
+    if rec.result:
+        seconds = rec.result.get("seconds")
+        timings = {**timings, **(rec.result.get("timings") or {})}
+    return {
+        "id": p.id, "output": p.request.output, "status": rec.status, "reason": p.reason,
+        "priority": p.priority, "tags": p.request.tags, "task": spec.task, "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt, "seed": spec.seed, "size": spec.size, "frames": spec.frames,
+        "steps": spec.steps, "sampler": spec.sampler, "guidance": list(spec.guidance), "render_hash": p.render_hash,
+        "mp4": os.path.relpath(p.mp4, out_dir) if p.mp4.is_file() else None,
+        "attempts": rec.attempts, "attempt_count": len(rec.attempts), "seconds": seconds, "timings_s": timings,
+        "error": rec.error if rec.status not in ("done", "skipped") else None,
+        "log": os.path.relpath(rec.attempts[-1]["log"], out_dir) if rec.attempts else None,
+    }
+
+
+def write_report(out_dir: str | Path, job: dict[str, Any], records: dict, wall_s: float) -> tuple[Path, Path]:
+    from renderer.video_io import write_json_atomic
+
+    out = Path(out_dir)
+    shots = [shot_entry(r, out) for r in records.values()]
+    counts: dict[str, int] = {}
+    for s in shots:
+        counts[s["status"]] = counts.get(s["status"], 0) + 1
+    report = {"job": job, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "wall_s": round(wall_s, 2), "counts": counts,
+              "ok": all(s["status"] in ("done", "skipped") for s in shots), "shots": shots}
+    json_path = write_json_atomic(out / "report.json", report)
+    thumbs = {s["id"]: thumbnails(out / s["mp4"]) if s["mp4"] and s["status"] in ("done", "skipped") else []
+              for s in shots}
+    html_path = out / "report.html"
+    tmp = out / f".report.html.tmp-{os.getpid()}"
+    tmp.write_text(render_html(report, thumbs), encoding="utf-8")
+    os.replace(tmp, html_path)
+    return json_path, html_path
+
+
+CSS = """
+body{font:14px/1.4 system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;background:#16181c;color:#e6e6e6}
+h1{font-size:20px;margin:0 0 4px} .meta{color:#9aa0a6;margin-bottom:16px} .meta b{color:#e6e6e6}
+.counts span{display:inline-block;margin-right:12px;padding:2px 8px;border-radius:10px;background:#2a2e35}
+.sheet{display:grid;grid-template-columns:repeat(auto-fill,minmax(620px,1fr));gap:14px;margin-top:16px}
+.shot{background:#1f2228;border:1px solid #2f343c;border-radius:8px;padding:10px 12px}
+.shot.failed{border-color:#b3261e} .shot h2{font-size:15px;margin:0 0 6px;display:flex;gap:8px;align-items:center}
+.badge{font-size:11px;padding:1px 7px;border-radius:9px;text-transform:uppercase;letter-spacing:.04em}
+.done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}.queued,.interrupted{background:#5c4a12}
+.frames{display:flex;gap:6px;margin:6px 0}
+.frames figure{margin:0;text-align:center;font-size:11px;color:#9aa0a6}
+.frames img{width:192px;height:auto;image-rendering:pixelated;border-radius:3px;display:block;background:#000}
+.noimg{width:192px;height:108px;display:flex;align-items:center;justify-content:center;background:#2a2e35;
+  color:#9aa0a6;border-radius:3px}
+.prompt{margin:4px 0;white-space:pre-wrap} .kv{color:#9aa0a6;font-size:12px} .kv b{color:#d0d0d0;font-weight:600}
+.error{color:#ffb4ab;background:#3b1512;padding:6px 8px;border-radius:4px;margin-top:6px;white-space:pre-wrap}
+details{margin-top:18px;color:#9aa0a6} pre{white-space:pre-wrap;font-size:12px}
+#thumbcheck{margin-top:8px;color:#9aa0a6;font-size:12px}
+"""
+
+# Runs after load: records how many thumbnails decoded, so a headless browser test (or a person) can tell.
+CHECK_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.querySelectorAll('img.thumb'));
+  var broken = imgs.filter(function (im) { return !(im.complete && im.naturalWidth > 0); });
+  document.body.setAttribute('data-thumbs-total', String(imgs.length));
+  document.body.setAttribute('data-thumbs-ok', String(imgs.length - broken.length));
+  document.body.setAttribute('data-thumbs-broken',
+    broken.map(function (im) { return im.getAttribute('data-shot') + '/' + im.getAttribute('data-which'); }).join(' '));
+  var note = document.getElementById('thumbcheck');
+  if (note) { note.textContent = (imgs.length - broken.length) + ' of ' + imgs.length + ' thumbnails decoded'; }
+});
+"""
+
+
+def _fmt_s(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.2f}s"
+
+
+def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
+    e = html.escape
+    status = s["status"]
+    frames_html = []
+    for which, label in enumerate(("first", "middle", "last")):
+        if which < len(uris):
+            img = (f'<img class="thumb" alt="{e(s["id"])} {label} frame" data-shot="{e(s["id"])}" '
+                   f'data-which="{label}" src="{uris[which]}">')
+        else:
+            img = '<div class="noimg">no frame</div>'
+        frames_html.append(f"<figure>{img}<figcaption>{label}</figcaption></figure>")
+    t = s.get("timings_s") or {}
+    timing = " · ".join(f"{k} {_fmt_s(t[k])}" for k in ("text_encode", "denoise", "vae_decode", "mp4_write",
+                                                         "model_load") if t.get(k) is not None)
+    attempts = "; ".join(f"#{a['attempt']} {a.get('status', 'running')} on {a.get('group', '?')}"
+                         + (f" ({_fmt_s(a.get('seconds'))})" if a.get("seconds") is not None else "")
+                         for a in s["attempts"]) or ("none this run (already rendered)" if status == "skipped"
+                                                    else "none")
+    tags = s["tags"]
+    tags_txt = ", ".join(f"{k}={v}" for k, v in tags.items()) if isinstance(tags, dict) else ", ".join(map(str, tags))
+    error = (f'<div class="error">{e(s["error"] or "")}\nlog: {e(s["log"] or "-")}</div>'
+             if status not in ("done", "skipped") else "")
+    file_line = f'<b>{e(s["mp4"])}</b>' if s["mp4"] else "-"
+    return f"""
+<section class="shot {e(status)}" id="shot-{e(s['id'])}">
+  <h2>{e(s['id'])} <span class="badge {e(status)}">{e(status)}</span></h2>
+  <div class="frames">{''.join(frames_html)}</div>
+  <div class="prompt">{e(s['prompt'])}</div>
+  <div class="kv">seed <b>{s['seed']}</b> · priority <b>{s['priority']}</b> · {e(s['task'])} <b>{e(s['size'])}</b>
+   · <b>{s['frames']}</b> frames · <b>{s['steps']}</b> steps {e(s['sampler'])} · guidance <b>{e(str(s['guidance']))}</b></div>
+  <div class="kv">attempts: <b>{e(attempts)}</b> · render {_fmt_s(s['seconds'])}{' · ' + e(timing) if timing else ''}</div>
+  <div class="kv">file {file_line}{' · tags ' + e(tags_txt) if tags_txt else ''}</div>
+  {error}
+</section>"""
+
+
+def render_html(report: dict[str, Any], thumbs: dict[str, list[str]]) -> str:
+    e = html.escape
+    job = report["job"]
+    counts = " ".join(f"<span>{e(k)} {v}</span>" for k, v in sorted(report["counts"].items()))
+    dash = job.get("dashboard")
+    dash_html = f' · Ray dashboard <b>{e(str(dash))}</b>' if dash else ""
+    cards = "".join(_shot_card(s, thumbs.get(s["id"], [])) for s in report["shots"])
+    events = "\n".join(job.get("events") or [])
+    title = f"wanrender report: {job.get('name', 'job')}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{e(title)}</title><style>{CSS}</style></head>
+<body data-thumbs-total="" data-thumbs-ok="">
+<h1>{e(title)} {'✓' if report['ok'] else '✗'}</h1>
+<div class="meta">model <b>{e(str(job.get('model')))}</b> ({e(str(job.get('fingerprint')))}) · manifest
+ <b>{e(str(job.get('manifest')))}</b> · submitted {e(str(job.get('submitted_at')))} · wall
+ <b>{e(format_duration(report['wall_s']))}</b> · {job.get('gpus_per_group', 1)} GPU(s) per group{dash_html}</div>
+<div class="counts">{counts}</div>
+<div id="thumbcheck">checking thumbnails…</div>
+<div class="sheet">{cards}</div>
+<details><summary>job events</summary><pre>{e(events) or 'none'}</pre></details>
+<script>{CHECK_SCRIPT}</script>
+</body></html>
+"""
