@@ -246,27 +246,39 @@ def main(argv=None) -> dict:
     attn_flops = flops["self_attention"] + flops["cross_attention"]
     floor = attn_flops / (ceil["attention_best_tflops"] * 1e12) + flops["linear"] / (ceil["matmul_tflops"] * 1e12)
 
+    progress(f"built {layers} blocks in {build_s:.1f} s; ceilings: matmul {ceil['matmul_tflops']:.4g} TFLOP/s, "
+             f"attention {ceil['attention_best']} {ceil['attention_best_tflops']:.4g} TFLOP/s; floor {floor:.3f} s")
+
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    results: list[dict] = []
+    report = {"model": args.model, "size": size, "frames": frames, "latent": [c, f, h, w], "tokens": tokens,
+              "batch": args.batch, "dtype": str(dtype), "layers_full": full_cfg.num_layers, "layers_timed": layers,
+              "device": dev_name, "torch": torch.__version__, "build_s": build_s, "weights_gb": weights_gb,
+              "flops": flops, "ceilings": ceil, "floor_s": floor, "results": results}
     modes = ["plain", "fast"] if args.mode == "both" else [args.mode]
-    results = []
     with torch.no_grad():
         for mode in modes:
             r = run_mode(model, mode, (x, t, ctx), args, device, full_cfg.num_layers)
             r["tflops"] = flops["total"] / r["forward_full_s"] / 1e12
             r["x_floor"] = r["forward_full_s"] / floor
             results.append(r)
-
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    report = {"model": args.model, "size": size, "frames": frames, "latent": [c, f, h, w], "tokens": tokens,
-              "batch": args.batch, "dtype": str(dtype), "layers_full": full_cfg.num_layers, "layers_timed": layers,
-              "device": dev_name, "torch": torch.__version__, "build_s": build_s, "weights_gb": weights_gb,
-              "flops": flops, "ceilings": ceil, "floor_s": floor, "results": results}
+            progress(f"{mode}: {r['forward_full_s']:.3f} s per forward, first forward {r['first_forward_s']:.1f} s")
+            write_json(args.out, report)  # after each mode: a run cut short still leaves its numbers
     if len(results) == 2:
         report["speedup"] = results[0]["forward_full_s"] / results[1]["forward_full_s"]
     print_report(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+    write_json(args.out, report)
     return report
+
+
+def progress(msg: str) -> None:
+    print(f"[profile_step {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def write_json(path: str | None, report: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=1, default=str))
 
 
 def print_report(r: dict) -> None:

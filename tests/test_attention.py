@@ -70,6 +70,8 @@ def test_auto_traces_into_one_graph():
     q = torch.randn(1, 24, 2, 8)
     fn = torch.compile(lambda a: attention(a, a, a, backend="auto") * 2, backend="eager", fullgraph=True)
     assert torch.equal(fn(q), attention(q, q, q, backend="sdpa") * 2)
+    marker = vars(torch._dynamo.assume_constant_result(lambda: 0))
+    assert marker and all(getattr(autotune.choose, k, None) == v for k, v in marker.items())
 
 
 def test_auto_cache_on_disk(tmp_path, monkeypatch):
