@@ -61,3 +61,23 @@ def test_sharder_splits_tables_on_other_dims():
     assert torch.equal(s.split(cos, 0), torch.cat([cos[3:], torch.zeros(1, 3)]))
     e0 = torch.randn(1, 5, 6, 4)  # [B, L, 6, D]
     assert torch.equal(s.split(e0, 1)[:, :2], e0[:, 3:]) and s.seq_len == 5
+
+
+def test_explicit_lse_in_query_chunks(monkeypatch):
+    import renderer.parallel.attention as A
+
+    q, k, v = _qkv(lq=11)
+    whole = attention_lse(q, k, v)
+    monkeypatch.setattr(A, "_EXPLICIT_CHUNK_ELEMS", 2 * 3 * 13 * 4)  # 4 queries per chunk
+    chunked = attention_lse(q, k, v)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+
+
+def test_lse_convention_matches_the_aten_flash_kernel():
+    """The CUDA path reads the LSE of aten's flash kernel; its CPU twin must agree with ours (natural log)."""
+    q, k, v = _qkv()
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q.transpose(1, 2), k.transpose(1, 2),
+                                                                         v.transpose(1, 2))[:2]
+    ours_out, ours_lse = attention_lse(q, k, v)
+    torch.testing.assert_close(lse, ours_lse, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.transpose(1, 2), ours_out, rtol=0, atol=1e-5)

@@ -26,17 +26,20 @@ from renderer.parallel.sequence import SequenceSharder
 # all-to-all
 
 
-def heads_to_tokens(x: torch.Tensor, group, size: int) -> torch.Tensor:
-    """Ulysses forward all-to-all. x: [S, B, n, Hn, Dh] (S stacked tensors) -> [S, B, size·n, Hn/size, Dh].
+def heads_to_tokens(xs: list[torch.Tensor], group, size: int) -> torch.Tensor:
+    """Ulysses forward all-to-all of S tensors at once (q, k, v: one collective instead of three).
 
-    Rank j receives head group j of every rank's tokens; the token order of the result is the group-rank order,
-    i.e. the contiguous ring block.
+    xs: S × [B, n, Hn, Dh] -> [S, B, size·n, Hn/size, Dh].  Rank j receives head group j of every rank's tokens;
+    the token order of the result is group-rank order, i.e. the contiguous ring block.
     """
-    S, B, n, Hn, Dh = x.shape
-    send = x.reshape(S, B, n, size, Hn // size, Dh).permute(3, 0, 1, 2, 4, 5).contiguous()  # [size, S, B, n, Hh, Dh]
+    B, n, Hn, Dh = xs[0].shape
+    Hh = Hn // size
+    send = torch.empty((size, len(xs), B, n, Hh, Dh), dtype=xs[0].dtype, device=xs[0].device)
+    for i, x in enumerate(xs):  # one strided copy each, straight into the send layout
+        send[:, i] = x.view(B, n, size, Hh, Dh).permute(2, 0, 1, 3, 4)
     recv = torch.empty_like(send)  # recv[j] = rank j's tokens, my heads
     dist.all_to_all_single(recv, send, group=group)
-    return recv.permute(1, 2, 0, 3, 4, 5).reshape(S, B, size * n, Hn // size, Dh)
+    return recv.permute(1, 2, 0, 3, 4, 5).reshape(len(xs), B, size * n, Hh, Dh)
 
 
 def tokens_to_heads(x: torch.Tensor, group, size: int) -> torch.Tensor:
@@ -52,21 +55,44 @@ def tokens_to_heads(x: torch.Tensor, group, size: int) -> torch.Tensor:
 # attention that also returns the log-sum-exp (what ring attention merges)
 
 
+# scores of the explicit path are computed this many elements at a time (256 MB in fp32), so a long ring block
+# costs time, not an out-of-memory error
+_EXPLICIT_CHUNK_ELEMS = 1 << 26
+
+
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q·kᵀ/√Dh)·v and its log-sum-exp. q: [B, Lq, H, Dh], k/v: [B, Lk, H, Dh]
-    -> out fp32 [B, Lq, H, Dh], lse fp32 [B, H, Lq].
+    -> out fp32 [B, Lq, H, Dh], lse fp32 [B, H, Lq] (natural log).
 
-    SDPA returns no LSE, so this is an explicit fp32 softmax: exact, fine on CPU and for tests, but it
-    materialises [B, H, Lq, Lk] scores.  GPU: this is where an LSE-returning kernel belongs — flash-attn's
-    flash_attn_func(..., return_attn_probs=True) (FA2/FA3 give softmax_lse [B, H, Lq]) or
-    torch.ops.aten._scaled_dot_product_flash_attention / _cudnn_attention (output, logsumexp, ...).
-    Not wired yet: it has to be measured on the GPUs first (see the module docstring of renderer/parallel).
+    SDPA does not return the LSE.  CUDA with bf16/fp16: the flash kernel behind SDPA, called through its aten op,
+    which does return it (NOT YET RUN ON A GPU: `launch --check` with a ring layout verifies it; flash-attn's
+    flash_attn_func(..., return_attn_probs=True) would be the alternative).  Everywhere else: an explicit fp32
+    softmax, exact, computed in query chunks.
     """
-    qf, kf, vf = q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2)  # [B, H, L, Dh]
-    scores = (qf @ kf.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, Lq, Lk]
-    lse = torch.logsumexp(scores, dim=-1)  # [B, H, Lq]
-    out = torch.exp(scores - lse.unsqueeze(-1)) @ vf  # [B, H, Lq, Dh]
-    return out.transpose(1, 2), lse
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash_lse(q, k, v)
+    return _explicit_lse(q, k, v)
+
+
+def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    Lq = q.shape[1]
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out, lse = res[0], res[1]  # [B, H, Lq, Dh], [B, H, Lq] fp32
+    return out.transpose(1, 2).float(), lse[..., :Lq].float()
+
+
+def _explicit_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, Lq, H, Dh = q.shape
+    kf, vf = k.float().transpose(1, 2), v.float().transpose(1, 2)  # [B, H, Lk, Dh]
+    step = max(1, _EXPLICIT_CHUNK_ELEMS // max(1, B * H * k.shape[1]))
+    outs, lses = [], []
+    for i in range(0, Lq, step):
+        qf = q[:, i:i + step].float().transpose(1, 2)  # [B, H, lq, Dh]
+        scores = (qf @ kf.transpose(-1, -2)) * (1.0 / math.sqrt(Dh))  # [B, H, lq, Lk]
+        lse = torch.logsumexp(scores, dim=-1)  # [B, H, lq]
+        outs.append((torch.exp(scores - lse.unsqueeze(-1)) @ vf).transpose(1, 2))  # [B, lq, H, Dh]
+        lses.append(lse)
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=-1)
 
 
 def merge_partial(out: torch.Tensor | None, lse: torch.Tensor | None, out_i: torch.Tensor, lse_i: torch.Tensor):
@@ -139,7 +165,7 @@ class SequenceParallelAttention:
         s = self.sharder
         if s.ulysses_size == 1:
             return self.block_attention(q, k, v)
-        qkv = heads_to_tokens(torch.stack([q, k, v]), s.ulysses_group, s.ulysses_size)  # [3, B, U·n, Hn/U, Dh]
+        qkv = heads_to_tokens([q, k, v], s.ulysses_group, s.ulysses_size)  # [3, B, U·n, Hn/U, Dh]
         out = self.block_attention(*qkv.unbind(0))  # [B, U·n, Hn/U, Dh]
         return tokens_to_heads(out, s.ulysses_group, s.ulysses_size)  # [B, n, Hn, Dh]
 
