@@ -132,7 +132,7 @@ def ray_session(cfg: DictConfig):
     import ray
 
     if ray.is_initialized():
-        yield _dashboard_url()
+        yield _with_scheme(_dashboard_url())
         return
     cluster = cfg.cluster
     common = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
@@ -142,9 +142,13 @@ def ray_session(cfg: DictConfig):
     else:
         ctx = ray.init(address=str(cluster.address), **common)
     try:
-        yield getattr(ctx, "dashboard_url", None) or _dashboard_url()
+        yield _with_scheme(getattr(ctx, "dashboard_url", None) or _dashboard_url())
     finally:
         ray.shutdown()
+
+
+def _with_scheme(url: str | None) -> str | None:
+    return f"http://{url}" if url and "://" not in url else url
 
 
 def _dashboard_url() -> str | None:

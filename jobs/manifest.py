@@ -224,6 +224,11 @@ def _check_value(name: str, value: Any, priorities: dict[str, int]) -> str | Non
         if isinstance(value, bool) or not isinstance(value, int):
             hint = f" (use {int(value)})" if _is_number(value) and float(value).is_integer() else ""
             return f"must be a whole number, got {type(value).__name__} {value!r}{hint}"
+        # ShotSpec.resolve reads 0 as "unset" (`steps or preset.steps`), so 0 must be caught here, not later
+        if name == "steps" and value < 1:
+            return f"steps must be a positive whole number, got {value}"
+        if name == "frames" and value < 1:
+            return f"frames must be 4n+1 (e.g. 9 or 13), got {value}"
         if name == "seed" and not 0 <= value <= SEED_MAX:
             return f"seed {value} is out of range: use 0 .. 2**63-1"
     if name == "guidance":
@@ -232,6 +237,11 @@ def _check_value(name: str, value: Any, priorities: dict[str, int]) -> str | Non
             return f"must be a number or [low_noise, high_noise], got {value!r}: e.g. 5.0 or [3.0, 4.0]"
         if any(v < 0 for v in vals):
             return f"guidance scales must be >= 0, got {value!r}"
+    if name == "sampler":
+        from renderer.sampling import SAMPLER_NAMES
+
+        if value not in SAMPLER_NAMES:
+            return f"unknown sampler {value!r}: {_suggest(value, SAMPLER_NAMES)} (one of {', '.join(SAMPLER_NAMES)})"
     if name == "shift" and (not _is_number(value) or value <= 0):
         return f"must be a positive number, got {value!r}"
     if name == "priority":
@@ -282,8 +292,6 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
     Relative image/video paths are relative to the manifest's folder (base_dir), so a manifest and its inputs
     move together.
     """
-    from renderer.sampling import SAMPLER_NAMES
-
     problems: list[Problem] = []
     priorities = dict(DEFAULT_PRIORITIES if priorities is None else priorities)
     base_dir = Path(base_dir)
@@ -323,7 +331,7 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
             problems.append(Problem(label, "shot", f"a shot must be a mapping like {{id: sh010, prompt: ...}}, "
                                                    f"got {entry!r}"))
             continue
-        entry = dict(entry)
+        entry = {k: v for k, v in entry.items() if v is not None}  # `seed:` left empty means unset
         entry.pop("_row", None)
         if entry.pop("_extra_cells", None):
             problems.append(Problem(label, "row", "the row has more cells than the header has columns: "
@@ -372,19 +380,21 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
                                                          f"(looked in {video}): check the path"))
         priority = values.get("priority", 0)
         priority = priorities.get(priority, priority) if isinstance(priority, str) else priority
-        if not any(p.field in bad_fields | {"prompt"} for p in shot_problems):
-            g = values.get("guidance")
-            spec = ShotSpec(prompt=values.get("prompt") or "", task=values.get("task"),
-                            negative_prompt=values.get("negative_prompt"), image=image,
-                            size=None if values.get("size") is None else str(values["size"]),
-                            frames=values.get("frames"), steps=values.get("steps"), seed=int(values.get("seed", 0)),
-                            guidance=tuple(g) if isinstance(g, list) else g,
-                            sampler=values.get("sampler") or "unipc", shift=values.get("shift"),
-                            shot_id=str(sid) if sid is not None else label)
-            shot_problems += _model_problems(spec, preset, label, values, SAMPLER_NAMES)
-            if not shot_problems:
-                shots.append(ShotRequest(id=str(sid), output=output, spec=spec, priority=int(priority), index=index,
-                                         tags=values["tags"], video=video))
+        # the model's checks run even when other fields are wrong (every problem at once); a field already
+        # reported as the wrong type falls back to the preset's default here, so it is not reported twice
+        values = {k: v for k, v in values.items() if k not in bad_fields}
+        g = values.get("guidance")
+        spec = ShotSpec(prompt=values.get("prompt") or "", task=values.get("task"),
+                        negative_prompt=values.get("negative_prompt"), image=image,
+                        size=None if values.get("size") is None else str(values["size"]),
+                        frames=values.get("frames"), steps=values.get("steps"), seed=int(values.get("seed", 0)),
+                        guidance=tuple(g) if isinstance(g, list) else g,
+                        sampler=values.get("sampler") or "unipc", shift=values.get("shift"),
+                        shot_id=str(sid) if sid is not None else label)
+        shot_problems += [p for p in _model_problems(spec, preset, label, values) if p.field not in bad_fields]
+        if not shot_problems:
+            shots.append(ShotRequest(id=str(sid), output=output, spec=spec, priority=int(priority), index=index,
+                                     tags=values["tags"], video=video))
         problems += shot_problems
     if problems:
         raise ManifestError(problems, source)
@@ -392,7 +402,7 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
                     shots=shots, defaults=defaults)
 
 
-def _model_problems(spec: ShotSpec, preset: ModelPreset, label: str, values: dict, samplers) -> list[Problem]:
+def _model_problems(spec: ShotSpec, preset: ModelPreset, label: str, values: dict) -> list[Problem]:
     """What the chosen model cannot do with this shot (renderer.presets.check_shot is the single source)."""
     try:
         s = spec.resolve(preset)
@@ -403,9 +413,6 @@ def _model_problems(spec: ShotSpec, preset: ModelPreset, label: str, values: dic
         if fld == "image" and values.get("image") and "does not exist" in msg:
             msg = f"input image {values['image']} does not exist (looked in {s.image}): check the path"
         out.append(Problem(label, fld, msg))
-    if s.sampler not in samplers:
-        out.append(Problem(label, "sampler", f"unknown sampler {s.sampler!r}: {_suggest(s.sampler, tuple(samplers))} "
-                                             f"(one of {', '.join(samplers)})"))
     if spec.image and s.task == "t2v":
         out.append(Problem(label, "image", f"task t2v ignores the image; model {preset.name} does "
                                            f"{', '.join(preset.tasks)}: remove `image` or use an i2v/ti2v model"))

@@ -47,6 +47,8 @@ class Plan:
     gpus_per_group: int
     shots: list[PlannedShot]  # priority order (highest first, then manifest order)
     estimate_basis: str = "rough cost model"
+    startup_s: float = 10.0  # starting a group: worker processes, imports, model load
+
 
     @property
     def todo(self) -> list[PlannedShot]:
@@ -62,7 +64,7 @@ class Plan:
         for s in sorted(self.todo, key=lambda s: -s.estimate_s):
             i = loads.index(min(loads))
             loads[i] += s.estimate_s
-        return max(loads) if self.todo else 0.0
+        return self.startup_s + max(loads) if self.todo else 0.0
 
 
 def model_fingerprint(preset: ModelPreset) -> str:
@@ -167,7 +169,8 @@ def build_plan(manifest: Manifest, preset: ModelPreset, out_dir: str | Path, *, 
         planned.append(PlannedShot(req, spec, h, mp4, done, reason, est))
     planned.sort(key=lambda s: (-s.priority, s.request.index))
     return Plan(manifest, preset.name, fingerprint, out, gpus_per_group, planned,
-                "earlier renders in this folder" if rate is not None else "rough cost model")
+                "earlier renders in this folder" if rate is not None else "rough cost model",
+                startup_s=10.0 if preset.is_tiny else 180.0)
 
 
 def format_plan(plan: Plan, groups: int | None, cluster_note: str = "") -> str:
@@ -178,12 +181,12 @@ def format_plan(plan: Plan, groups: int | None, cluster_note: str = "") -> str:
              + (f"{groups} group{'s' if groups != 1 else ''}" if groups else "as many as the cluster holds")
              + (f" ({cluster_note})" if cluster_note else "")]
     lines.append(f"  {'#':>3} {'shot':<20} {'prio':>5} {'task':<5} {'size':<10} {'frames':>6} {'steps':>5} "
-                 f"{'seed':>10} {'est':>7}  status")
+                 f"{'seed':>10} {'est':>7}  status -> output")
     for i, s in enumerate(plan.shots, 1):
         sp = s.spec
         status = "done, skipped" if s.done else f"render ({s.reason})"
         lines.append(f"  {i:>3} {s.id:<20} {s.priority:>5} {sp.task:<5} {sp.size:<10} {sp.frames:>6} {sp.steps:>5} "
-                     f"{sp.seed:>10} {s.estimate_s:>6.0f}s  {status}")
+                     f"{sp.seed:>10} {s.estimate_s:>6.0f}s  {status} -> {s.mp4.name}")
     todo = len(plan.todo)
     eta = plan.estimate_seconds(groups or 1)
     lines.append(f"{todo} to render, {len(plan.done)} already done; estimated {format_duration(eta)} on "

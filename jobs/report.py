@@ -28,10 +28,14 @@ def thumbnails(mp4: Path) -> list[str]:
     from renderer.video_io import video_info, extract_frames
 
     try:
-        n = video_info(mp4)["frames"]
-        frames = extract_frames(mp4, [0, n // 2, n - 1])
+        info = video_info(mp4)
+        n = info["frames"]
     except Exception:  # a missing or unreadable MP4 gets placeholders, never a broken report
         return []
+    try:
+        frames = extract_frames(mp4, [0, n // 2, n - 1])
+    except Exception:  # decord's batch decode fails on some portrait sizes (48*64): ask ffmpeg instead
+        frames = _ffmpeg_frames(mp4, [0, n // 2, n - 1], info["width"], info["height"])
     uris = []
     for f in frames:
         im = Image.fromarray(f)
@@ -44,6 +48,27 @@ def thumbnails(mp4: Path) -> list[str]:
         im.convert("RGB").save(buf, format="JPEG", quality=85)
         uris.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"))
     return uris
+
+
+def _ffmpeg_frames(mp4: Path, indices: list[int], width: int, height: int) -> list:
+    import subprocess
+
+    import numpy as np
+
+    from renderer.video_io import ffmpeg_exe
+
+    select = "+".join(f"eq(n\\,{i})" for i in sorted(set(indices)))
+    try:
+        raw = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(mp4), "-vf", f"select={select}", "-fps_mode", "passthrough",
+                              "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True, timeout=120,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    size = width * height * 3
+    got = [np.frombuffer(raw[i:i + size], np.uint8).reshape(height, width, 3) for i in range(0, len(raw) - size + 1,
+                                                                                          size)]
+    by_index = dict(zip(sorted(set(indices)), got))
+    return [by_index[i] for i in indices if i in by_index]
 
 
 def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
