@@ -27,7 +27,7 @@ import yaml
 
 from kernels import autotune
 from kernels.attention import attention, resolved_backend, set_default_backend
-from kernels.fused import fused_active, set_fused
+from kernels.fused import fused_active, set_fused, triton_failure
 from renderer.model import DiTConfig, build_dit
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -193,7 +193,7 @@ def run_mode(model, mode: str, inputs, args, device: torch.device, full_layers: 
     res = {"mode": mode, "backend": resolved_backend(), "fused": fused_active(device),
            "compiled": bool(getattr(model, "_blocks_compiled", False)), "first_forward_s": first,
            "compile_s": sum(model.compile_seconds.values()), "warmup_s": warm, "forward_s": times,
-           "timed_layers": len(model.blocks)}
+           "timed_layers": len(model.blocks), "triton_failure": triton_failure()}
     n = len(model.blocks)
     if n < full_layers:  # time the part outside the blocks once, scale the blocks to the full depth
         blocks, model.blocks = model.blocks, torch.nn.ModuleList()

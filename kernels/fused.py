@@ -16,13 +16,16 @@ torch.compile treats them as single opaque ops instead of tracing Triton's launc
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger("wanrender.fused")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+_triton_failed: str | None = None  # set when a Triton launch raised: later calls run the plain math
 _fused_on: bool = os.environ.get("WANRENDER_FUSED", "1").lower() not in ("0", "false", "no", "off")
 
 
@@ -43,7 +46,28 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 def fused_active(device: torch.device | str) -> bool:
     """Whether the dispatchers run Triton on this device (for the run log)."""
-    return _fused_on and HAS_TRITON and torch.device(device).type == "cuda"
+    return _fused_on and HAS_TRITON and _triton_failed is None and torch.device(device).type == "cuda"
+
+
+def triton_failure() -> str | None:
+    """The error that turned the Triton kernels off in this process, if any (for the run log)."""
+    return _triton_failed
+
+
+def _run_triton(name: str, plain, *args):
+    """Launch kernels/fused_triton.<name>; if Triton fails (a compiler or driver problem on a new machine), say so
+    once, loudly, and run the plain math from then on: a render is slower, never lost. The GPU tests call
+    kernels/fused_triton directly, so a failure there is not hidden."""
+    global _triton_failed
+    if _triton_failed is None:
+        try:
+            from kernels import fused_triton
+
+            return getattr(fused_triton, name)(*args)
+        except Exception as e:  # noqa: BLE001 - any Triton failure must leave the plain path working
+            _triton_failed = f"{name}: {type(e).__name__}: {e}"
+            log.warning("Triton kernel %s failed, using the plain PyTorch path from now on: %s", name, e)
+    return plain(*args)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -94,6 +118,12 @@ def gated_residual_plain(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | 
     return x + y.float() * gate if gate is not None else x + y.float()
 
 
+def _rms_norm_rope_fallback(x, weight, cos, sin, eps):
+    # custom ops must not return an input or a view of one
+    out = rms_norm_rope_plain(x, weight, eps, None if cos is None else (cos, sin))
+    return out.clone() if out is x else out
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Triton launches as custom ops (registered on every machine; only called where triton runs)
 
@@ -101,9 +131,7 @@ def gated_residual_plain(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | 
 @torch.library.custom_op("wanrender::rms_norm_rope", mutates_args=())
 def _rms_norm_rope_op(x: torch.Tensor, weight: torch.Tensor, cos: Optional[torch.Tensor],
                       sin: Optional[torch.Tensor], eps: float) -> torch.Tensor:
-    from kernels import fused_triton
-
-    return fused_triton.rms_norm_rope(x, weight, cos, sin, eps)
+    return _run_triton("rms_norm_rope", _rms_norm_rope_fallback, x, weight, cos, sin, eps)
 
 
 @_rms_norm_rope_op.register_fake
@@ -114,9 +142,7 @@ def _(x, weight, cos, sin, eps):
 @torch.library.custom_op("wanrender::ln_modulate", mutates_args=())
 def _ln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                     out_dtype: torch.dtype) -> torch.Tensor:
-    from kernels import fused_triton
-
-    return fused_triton.ln_modulate(x, shift, scale, eps, out_dtype)
+    return _run_triton("ln_modulate", ln_modulate_plain, x, shift, scale, eps, out_dtype)
 
 
 @_ln_modulate_op.register_fake
@@ -126,9 +152,7 @@ def _(x, shift, scale, eps, out_dtype):
 
 @torch.library.custom_op("wanrender::gated_residual", mutates_args=())
 def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
-    from kernels import fused_triton
-
-    return fused_triton.gated_residual(x, y, gate)
+    return _run_triton("gated_residual", gated_residual_plain, x, y, gate)
 
 
 @_gated_residual_op.register_fake

@@ -144,6 +144,20 @@ def test_regional_compile_traces_one_graph_for_all_blocks():
     assert len(graphs) == 1
 
 
+def test_custom_op_falls_back_to_plain_when_triton_fails(monkeypatch):
+    """A Triton failure (here: no triton, or CPU tensors without the interpreter) costs speed, not the render."""
+    monkeypatch.setattr(fused, "_triton_failed", None)
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(1, 6, 32, generator=g), torch.rand(32, generator=g) + 0.5
+    cos, sin = _rope(6, 8)
+    got = fused._rms_norm_rope_op(x, w, cos, sin, 1e-6)
+    torch.testing.assert_close(got, fused.rms_norm_rope_plain(x, w, 1e-6, (cos, sin)), rtol=1e-5, atol=1e-5)
+    if not (fused.HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"):
+        assert "rms_norm_rope" in fused.triton_failure() and not fused.fused_active("cuda")
+        xf, y, gate = torch.randn(1, 6, 32), torch.randn(1, 6, 32), torch.randn(1, 1, 32)
+        assert torch.equal(fused._gated_residual_op(xf, y, gate), xf + y * gate)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Triton kernels: against the plain versions (interpreter on the CPU, or a GPU)
 
