@@ -305,6 +305,9 @@ def print_report(r: dict) -> None:
               f"{' +compile' if x['compiled'] else ''}")
     if "speedup" in r:
         print(f"speedup fast / plain: {r['speedup']:.2f}×")
+    for x in r["results"]:
+        if x.get("triton_failure"):
+            print(f"WARNING: {x['mode']}: a Triton kernel failed and the plain math ran instead: {x['triton_failure']}")
 
 
 if __name__ == "__main__":
