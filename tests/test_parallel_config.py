@@ -93,3 +93,12 @@ def test_fsdp_auto_is_off_on_cpu_and_single_gpu():
     assert ParallelConfig(ulysses=4).resolve_fsdp(10**12, "cpu") is False
     assert ParallelConfig().resolve_fsdp(10**12, "cpu") is False
     assert ParallelConfig(ulysses=2, fsdp=True).resolve_fsdp(1, "cpu") is True
+
+
+def test_hydra_group_overrides_reach_the_dataclass():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(PRESETS.parent), version_base=None):
+        c = compose(overrides=["+parallel=gpus8", "parallel.ulysses_impl=deepspeed"])
+    assert ParallelConfig.from_dict(c.parallel) == ParallelConfig(cfg=2, ulysses=4, ring=1, fsdp="auto",
+                                                                  ulysses_impl="deepspeed")

@@ -180,8 +180,8 @@ class DeepSpeedUlyssesAttention(SequenceParallelAttention):
             import deepspeed.comm as ds_comm
             from deepspeed.sequence.layer import DistributedAttention
         except ImportError as e:
-            raise RuntimeError("parallel.ulysses_impl=deepspeed needs DeepSpeed: "
-                               "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed, or use ulysses_impl=own") from e
+            raise RuntimeError("parallel.ulysses_impl=deepspeed needs DeepSpeed: DS_BUILD_OPS=0 pip install "
+                               "--no-build-isolation deepspeed, or use ulysses_impl=own") from e
         if not ds_comm.is_initialized():
             # DeepSpeed routes its collectives through its own backend object; wrap the live torch group
             ds_comm.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False, verbose=False)

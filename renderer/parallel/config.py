@@ -85,7 +85,7 @@ class ParallelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"parallel.{name}={v!r} must be a positive integer")
-        if self.fsdp not in (True, False, "auto") or isinstance(self.fsdp, int) and not isinstance(self.fsdp, bool):
+        if self.fsdp not in (True, False, "auto") or (isinstance(self.fsdp, int) and not isinstance(self.fsdp, bool)):
             raise ValueError(f"parallel.fsdp must be true, false or 'auto', got {self.fsdp!r}")
         if self.ulysses_impl not in ULYSSES_IMPLS:
             raise ValueError(f"parallel.ulysses_impl must be 'own' or 'deepspeed', got {self.ulysses_impl!r}")
@@ -114,8 +114,8 @@ class ParallelConfig:
     def validate(self, world_size: int | None = None, num_heads: int | None = None) -> "ParallelConfig":
         """Check the layout against the group size and the model; raises ValueError with the fix in the message."""
         if world_size is not None and self.world_size != world_size:
-            raise ValueError(f"cfg × ulysses × ring = {self.cfg} × {self.ulysses} × {self.ring} = {self.world_size} "
-                             f"but the render group has {world_size} GPU{'s' if world_size != 1 else ''}")
+            raise ValueError(f"cfg × ulysses × ring = {self.cfg} × {self.ulysses} × {self.ring} = "
+                             f"{self.world_size} but the render group has {world_size} GPU{'s' if world_size != 1 else ''}")
         if num_heads is not None and num_heads % self.ulysses:
             raise ValueError(f"parallel.ulysses={self.ulysses} does not divide the model's {num_heads} heads: "
                              f"choose {_or_list(divisors(num_heads))}")
