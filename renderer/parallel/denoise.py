@@ -63,7 +63,8 @@ def denoise(experts: Sequence[Model], boundary: float | None, guidances: float |
             callback: Callable[[int, float, int], None] | None = None) -> Tensor:
     """Run all of `sampler`'s steps on `latent` and return the final latent (fp32, same shape).
 
-    experts: 1 or 2 velocity models (parallelised with the same `group`); boundary: A14B switch point in [0, 1]
+    experts: 1 or 2 velocity models (parallelised with the same `group`), or any object with len() and [] — e.g.
+    a view whose [] moves the chosen expert onto the GPU (single-GPU offload); boundary: A14B switch in [0, 1]
     or None; guidances: (low-noise g, high-noise g) or one float; sampler: fresh from
     renderer.sampling.make_sampler(name, steps, shift); latent: [B, C, F, H, W] noise (same seed on every rank);
     context / context_null: [B, Lc, text_dim] prompt and negative-prompt embeddings.
