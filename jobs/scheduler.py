@@ -157,7 +157,11 @@ class Farm:
 
     # -- dispatch -------------------------------------------------------------------------------------------------
     def assign(self) -> None:
-        for g in self.groups.values():
+        for g in list(self.groups.values()):
+            if g.state == "idle" and g.node_id in self.blocklist:
+                self._retire(g)  # a suspect node finishes what it runs but gets no new shot
+                self._event(f"group {g.gid}: retired (its node is blocklisted)")
+                continue
             if g.state != "idle" or not self.queue:
                 continue
             shot = self.queue.pop()
