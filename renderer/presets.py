@@ -124,4 +124,13 @@ def check_shot(preset: ModelPreset, task: str, size: str, frames: int, steps: in
         p = Path(image)
         if not p.is_file():
             problems.append(("image", f"input image {image} does not exist: check the path"))
+        else:
+            try:
+                from PIL import Image
+
+                with Image.open(p) as im:
+                    im.verify()  # reads the header and checks integrity without decoding the pixels
+            except Exception as e:
+                problems.append(("image", f"input image {image} cannot be read ({type(e).__name__}): "
+                                          f"give a PNG or JPEG file"))
     return problems

@@ -292,16 +292,23 @@ _TINY_CORPUS = [
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Unigram tokenizer trained in-process (nothing downloaded) with UMT5's ids: pad 0, eos 1, unk 2,
-    and </s> appended to every sequence as T5 does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """A small WordPiece tokenizer built from a fixed vocabulary (nothing downloaded, nothing trained: trained
+    tokenizers are not reproducible run to run, and a seed must give the same video every time).
 
-    tk = Tokenizer(models.Unigram())
-    tk.pre_tokenizer = pre_tokenizers.Metaspace()
-    tk.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", shrinking_factor=0.75)
-    tk.train_from_iterator(_TINY_CORPUS, trainer=trainer)
+    UMT5's special ids: pad 0, eos 1, unk 2; </s> is appended to every sequence as T5 does. The vocabulary is
+    the tiny corpus's words plus single characters and their continuations, so any ASCII prompt tokenizes."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    words = sorted({w for line in _TINY_CORPUS for w in line.replace(",", " ").split()})
+    tokens = ["<pad>", "</s>", "<unk>"] + words + [c for c in chars if c not in words] + [f"##{c}" for c in chars]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tk = Tokenizer(models.WordPiece(vocab=vocab, unk_token="<unk>", max_input_chars_per_word=100))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece()
     tk.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                       special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",

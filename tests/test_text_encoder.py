@@ -198,3 +198,13 @@ def test_prompt_cleaning_like_reference():
     digest = hashlib.sha256(DEFAULT_NEGATIVE_PROMPT.encode()).hexdigest()
     assert digest == "ce96e0324e4b54ce4b6e867f669ca520952e1a34cc116543516b1897f0d3c47e"
     assert len(DEFAULT_NEGATIVE_PROMPT) == 137
+
+
+def test_tiny_tokenizer_is_the_same_every_build():
+    """A trained tokenizer gave other ids on every build, so one seed rendered different videos."""
+    from renderer.text_encoder import DEFAULT_NEGATIVE_PROMPT, build_tiny_tokenizer
+
+    texts = ["a red kite over a beach, 4K!", DEFAULT_NEGATIVE_PROMPT]
+    first = build_tiny_tokenizer()(texts).input_ids
+    for _ in range(3):
+        assert build_tiny_tokenizer()(texts).input_ids == first
