@@ -93,6 +93,7 @@ class Farm:
         self.progress = progress or JobProgress(len(plan.todo), len(plan.done), live=False)
         self.events: list[str] = []
         self.speed = 1.0  # measured seconds / estimated seconds, for the ETA
+        self._warned_solo = False
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
     def _event(self, msg: str) -> None:
@@ -197,6 +198,9 @@ class Farm:
             g.ready_ranks += 1
             if rank == 0:
                 g.node_id, g.load_s = value["node_id"], value["load_s"]
+            if rank == 1 and not value.get("shares_work") and not self._warned_solo:
+                self._warned_solo = True  # renderer.Pipeline has no `group=` yet: the group is formed, rank 0 computes
+                self._event("note: the Pipeline takes no process group yet; rank 0 of each group renders alone")
             if g.ready_ranks == g.size:
                 g.state = "idle"
                 self.group_failures_in_a_row = 0
