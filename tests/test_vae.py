@@ -20,6 +20,19 @@ from renderer.vae.loading import _random_init_
 PARITY_RTOL = 1e-5  # max abs error / max abs reference, fp32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Run this module with one intra-op thread, restoring the setting afterwards.
+
+    The tiny models are dominated by per-op overhead; on a 2-core box shared with
+    other jobs, two spinning OpenMP threads made the file ~5x slower in wall time.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).abs().max() / ref.abs().max()).item()
 
@@ -262,18 +275,40 @@ def test_tiled_decode_close_to_untiled(version):
     attn = vae.decoder.middle[1]
     attn.proj.weight.zero_()
     attn.proj.bias.zero_()
-    h, w = (16, 20) if version == "2.1" else (12, 14)
+    h, w = (12, 14) if version == "2.1" else (10, 12)
     z = torch.randn(1, vae.z_dim, 2, h, w, generator=torch.Generator().manual_seed(0))
     full = vae.decode(z)
     # a tile larger than the frame is exactly the untiled path
     assert torch.equal(vae.decode(z, tile=True, tile_size=64, tile_overlap=8), full)
-    tiled = vae.decode(z, tile=True, tile_size=10, tile_overlap=6)
+    tiled = vae.decode(z, tile=True, tile_size=8, tile_overlap=4)
     err = (tiled - full).abs()
-    # random tiny weights have a wide receptive field relative to 10-pixel tiles;
-    # measured mean 1.2e-2 / max 2.0e-1 (2.1) and 1.2e-2 / 1.9e-1 (2.2)
-    assert err.mean() < 0.02 and err.max() < 0.3
+    # Tolerance: mean abs error < 0.025, max < 0.5 (video range [-1,1]).  Random tiny
+    # weights have a receptive field (~17 latent px) wider than these 8-px tiles, so
+    # tiles do see different context; measured mean 1.8e-2 / max 0.43 (2.1) and
+    # 1.8e-2 / 0.31 (2.2).  test_tiling_geometry_is_seamless checks the stitching exactly.
+    assert err.mean() < 0.025 and err.max() < 0.5
     # auto mode: tile=None tiles only above the configured size
-    vae.tiling.size, vae.tiling.overlap = (10, 10), (6, 6)
+    vae.tiling.size, vae.tiling.overlap = (8, 8), (4, 4)
     assert torch.equal(vae.decode(z), full)
     vae.tiling.auto_above = 10 * 10
     assert torch.equal(vae.decode(z), tiled)
+
+
+@torch.no_grad()
+def test_diffusers_layout_single_file_and_bf16(tmp_path):
+    """A lone diffusers-named .safetensors loads too; the default bf16 model tracks fp32."""
+    from safetensors.torch import save_file
+
+    ref = _tiny_diffusers("2.1", seed=6)
+    path = tmp_path / "wan21_vae.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    fp32 = load_vae(path, dtype=torch.float32)
+    bf16 = load_vae(path)  # default dtype bfloat16
+    # small frame: bf16 3D convs are slow on CPU
+    z = torch.randn(1, 16, 2, 3, 4, generator=torch.Generator().manual_seed(1))
+    mean, std = _stats("2.1")
+    y32 = fp32.decode(z)
+    assert _rel_err(y32, ref.decode(z * std + mean).sample) <= PARITY_RTOL
+    y16 = bf16.decode(z)
+    assert y16.dtype == torch.float32 and y16.shape == y32.shape
+    assert 0 < _rel_err(y16, y32) < 0.1  # bf16 differs, but only by rounding
