@@ -127,6 +127,40 @@ def test_our_names_are_the_official_names():
     assert _rel_err(ours.decode(z), ref.decode(z * std + mean).sample) <= PARITY_RTOL
 
 
+def test_full_size_layout_matches_official_checkpoints():
+    """Key names and shapes of the real-size models (built on meta, no memory).
+
+    The expected entries are the official Wan2.1_VAE.pth / Wan2.2_VAE.pth layout.
+    """
+    from renderer.vae import VAEConfig
+
+    with torch.device("meta"):
+        v21 = {k: tuple(t.shape) for k, t in WanVAE(VAEConfig.official("2.1")).state_dict().items()}
+        v22 = {k: tuple(t.shape) for k, t in WanVAE(VAEConfig.official("2.2")).state_dict().items()}
+    assert v21["encoder.conv1.weight"] == (96, 3, 3, 3, 3)
+    assert v21["encoder.downsamples.2.resample.1.weight"] == (96, 96, 3, 3)  # spatial-only level
+    assert "encoder.downsamples.2.time_conv.weight" not in v21
+    assert v21["encoder.downsamples.5.time_conv.weight"] == (192, 192, 3, 1, 1)
+    assert v21["encoder.middle.0.residual.0.gamma"] == (384, 1, 1, 1)
+    assert v21["encoder.middle.1.norm.gamma"] == (384, 1, 1)
+    assert v21["conv1.weight"] == (32, 32, 1, 1, 1) and v21["conv2.weight"] == (16, 16, 1, 1, 1)
+    assert v21["decoder.upsamples.3.time_conv.weight"] == (768, 384, 3, 1, 1)
+    assert v21["decoder.upsamples.3.resample.1.weight"] == (192, 384, 3, 3)  # 2.1 halves the width
+    assert v21["decoder.upsamples.4.shortcut.weight"] == (384, 192, 1, 1, 1)
+    assert v21["decoder.head.2.weight"] == (3, 96, 3, 3, 3)
+    assert v22["encoder.conv1.weight"] == (160, 12, 3, 3, 3)
+    assert v22["encoder.head.2.weight"] == (96, 640, 3, 3, 3)
+    assert v22["conv1.weight"] == (96, 96, 1, 1, 1) and v22["conv2.weight"] == (48, 48, 1, 1, 1)
+    assert "encoder.downsamples.0.downsamples.2.time_conv.weight" not in v22
+    assert v22["encoder.downsamples.1.downsamples.2.time_conv.weight"] == (320, 320, 3, 1, 1)
+    assert v22["decoder.conv1.weight"] == (1024, 48, 3, 3, 3)
+    assert v22["decoder.upsamples.0.upsamples.0.residual.2.weight"] == (1024, 1024, 3, 3, 3)
+    assert v22["decoder.upsamples.0.upsamples.3.time_conv.weight"] == (2048, 1024, 3, 1, 1)
+    assert v22["decoder.upsamples.1.upsamples.3.time_conv.weight"] == (2048, 1024, 3, 1, 1)
+    assert "decoder.upsamples.2.upsamples.3.time_conv.weight" not in v22
+    assert v22["decoder.head.2.weight"] == (12, 256, 3, 3, 3)
+
+
 # ------------------------------------------------------------------ streaming
 @torch.no_grad()
 @pytest.mark.parametrize("version", ["2.1", "2.2"])
