@@ -21,6 +21,7 @@ import torch
 from renderer import checkpoint as ckpt
 from renderer.model import WanDiT, build_dit
 from renderer.presets import ModelPreset, check_shot, parse_size
+from renderer.parallel import denoise
 from renderer.sampling import make_sampler
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ def _move_text_encoder(text, device: torch.device, dtype: torch.dtype):
 
 class Pipeline:
     def __init__(self, preset: ModelPreset, checkpoint: str | None = None, options: RenderOptions | None = None,
-                 components=None):
+                 components=None, group=None):
+        """group: a renderer.parallel RenderGroup when the shot is rendered by several GPUs (None: one device)."""
         self.preset = preset
         self.options = options or RenderOptions()
         self.device = self.options.torch_device()
@@ -137,6 +139,13 @@ class Pipeline:
         if components is None:
             components = _load_components(preset, checkpoint, self.device, self.dtype, t5_device, expert_device)
         self.text_encoder, self.vae, self.experts = components
+        self.group = group
+        self.is_main = group is None or group.is_main
+        if group is not None and group.distributed:
+            if self.placement == "offload":
+                raise ValueError("placement=offload cannot be combined with a multi-GPU render group: "
+                                 "use placement=resident (with parallel.fsdp to shard the experts)")
+            self.experts = group.parallelize_experts(self.experts)
         self.load_seconds = time.perf_counter() - t0
         self._on_device: int | None = None if self.placement == "offload" else -1
 
@@ -186,9 +195,18 @@ class Pipeline:
         from renderer.text_encoder import DEFAULT_NEGATIVE_PROMPT
 
         negative = shot.negative_prompt if shot.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
-        with torch.no_grad():
-            both = self.text_encoder.encode([shot.prompt, negative])  # [2, 512, text_dim]
-        both = both.to(self.device, self.dtype)
+        distributed = self.group is not None and self.group.distributed
+        if self.is_main:
+            with torch.no_grad():
+                both = self.text_encoder.encode([shot.prompt, negative])  # [2, 512, text_dim]
+            both = both.to(self.device, self.dtype)
+        else:
+            both = torch.empty(2, self.text_encoder.text_len, self.preset.dit.text_dim, device=self.device,
+                               dtype=self.dtype)
+        if distributed:  # encoded once per group, on rank 0
+            import torch.distributed as dist
+
+            dist.broadcast(both, src=0)
         return both[:1], both[1:]
 
     def _image_condition(self, shot: ShotSpec, shape) -> dict[str, torch.Tensor]:
@@ -231,42 +249,42 @@ class Pipeline:
         timings["image_encode"] = time.perf_counter() - t0
 
         pinned = cond.get("ti2v")
-        keep = None
+        keep = None  # ti2v with an image: 0 where the image latent is pinned, 1 where the sampler moves it
         if pinned is not None:
             keep = torch.ones_like(latent)
-            keep[:, :, 0] = 0.0  # 0 where the image latent is pinned, 1 where the sampler moves the latent
+            keep[:, :, 0] = 0.0
             latent = (1 - keep) * pinned + keep * latent
 
         sampler = make_sampler(shot.sampler, shot.steps, shot.shift)
-        boundary = None if self.preset.boundary is None else self.preset.boundary * 1000
         step_seconds, experts_used = [], []
-        bar = _progress(shot, self.options.progress)
+        bar = _progress(shot, self.options.progress and self.is_main)
+        last = [time.perf_counter()]
+
+        def after_each_step(i: int, t: float, expert: int) -> None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # honest per-step times
+            now = time.perf_counter()
+            step_seconds.append(now - last[0])
+            last[0] = now
+            experts_used.append(expert)
+            bar.update(1)
+            if on_step:
+                on_step(i + 1, shot.steps)
+
+        i2v = cond.get("i2v")
         t_loop = time.perf_counter()
-        with torch.no_grad():
-            for i, t in enumerate(sampler.timesteps):
-                ts = time.perf_counter()
-                high = boundary is None or float(t) >= boundary
-                idx = 0 if high or len(self.experts) == 1 else 1
-                scale = shot.guidance[1] if high else shot.guidance[0]
-                model = self._expert(idx)
-                x_in = torch.cat([latent, cond["i2v"]], dim=1) if "i2v" in cond else latent  # [1, C_in, F', h, w]
-                t_in = self._timesteps(t, latent, keep)  # [1] or [1, L]
-                v = model(x_in, t_in, context)  # [1, C_out, F', h, w]
-                if scale != 1.0:
-                    v_null = model(x_in, t_in, context_null)
-                    v = v_null + scale * (v - v_null)
-                latent = sampler.step(v, i, latent)
-                if keep is not None:
-                    latent = (1 - keep) * pinned + keep * latent
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                step_seconds.append(time.perf_counter() - ts)
-                experts_used.append(idx)
-                bar.update(1)
-                if on_step:
-                    on_step(i + 1, shot.steps)
+        latent = denoise(
+            _ExpertView(self), self.preset.boundary, shot.guidance, sampler, latent, context, context_null,
+            group=self.group,
+            x_fn=(lambda x: torch.cat([x, i2v], dim=1)) if i2v is not None else None,  # [1, 36, F', h, w]
+            t_fn=(lambda t, x: self._timesteps(t, x, keep)) if keep is not None else None,
+            after_step=(lambda x, i: (1 - keep) * pinned + keep * x) if keep is not None else None,
+            callback=after_each_step)
         bar.close()
         timings["denoise"] = time.perf_counter() - t_loop
+        if not self.is_main:  # one rank decodes and writes; the others are done with this shot
+            return RenderResult(frames=None, shot=shot, timings=timings, step_seconds=step_seconds,
+                                experts_used=experts_used, latent=latent.cpu() if keep_latent else None)
 
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -288,9 +306,23 @@ class Pipeline:
         return (token_keep * t)[None]  # [1, L]: the pinned first frame is at t = 0
 
     def describe(self) -> dict:
+        """What ran where: for logs and sidecars."""
         return {"model": self.preset.name, "checkpoint": self.checkpoint, "fingerprint": self.fingerprint,
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "placement": self.placement, "options": asdict(self.options)}
+
+
+class _ExpertView:
+    """experts[i] for the denoising loop, moving expert i onto the GPU first when the idle one is offloaded."""
+
+    def __init__(self, pipe: Pipeline):
+        self.pipe = pipe
+
+    def __len__(self) -> int:
+        return len(self.pipe.experts)
+
+    def __getitem__(self, i: int):
+        return self.pipe._expert(i)
 
 
 def _progress(shot: ShotSpec, enabled: bool):
