@@ -119,7 +119,8 @@ def measure_ceilings(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, b
         att = {"sdpa": statistics.median(timed(lambda: attention(q, q, q, backend="sdpa"), device, 3))}
     attn_flops = 4 * batch * tokens * tokens * cfg.dim
     best = min(att, key=att.get)
-    return {"matmul_shape": [n, n, n], "matmul_dtype": str(dtype).removeprefix("torch."), "matmul_tflops": 2 * n**3 / mm_s / 1e12,
+    return {"matmul_shape": [n, n, n], "matmul_dtype": str(dtype).removeprefix("torch."),
+            "matmul_tflops": 2 * n**3 / mm_s / 1e12,
             "attention_seconds": att, "attention_tflops": {k: attn_flops / v / 1e12 for k, v in att.items()},
             "attention_best": best, "attention_best_tflops": attn_flops / att[best] / 1e12}
 
@@ -290,7 +291,8 @@ def print_report(r: dict) -> None:
         print(f"NOTE: timed {r['layers_timed']} of {r['layers_full']} blocks; times below are scaled to the full "
               f"depth (block time × {r['layers_full'] / r['layers_timed']:.2f}, embeddings/head timed once)")
     others = ", ".join(f"{k} {v:.4g}" for k, v in sorted(c["attention_tflops"].items(), key=lambda kv: -kv[1]))
-    print(f"ceilings (measured now): {c['matmul_dtype']} matmul {c['matmul_shape'][0]}³ {c['matmul_tflops']:.4g} TFLOP/s; "
+    print(f"ceilings (measured now): {c['matmul_dtype']} matmul {c['matmul_shape'][0]}³ "
+          f"{c['matmul_tflops']:.4g} TFLOP/s; "
           f"attention at this shape, TFLOP/s: {others}")
     print(f"FLOPs per forward: self-attn {pf['self_attention']:.4g} PF, cross-attn {pf['cross_attention']:.4g} PF, "
           f"linear {pf['linear']:.4g} PF, total {pf['total']:.4g} PF -> floor {r['floor_s']:.3f} s at these ceilings")

@@ -53,7 +53,8 @@ def length_bucket(n: int) -> int:
 def cache_key(device: torch.device, dtype: torch.dtype, head_dim: int, lq: int, lk: int) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     # the torch version is in the key: a new torch can reorder the kernels' speeds
-    return f"{name}|{str(dtype).removeprefix('torch.')}|d{head_dim}|q{length_bucket(lq)}|k{length_bucket(lk)}|torch{torch.__version__}"
+    dt = str(dtype).removeprefix("torch.")
+    return f"{name}|{dt}|d{head_dim}|q{length_bucket(lq)}|k{length_bucket(lk)}|torch{torch.__version__}"
 
 
 def ranked(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:

@@ -9,8 +9,10 @@ matmuls (the GELU and bias into the FFN's epilogue, norm3's LayerNorm, casts); o
 stay opaque custom ops inside the graph.
 
 When: WanDiT.compile_mode "auto" (the default) compiles on the first forward on a CUDA device, never on the CPU
-(compiling buys nothing for the tiny CPU models and costs seconds per test); "on" / "off" force it;
-WANRENDER_COMPILE=0/1 overrides "auto" for a whole process.
+(compiling buys nothing for the tiny CPU models and costs seconds per test), and not while sequence parallelism
+is plugged in (its attn_fn holds all-to-alls and ring send/receives that dynamo would have to trace or break
+around: untested, so the parallel code opts in with compile_mode "on" once its GPU tests pass under compile);
+"on" / "off" force it; WANRENDER_COMPILE=0/1 overrides "auto" for a whole process.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ log = logging.getLogger("wanrender.compile")
 _RECOMPILE_LIMIT = 64
 
 
-def compile_wanted(mode: str, device: torch.device) -> bool:
+def compile_wanted(mode: str, device: torch.device, sequence_parallel: bool = False) -> bool:
     """Whether a model in `mode` ("auto" | "on" | "off") should compile its blocks on `device`."""
     if mode == "on":
         return True
@@ -37,7 +39,7 @@ def compile_wanted(mode: str, device: torch.device) -> bool:
     env = os.environ.get("WANRENDER_COMPILE")
     if env is not None:
         return env.lower() not in ("0", "false", "no", "off", "")
-    return torch.device(device).type == "cuda"
+    return torch.device(device).type == "cuda" and not sequence_parallel
 
 
 def compile_blocks(model: torch.nn.Module, dynamic: bool = False, backend: str = "inductor",

@@ -383,7 +383,7 @@ class WanDiT(nn.Module):
         eagerly here rather than while dynamo traces."""
         if not self.blocks:
             return
-        if not blocks_compiled(self) and compile_wanted(self.compile_mode, tokens.device):
+        if not blocks_compiled(self) and compile_wanted(self.compile_mode, tokens.device, self.token_split is not None):
             compile_blocks(self)
         if get_default_backend() == "auto" and tokens.is_cuda:
             b, n = tokens.shape[:2]

@@ -92,6 +92,8 @@ def test_compile_decisions(monkeypatch):
     monkeypatch.delenv("WANRENDER_COMPILE", raising=False)
     assert not compile_wanted("auto", torch.device("cpu"))
     assert compile_wanted("auto", torch.device("cuda"))
+    assert not compile_wanted("auto", torch.device("cuda"), sequence_parallel=True)
+    assert compile_wanted("on", torch.device("cuda"), sequence_parallel=True)
     assert compile_wanted("on", torch.device("cpu")) and not compile_wanted("off", torch.device("cuda"))
     monkeypatch.setenv("WANRENDER_COMPILE", "0")
     assert not compile_wanted("auto", torch.device("cuda"))
