@@ -154,8 +154,10 @@ def parse_csv(text: str, source: str = "manifest.csv") -> dict[str, Any]:
     Empty cells are unset (the defaults apply). tags: "key=value; key=value" or "a; b"; columns named
     tags.<key> add one tag each. guidance: "3.5" or "3.0;4.0". Rows whose id starts with '#' are comments.
     """
-    reader = csv.reader(io.StringIO(text))
-    rows = [r for r in reader]
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as e:
+        raise ManifestError([Problem("manifest", "syntax", f"CSV: {e}: save the sheet as plain CSV (UTF-8)")], source)
     if not rows or not any(c.strip() for c in rows[0]):
         raise ManifestError([Problem("manifest", "shots", "the CSV is empty: the first row must name the columns "
                                                           f"({', '.join(SHOT_FIELDS[:4])}, ...)")], source)
@@ -303,6 +305,7 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
     if not isinstance(manifest_defaults, dict):
         problems.append(Problem("manifest", "defaults", f"must be a mapping of shot fields, got {manifest_defaults!r}"))
         manifest_defaults = {}
+    manifest_defaults = {k: v for k, v in manifest_defaults.items() if v is not None}  # `steps:` left empty: unset
     cfg_defaults = {k: v for k, v in (config_defaults or {}).items() if v is not None}
     for origin, d in (("defaults", manifest_defaults), ("job.shot_defaults", cfg_defaults)):
         for k, v in d.items():
@@ -388,7 +391,7 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
                         negative_prompt=values.get("negative_prompt"), image=image,
                         size=None if values.get("size") is None else str(values["size"]),
                         frames=values.get("frames"), steps=values.get("steps"), seed=int(values.get("seed", 0)),
-                        guidance=tuple(g) if isinstance(g, list) else g,
+                        guidance=(g[0] if len(g) == 1 else tuple(g)) if isinstance(g, (list, tuple)) else g,
                         sampler=values.get("sampler") or "unipc", shift=values.get("shift"),
                         shot_id=str(sid) if sid is not None else label)
         shot_problems += [p for p in _model_problems(spec, preset, label, values) if p.field not in bad_fields]

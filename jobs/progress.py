@@ -25,9 +25,9 @@ class JobProgress:
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._bar = Progress(TextColumn("[bold]render"), BarColumn(), MofNCompleteColumn(),
+            self._bar = Progress(TextColumn("[bold]render"), BarColumn(bar_width=16), MofNCompleteColumn(),
                                  TextColumn("{task.description}"), TimeElapsedColumn(), transient=False)
-            self._task = self._bar.add_task(self._status(), total=max(1, total))
+            self._task = self._bar.add_task(self._short(), total=max(1, total))
             self._bar.start()
 
     def _status(self) -> str:
@@ -35,6 +35,12 @@ class JobProgress:
         eta = "--" if self.eta_s is None else format_duration(self.eta_s)
         return (f"done {c['done']}/{self.total} · running {c['running']} · failed {c['failed']} · "
                 f"queued {c['queued']} · retries {c['retries']} · ETA {eta}")
+
+    def _short(self) -> str:  # for the live bar, which shares one terminal line with the bar itself
+        c = self.counts
+        eta = "--" if self.eta_s is None else format_duration(self.eta_s)
+        return (f"run {c['running']} · fail {c['failed']} · queue {c['queued']} · retry {c['retries']} · "
+                f"ETA {eta}")
 
     def event(self, message: str) -> None:
         if self._bar is not None:
@@ -47,14 +53,14 @@ class JobProgress:
         self.counts = {"done": done, "running": running, "failed": failed, "queued": queued, "retries": retries}
         self.eta_s = eta_s
         if self._bar is not None:
-            self._bar.update(self._task, completed=done + failed, description=self._status())
+            self._bar.update(self._task, completed=done + failed, description=self._short())
         elif time.monotonic() - self._last_plain >= self.every_s:
             self._last_plain = time.monotonic()
             print(f"[progress] {self._status()}", flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, description=self._status())
+            self._bar.update(self._task, description=self._short())
             self._bar.stop()
             self._bar = None
         else:

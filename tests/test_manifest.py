@@ -231,3 +231,40 @@ def test_config_problems_are_reported_with_the_manifest_ones(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"model": "tiny_t2x", "shots": [good_shot(1)]}))
     assert run_job(_compose([f"manifest={path}", "dry_run=true"])) == 2
     assert "tiny_t2v" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def dry_cfg(tmp_path_factory):
+    return _compose([f"out={tmp_path_factory.mktemp('never')}/out", "dry_run=true"])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=faulty_manifests())
+def test_property_dry_run_of_bad_manifest_reports_all_and_reserves_nothing(case, dry_cfg, tmp_path, capsys):
+    from jobs.farm import run_job
+
+    raw, expected = case
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(raw))
+    dry_cfg.manifest = str(path)
+    rc = run_job(dry_cfg)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not ray.is_initialized()
+    assert not Path(dry_cfg.out).exists()
+    if expected:
+        assert rc == 2
+        for shot, fld in expected:
+            assert (f"manifest: {fld}:" if shot == "manifest" else f"shot {shot}: {fld}:") in err
+
+
+def test_csv_defaults_come_from_the_command_line(tmp_path, capsys):
+    from jobs.farm import run_job
+
+    path = tmp_path / "shots.csv"
+    path.write_text("id,prompt,seed\nx1,first,1\nx2,second,2\n")
+    rc = run_job(_compose([f"manifest={path}", f"out={tmp_path / 'out'}", "dry_run=true", "job.shot_defaults.steps=3",
+                           "job.shot_defaults.size=80*48", "job.shot_defaults.priority=high"]))
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[-1].endswith(".mp4")]
+    assert [(r[1], r[2], r[4], r[6]) for r in rows] == [("x1", "10", "80*48", "3"), ("x2", "10", "80*48", "3")]
