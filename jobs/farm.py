@@ -68,7 +68,7 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
         preset, _ = choose_preset(cfg, raw.get("model") if isinstance(raw, dict) else None)
     except (ValueError, TypeError, KeyError) as e:
         raise ManifestError([Problem("manifest", "model", str(e))], str(path))
-    if preset.checkpoint is None and not preset.is_tiny:
+    if preset.checkpoint is None and not preset.is_tiny and not _node(cfg, "render.random_weights", False):
         problems.append(Problem("manifest", "model.checkpoint", f"model {preset.name} needs its weights: "
                                                                 f"model.checkpoint=/path/to/Wan2.2 folder"))
     try:
@@ -101,6 +101,13 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
 def planned_groups(cfg: DictConfig, plan: Plan) -> tuple[int | None, str]:
     """How many groups the job will run, guessed without starting Ray (for the dry run)."""
     cluster = cfg.cluster
+    g = plan.gpus_per_group
+    cap = _node(cfg, "job.max_groups")
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # already connected: ask Ray, it is free
+        res = sys.modules["ray"].cluster_resources()
+        gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 0))
+        n = min(gpus // g, cpus // g) if gpus else cpus // g
+        return min(n, cap or n, max(1, len(plan.todo))), f"connected Ray cluster: {gpus} GPUs, {cpus} CPUs"
     if cluster.kind != "local":
         return None, f"cluster at {cluster.address}"
     gpus = cluster.num_gpus
@@ -109,10 +116,8 @@ def planned_groups(cfg: DictConfig, plan: Plan) -> tuple[int | None, str]:
 
         gpus = torch.cuda.device_count()
     cpus = cluster.num_cpus or os.cpu_count() or 1
-    g = plan.gpus_per_group
     n = min(gpus // g, cpus // g) if gpus else cpus // g
     note = f"{gpus} GPUs" if gpus else f"CPU only, {cpus} cores"
-    cap = _node(cfg, "job.max_groups")
     n = min(n, cap or n, max(1, len(plan.todo)))
     return max(n, 0), note
 

@@ -74,6 +74,8 @@ class RenderRank:
             self.group = init_group(ParallelConfig.from_dict(self.spec["parallel"]), backend, rank=self.rank,
                                     world_size=self.world_size, master_addr=master[0], master_port=master[1],
                                     local_rank=0)  # Ray shows each rank only its own GPU: it is always cuda:0
+        if self.group is not None:
+            options.device = str(self.group.device)  # the rank's own device, as the group placed it
         if self.rank == 0 or supports_group:
             kwargs = {"group": self.group} if supports_group and self.group is not None else {}
             self.pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, **kwargs)
@@ -111,16 +113,17 @@ class RenderRank:
                 if fault and step == int(fault.get("at_step", 1)):
                     _inject(fault, log, handler)
 
-            result = self.pipe.render(shot, on_step=on_step)
+            result = self.pipe.render(shot, on_step=on_step)  # every rank of the group takes part
             out: dict[str, Any] = {"rank": self.rank}
-            if self.rank == 0:
+            if getattr(self.pipe, "is_main", self.rank == 0):  # rank 0 decoded the frames: it writes
                 from renderer.output import write_shot
 
                 mp4, side = write_shot(self.pipe, result, task["out_dir"], name=task["output"],
                                        extra={"job": task["job"]})
                 out.update(mp4=str(mp4), sidecar=str(side))
             out.update(seconds=round(time.perf_counter() - t0, 3),
-                       timings={k: round(v, 4) for k, v in result.timings.items()}, node_id=where["node_id"])
+                       timings={k: round(v, 4) for k, v in (getattr(result, "timings", None) or {}).items()},
+                       node_id=where["node_id"])
             log.info("done in %.2fs: %s", out["seconds"], out.get("mp4", "(rank > 0 writes nothing)"))
             return out
         except BaseException:
