@@ -265,5 +265,5 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
             progress.close()
         job_info["events"] = farm.events
         job_info["blocklisted_nodes"] = sorted(farm.blocklist)
-        job_info["node_failures"] = dict(farm.node_failures)
+        job_info["node_failures"] = farm.node_failures
     return records, interrupted

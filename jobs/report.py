@@ -125,13 +125,13 @@ h1{font-size:20px;margin:0 0 4px} .meta{color:#9aa0a6;margin-bottom:16px} .meta 
 .counts span{display:inline-block;margin-right:12px;padding:2px 8px;border-radius:10px;background:#2a2e35}
 .sheet{display:grid;grid-template-columns:repeat(auto-fill,minmax(620px,1fr));gap:14px;margin-top:16px}
 .shot{background:#1f2228;border:1px solid #2f343c;border-radius:8px;padding:10px 12px}
-.shot.failed{border-color:#b3261e} .shot h2{font-size:15px;margin:0 0 6px;display:flex;gap:8px;align-items:center}
+.shot.st-failed{border-color:#b3261e} .shot h2{font-size:15px;margin:0 0 6px;display:flex;gap:8px;align-items:center}
 .badge{font-size:11px;padding:1px 7px;border-radius:9px;text-transform:uppercase;letter-spacing:.04em}
 .done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}.queued,.interrupted{background:#5c4a12}
 .frames{display:flex;gap:6px;margin:6px 0}
 .frames figure{margin:0;text-align:center;font-size:11px;color:#9aa0a6}
-.frames img{width:192px;height:auto;image-rendering:pixelated;border-radius:3px;display:block;background:#000}
-.noimg{width:192px;height:108px;display:flex;align-items:center;justify-content:center;background:#2a2e35;
+.frames img{height:120px;width:auto;image-rendering:pixelated;border-radius:3px;display:block;background:#000}
+.noimg{width:160px;height:120px;display:flex;align-items:center;justify-content:center;background:#2a2e35;
   color:#9aa0a6;border-radius:3px}
 .prompt{margin:4px 0;white-space:pre-wrap} .kv{color:#9aa0a6;font-size:12px} .kv b{color:#d0d0d0;font-weight:600}
 .error{color:#ffb4ab;background:#3b1512;padding:6px 8px;border-radius:4px;margin-top:6px;white-space:pre-wrap}
@@ -182,7 +182,7 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
              if status not in ("done", "skipped") else "")
     file_line = f'<b>{e(s["mp4"])}</b>' if s["mp4"] else "-"
     return f"""
-<section class="shot {e(status)}" id="shot-{e(s['id'])}">
+<section class="shot st-{e(status)}" id="shot-{e(s['id'])}">
   <h2>{e(s['id'])} <span class="badge {e(status)}">{e(status)}</span></h2>
   <div class="frames">{''.join(frames_html)}</div>
   <div class="prompt">{e(s['prompt'])}</div>

@@ -85,7 +85,9 @@ class Farm:
         self.queue = ShotQueue(plan.todo)
         self.groups: dict[str, GroupHandle] = {}
         self.refs: dict[Any, tuple[str, str, int]] = {}  # ObjectRef -> (group id, "setup" | "render", rank)
-        self.node_failures: collections.Counter[str] = collections.Counter()
+        # node -> what failed there (shot ids, or "start:<group>"): the same shot failing twice on one node is
+        # more likely the shot's fault than the node's, so it counts once
+        self.node_failed: dict[str, set[str]] = collections.defaultdict(set)
         self.blocklist: set[str] = set()
         self.group_failures_in_a_row = 0
         self.retries = 0
@@ -238,11 +240,8 @@ class Farm:
             if g.ready_ranks < g.size:
                 self.group_failures_in_a_row += 1
             if node:
-                self.node_failures[node] += 1
-                if self.node_failures[node] >= self.s.node_failure_limit and node not in self.blocklist:
-                    self.blocklist.add(node)
-                    self._event(f"node {node[:12]}: blocklisted for this job after {self.node_failures[node]} "
-                                f"failures")
+                self.node_failed[node].add(shot_id or f"start:{g.gid}")
+                self._maybe_blocklist(node)
             self._event(f"group {g.gid}: {summary}" + (f" (node {node[:12]})" if node else ""))
         if shot_id is None:
             return
@@ -262,6 +261,24 @@ class Farm:
             rec.status = "failed"
             why = "not retried: the shot's settings" if deterministic else f"after {len(rec.attempts)} attempts"
             self._event(f"{shot_id}: FAILED {why}: {summary}")
+
+    @property
+    def node_failures(self) -> dict[str, int]:
+        return {n: len(f) for n, f in self.node_failed.items()}
+
+    def _maybe_blocklist(self, node: str) -> None:
+        failures = len(self.node_failed[node])
+        if failures < self.s.node_failure_limit or node in self.blocklist:
+            return
+        self.blocklist.add(node)
+        if self.capacity() == 0 and any(n["NodeID"] == node and n.get("Alive") for n in ray.nodes()):
+            # blocklisting the last usable node would fail every remaining shot at once; the per-shot retry
+            # limit still bounds the damage, so keep it and say so
+            self.blocklist.discard(node)
+            self._event(f"node {node[:12]}: {failures} failures, but it is the last node that can hold a group: "
+                        f"not blocklisted")
+            return
+        self._event(f"node {node[:12]}: blocklisted for this job after {failures} failures")
 
     def check_timeouts(self) -> None:
         now = time.monotonic()
