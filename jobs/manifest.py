@@ -192,7 +192,11 @@ def safe_name(text: str) -> str:
 
 
 def _name_problem(value: Any, what: str) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
+    if isinstance(value, int) and not isinstance(value, bool):
+        # YAML reads a bare 010 as the number 8 (octal): a shot number must be quoted to survive
+        return (f"{what} {value!r} was read as a number: quote it (\"{value}\", or \"0{value}\" if it had leading "
+                f"zeros) so it stays the name you wrote")
+    if not isinstance(value, str):
         return f"{what} must be text, got {type(value).__name__} {value!r}: write it as a quoted string"
     value = str(value)
     if not SAFE_NAME.match(value) or value.endswith("."):
@@ -260,6 +264,18 @@ def _check_value(name: str, value: Any, priorities: dict[str, int]) -> str | Non
         elif not (isinstance(value, list) and all(isinstance(t, (str, int, float)) for t in value)):
             return f"must be a mapping (scene: \"010\") or a list of words, got {value!r}"
     return None
+
+
+def _plain_tags(tags: Any) -> Any:
+    """Tags as JSON-safe values (YAML turns 2026-01-05 into a date, which no sidecar could hold)."""
+    def plain(v: Any) -> Any:
+        return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
+
+    if isinstance(tags, dict):
+        return {str(k): plain(v) for k, v in tags.items()}
+    if isinstance(tags, list):
+        return [plain(v) for v in tags]
+    return tags
 
 
 def _merge_tags(base: Any, over: Any) -> Any:
@@ -375,7 +391,7 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
             seen_outputs.setdefault(key, label)
 
         values = {**{k: v for k, v in defaults.items() if k not in bad_fields}, **entry}
-        values["tags"] = _merge_tags(defaults.get("tags"), entry.get("tags")) or {}
+        values["tags"] = _plain_tags(_merge_tags(defaults.get("tags"), entry.get("tags"))) or {}
         image = _resolve_path(values.get("image"), base_dir) if "image" not in bad_fields else None
         video = _resolve_path(values.get("video"), base_dir) if "video" not in bad_fields else None
         if video and not Path(video).is_file():

@@ -130,8 +130,7 @@ def test_failures_are_retried_and_nothing_rendered_is_lost(rendered, tmp_path, m
     earlier = snapshot(out)
 
     monkeypatch.setenv(FAULTS_ENV, "crash:s02:1:2,hang:s03:1,error:s04:1,error:s04:2")
-    rc = job(manifest, out, "job.max_retries=1", "job.shot_timeout_s=5", "job.max_groups=2",
-             "job.node_failure_limit=100")
+    rc = job(manifest, out, "job.max_retries=1", "job.shot_timeout_s=5", "job.max_groups=2")
     assert rc == 1  # s04 failed for good
     rep = report(out)
     by_id = {s["id"]: s for s in rep["shots"]}
@@ -150,6 +149,9 @@ def test_failures_are_retried_and_nothing_rendered_is_lost(rendered, tmp_path, m
     assert not (out / "s04.mp4").exists() and (out / "logs" / "s04.attempt2.log").is_file()
     assert {k: v for k, v in snapshot(out).items() if k in earlier} == earlier
     assert not list(out.glob(".*tmp-*"))  # no temp files left by killed ranks
+    # three shots failed on the only node, but blocklisting it would end the job: it stays in use
+    assert rep["job"]["blocklisted_nodes"] == []
+    assert any("last node that can hold a group: not blocklisted" in e for e in rep["job"]["events"])
     html = (out / "report.html").read_text()
     assert "injected failure" in html and "s04.attempt2.log" in html
 

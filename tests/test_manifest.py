@@ -66,17 +66,26 @@ def test_every_problem_reported_at_once(tmp_path):
         "not a mapping",
         {"prompt": "no id"},
         good_shot(10, id="report"),
+        good_shot(11, id=8),  # YAML's reading of a bare 010
     ]}
     got = {(p.shot, p.field) for p in problems_of(raw, base_dir=tmp_path)}
     expected = {("manifest", "defalts"), ("sh001", "promt"), ("sh001", "id"), ("#3", "id"), ("sh004", "size"),
                 ("sh004", "frames"), ("sh005", "task"), ("sh006", "image"), ("sh007", "seed"), ("sh007", "guidance"),
                 ("sh007", "sampler"), ("sh007", "tags"), ("sh007", "priority"), ("#8", "shot"), ("#9", "id"),
-                ("#10", "id")}
+                ("#10", "id"), ("#11", "id")}
     assert expected <= got, expected - got
     text = str(ManifestError(problems_of(raw, base_dir=tmp_path)))
     assert "did you mean 'prompt'" in text and "did you mean 'defaults'" in text
     assert "'sh_010_.._x'" in text  # the fix for an unsafe id is a safe one
-    assert "4n+1" in text and "tiny_t2v cannot do 'i2v'" in text
+    assert "4n+1" in text and "tiny_t2v cannot do 'i2v'" in text and "was read as a number" in text
+
+
+def test_yaml_dates_in_tags_become_text(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("shots:\n  - {id: a, prompt: x, tags: {due: 2026-01-05, take: 3}}\n")
+    m = validate_manifest(read_manifest(path), T2V)
+    assert m.shots[0].tags == {"due": "2026-01-05", "take": 3}
+    json.dumps(m.shots[0].tags)
 
 
 def test_csv_parsing_types_tags_and_comments():
