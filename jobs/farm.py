@@ -226,6 +226,13 @@ def run_job(cfg: DictConfig) -> int:
     return 1 if failed else 0
 
 
+def _mark_unfinished(records: dict, status: str, why: str) -> dict:
+    for r in records.values():
+        if r.status in ("queued", "running"):
+            r.status, r.error = status, why
+    return records
+
+
 def _records_without_render(plan: Plan):
     from jobs.scheduler import ShotRecord
 
@@ -257,10 +264,15 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
             records = farm.run()
         except KeyboardInterrupt:
             interrupted = True
-            records = farm.records
-            for r in records.values():
-                if r.status in ("queued", "running"):
-                    r.status, r.error = "interrupted", "job interrupted (Ctrl-C)"
+            records = _mark_unfinished(farm.records, "interrupted", "job interrupted (Ctrl-C)")
+        except Exception as e:  # a driver bug or a lost Ray head: still end with a report, say where the trace is
+            import traceback
+
+            trace = plan.out_dir / "logs" / "driver-error.log"
+            trace.write_text(traceback.format_exc(), encoding="utf-8")
+            records = _mark_unfinished(farm.records, "failed", f"driver error: {type(e).__name__}: {e} "
+                                                                f"(trace in logs/{trace.name})")
+            print(f"error: the driver failed: {type(e).__name__}: {e}; traceback in {trace}", file=sys.stderr)
         finally:
             progress.close()
         job_info["events"] = farm.events
