@@ -31,7 +31,24 @@ def options_from(cfg: DictConfig):
 
     r = cfg.render
     return RenderOptions(device=r.device, dtype=r.dtype, placement=r.placement, t5_cpu=bool(r.t5_cpu),
-                         vae_tile=r.vae_tile, progress=bool(r.progress))
+                         vae_tile=r.vae_tile, progress=bool(r.progress),
+                         random_weights=bool(r.get("random_weights", False)))
+
+
+def group_from(cfg: DictConfig, preset):
+    """Under torchrun (WORLD_SIZE > 1) the shot is rendered by a group laid out by the `parallel` config —
+    the same group code the Ray farm runs. Returns None for one process."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return None
+    from renderer.parallel import ParallelConfig, init_group
+
+    pcfg = ParallelConfig.from_dict(OmegaConf.to_container(cfg.parallel, resolve=True) if "parallel" in cfg
+                                    else {"ulysses": world})
+    pcfg.validate(world, preset.dit.num_heads)  # exact message before any process group forms
+    return init_group(pcfg)
 
 
 def shot_from(cfg: DictConfig):
@@ -64,7 +81,19 @@ def cmd_generate(cfg: DictConfig) -> int:
             print(f"error: shot {s.shot_id}: {field}: {msg}", file=sys.stderr)
         return 2
     set_default_backend(cfg.render.attention)
-    pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options_from(cfg))
+    try:
+        group = group_from(cfg, preset)
+    except ValueError as e:  # a parallel layout that does not fit the group: the exact message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    options = options_from(cfg)
+    if group is not None:
+        options.device = str(group.device)
+    pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group)
+    if not pipe.is_main:
+        pipe.render(shot)  # every rank takes part in the denoising; rank 0 decodes and writes
+        group.close()
+        return 0
     print(f"wanrender: {preset.name} on {pipe.device} ({pipe.describe()['dtype']}, experts {pipe.placement}), "
           f"{s.task} {s.size} {s.frames} frames, {s.steps} steps, seed {s.seed}")
     result = pipe.render(shot)
@@ -73,6 +102,8 @@ def cmd_generate(cfg: DictConfig) -> int:
     t = result.timings
     print(f"wrote {mp4} and {side.name}: text {t['text_encode']:.1f}s, denoise {t['denoise']:.1f}s, "
           f"decode {t['vae_decode']:.1f}s, write {t['mp4_write']:.1f}s")
+    if group is not None:
+        group.close()
     return 0
 
 

@@ -66,6 +66,7 @@ class RenderOptions:
     placement: str = "auto"  # auto | resident (all experts on the device) | offload (idle expert in CPU memory)
     t5_cpu: bool = False  # keep the text encoder in CPU memory (saves ~11 GB of GPU memory for UMT5-XXL)
     vae_tile: bool | None = None  # None: tile the VAE decode when the frame is large
+    random_weights: bool = False  # full-size models with random weights (benchmarks: speed ignores the values)
     progress: bool = True
 
     def torch_device(self) -> torch.device:
@@ -92,18 +93,23 @@ class RenderResult:
 
 
 def _load_components(preset: ModelPreset, checkpoint: str | None, device: torch.device, dtype: torch.dtype,
-                     t5_device: torch.device, expert_device: torch.device):
+                     t5_device: torch.device, expert_device: torch.device, random_weights: bool = False):
     """Text encoder, VAE and experts: from a checkpoint folder, or random weights drawn from the preset's seed."""
-    from renderer.text_encoder import build_tiny_text_encoder, load_text_encoder
+    from renderer.text_encoder import build_random_umt5_xxl, build_tiny_text_encoder, load_text_encoder
     from renderer.vae import build_vae, load_vae
 
     if checkpoint is None:
-        if not preset.is_tiny:
-            raise ShotError(f"model {preset.name} needs model.checkpoint=<Wan2.2 folder> (random full-size weights "
-                            f"are for the benchmarks only)")
-        text = build_tiny_text_encoder(seed=preset.seed_weights, d_model=preset.dit.text_dim)
+        if not preset.is_tiny and not random_weights:
+            raise ShotError(f"model {preset.name} needs model.checkpoint=<Wan2.2 folder> (random full-size weights, "
+                            f"render.random_weights=true, are for benchmarks only: speed does not depend on them)")
+        if preset.is_tiny:
+            text = build_tiny_text_encoder(seed=preset.seed_weights, d_model=preset.dit.text_dim)
+        else:
+            text = build_random_umt5_xxl(t5_device, dtype, seed=preset.seed_weights)
         text = _move_text_encoder(text, t5_device, dtype)
-        vae = build_vae(preset.vae.version, tiny=True, dtype=torch.float32, device=device, seed=preset.seed_weights)
+        vae_dtype = torch.float32 if preset.is_tiny or device.type != "cuda" else dtype
+        vae = build_vae(preset.vae.version, tiny=preset.vae.tiny, dtype=vae_dtype, device=device,
+                        seed=preset.seed_weights)
         experts = [build_dit(preset.dit, dtype=dtype, device=expert_device, seed=preset.seed_weights + i)
                    for i in range(len(preset.experts))]
         return text, vae, experts
@@ -137,7 +143,8 @@ class Pipeline:
         expert_device = self.device if self.placement == "resident" else torch.device("cpu")
         t0 = time.perf_counter()
         if components is None:
-            components = _load_components(preset, checkpoint, self.device, self.dtype, t5_device, expert_device)
+            components = _load_components(preset, checkpoint, self.device, self.dtype, t5_device, expert_device,
+                                          self.options.random_weights)
         self.text_encoder, self.vae, self.experts = components
         self.group = group
         self.is_main = group is None or group.is_main

@@ -329,3 +329,21 @@ def build_tiny_text_encoder(seed: int = 0, d_model: int = 32, text_len: int = TE
             if p.ndim == 2:
                 torch.nn.init.normal_(p, std=p.shape[1] ** -0.5)
     return TextEncoder(model, tokenizer, text_len=text_len, dtype=dtype)
+
+
+def build_random_umt5_xxl(device="cpu", dtype=torch.bfloat16, seed: int = 0, text_len: int = TEXT_LEN) -> TextEncoder:
+    """UMT5-XXL's shape (vocab 256384, d_model 4096, 24 layers) with random weights, made directly on `device` in
+    `dtype`: benchmarks time the real encoder without a checkpoint. The tokenizer is the tiny one (its ids are
+    valid in the big vocabulary); the text it produces is meaningless, its cost is not."""
+    config = _umt5_config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                          relative_attention_num_buckets=32)
+    prev = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = UMT5EncoderModel(config)
+        finally:
+            torch.set_default_dtype(prev)
+    return TextEncoder(model, build_tiny_tokenizer(), text_len=text_len, device=device, dtype=dtype)
