@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 render: install
-	$(VENV)/bin/wanrender generate model=tiny_t2v prompt="a red kite over a beach at dusk" out=out/example
+	$(VENV)/bin/wanrender render manifest=examples/previs.yaml out=out/previs
 
 bench: install
 	$(PY) -m benchmarks.scaling model=tiny_t2v gpus=[1] out=out/bench

@@ -54,7 +54,8 @@ def render_hash(shot: ShotSpec, model_name: str, fingerprint: str) -> str:
 
 def sidecar(pipe: Pipeline, result: RenderResult, extra: dict | None = None) -> dict:
     shot = result.shot
-    from kernels.attention import get_default_backend
+    from kernels.attention import resolved_backend
+    from kernels.fused import fused_active
 
     steps = result.step_seconds
     return {
@@ -81,7 +82,10 @@ def sidecar(pipe: Pipeline, result: RenderResult, extra: dict | None = None) -> 
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
         "placement": pipe.placement,
-        "attention_backend": get_default_backend(),
+        "attention_backend": resolved_backend(),
+        "fused_kernels": fused_active(pipe.device),
+        "compile_seconds": {f"expert{i}:{k}": round(v, 2) for i, m in enumerate(pipe.experts)
+                            for k, v in getattr(m, "compile_seconds", {}).items()},
         "timings_s": {**{k: round(v, 4) for k, v in result.timings.items()},
                       "step_median": round(sorted(steps)[len(steps) // 2], 4) if steps else None,
                       "model_load": round(pipe.load_seconds, 4)},

@@ -54,8 +54,11 @@ class ShotSpec:
         g = self.guidance if self.guidance is not None else preset.guidance
         g = (float(g), float(g)) if isinstance(g, (int, float)) else (float(g[0]), float(g[1]))
         task = self.task or ("ti2v" if preset.tasks == ("t2v", "ti2v") and self.image else preset.tasks[0])
-        return replace(self, task=task, size=str(self.size or preset.size), frames=self.frames or preset.frames,
-                       steps=self.steps or preset.steps, guidance=g,
+        def given(v, default):  # 0 is a value to check, not "unset"
+            return default if v is None else v
+
+        return replace(self, task=task, size=str(given(self.size, preset.size)),
+                       frames=given(self.frames, preset.frames), steps=given(self.steps, preset.steps), guidance=g,
                        shift=float(self.shift if self.shift is not None else preset.shift))
 
 

@@ -283,7 +283,29 @@ def read_video(path, num_frames: int | None = None, size: tuple[int, int] | None
         if not 0 < num_frames <= n:
             raise ValueError(f"{path} has {n} frames, asked for {num_frames}")
         n = num_frames
-    return vr.get_batch(list(range(n))).asnumpy()
+    return _get_batch(vr, path, list(range(n)), size)
+
+
+def _get_batch(vr, path, idx: list[int], size: tuple[int, int] | None = None) -> np.ndarray:
+    """vr.get_batch, falling back to ffmpeg where decord cannot copy the frame (it fails on frames whose RGB row
+    is not 64-byte aligned, e.g. 48-pixel-wide portrait clips)."""
+    try:
+        return vr.get_batch(idx).asnumpy()
+    except Exception:  # decord's DECORDError
+        frames = _ffmpeg_decode(path, size)
+        return frames[idx]
+
+
+def _ffmpeg_decode(path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Every frame of `path` as [F,H,W,3] uint8 RGB through the ffmpeg binary (slower than decord, always works)."""
+    info = video_info(path)
+    w, h = size if size is not None else (info["width"], info["height"])
+    cmd = [ffmpeg_exe(), "-v", "error", "-i", str(path), "-vf", f"scale={w}:{h}", "-f", "rawvideo",
+           "-pix_fmt", "rgb24", "-"]
+    res = subprocess.run(cmd, capture_output=True, timeout=600)
+    if res.returncode != 0:
+        raise ValueError(f"cannot decode video {path}: {res.stderr.decode('utf-8', 'replace').strip()}")
+    return np.frombuffer(res.stdout, np.uint8).reshape(-1, h, w, 3)
 
 
 def video_info(path) -> dict:
@@ -304,7 +326,7 @@ def extract_frames(path, indices: list[int]) -> list[np.ndarray]:
         idx.append(i % n)
     if not idx:
         return []
-    batch = vr.get_batch(idx).asnumpy()
+    batch = _get_batch(vr, path, idx)
     return [batch[k] for k in range(len(idx))]
 
 

@@ -325,3 +325,17 @@ def test_json_round_trip_unicode_and_atomic(tmp_path):
 def test_sidecar_path():
     assert vio.sidecar_path("out/run1/shot_003.mp4") == vio.Path("out/run1/shot_003.json")
     assert vio.sidecar_path(vio.Path("/a/b.c/x.mp4")) == vio.Path("/a/b.c/x.json")
+
+
+def test_portrait_clip_that_decord_cannot_copy_still_reads(tmp_path):
+    """decord fails on 48-pixel-wide frames (row not 64-byte aligned); the ffmpeg fallback reads them."""
+    from renderer.video_io import extract_frames, read_video, write_mp4
+
+    frames = np.zeros((9, 64, 48, 3), np.uint8)
+    frames[:, :32] = 200  # top half bright
+    path = write_mp4(frames, tmp_path / "portrait.mp4", fps=16)
+    video = read_video(path)
+    assert video.shape == (9, 64, 48, 3)
+    assert video[:, :28].mean() > 180 and video[:, 36:].mean() < 20
+    first, last = extract_frames(path, [0, -1])
+    assert first.shape == last.shape == (64, 48, 3)
