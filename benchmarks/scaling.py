@@ -1,0 +1,370 @@
+"""The scaling benchmark: the same shot on 1 GPU and on N GPUs per layout, beside the published anchors.
+
+    python -m benchmarks.scaling model=t2v_a14b gpus=[1,2,4,8] layouts=[auto,ulysses8] timed_steps=4 out=out/a14b
+    python -m benchmarks.scaling bench=a14b_720p gpus=[1,4] timed_steps=2 out=out/a14b     # conf/bench/a14b_720p.yaml
+    python -m benchmarks.scaling bench=smoke out=out/bench                                  # CI: tiny model, CPU
+
+`bench=NAME` picks the config file conf/bench/NAME.yaml (default `scaling`); every other argument is a Hydra
+override of it. Each row is one `torchrun --nproc-per-node N -m benchmarks.worker` (a subprocess with its own
+timeout); the 1-GPU row uses the `single` layout, N > 1 every layout asked for ("auto": conf/parallel/gpus<N>.yaml).
+Results go to <out>/scaling.{json,md,png} after every row, so a run cut short keeps the rows it finished.
+
+Without Hydra installed (the GPU machines) the same YAML files are composed by a small fallback loader that knows
+what these configs use: defaults lists with `_self_`, the `model` group, `key=value` overrides with YAML values.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+STAGES = ("text_encode", "denoise", "vae_decode", "total")
+
+
+# -- configuration ------------------------------------------------------------------------------------------------
+def load_config(bench: str = "scaling", overrides: list[str] | None = None) -> dict:
+    """conf/bench/<bench>.yaml + overrides -> a plain dict (Hydra's compose when installed, else the fallback)."""
+    overrides = list(overrides or [])
+    if not (CONF / "bench" / f"{bench}.yaml").is_file():
+        names = sorted(p.stem for p in (CONF / "bench").glob("*.yaml"))
+        raise ValueError(f"no benchmark config {bench!r}: choose one of {', '.join(names)}")
+    try:
+        from hydra import compose, initialize_config_dir
+        from omegaconf import OmegaConf
+    except ImportError:
+        return compose_without_hydra(bench, overrides)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="bench"):
+        cfg = compose(config_name=f"bench/{bench}", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = deepcopy(base)
+    for k, v in new.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else deepcopy(v)
+    return out
+
+
+def _model_choice(name: str, choice: str | None) -> str | None:
+    for entry in yaml.safe_load((CONF / "bench" / f"{name}.yaml").read_text()).get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":
+            choice = _model_choice(entry, choice)
+        elif isinstance(entry, dict):
+            (key, value), = entry.items()
+            if key.split()[-1].lstrip("/") == "model":
+                choice = value
+    return choice
+
+
+def _compose_file(name: str, model: str) -> dict:
+    raw = yaml.safe_load((CONF / "bench" / f"{name}.yaml").read_text())
+    body = {k: v for k, v in raw.items() if k != "defaults"}
+    cfg: dict = {}
+    for entry in raw.get("defaults", ["_self_"]):
+        if entry == "_self_":
+            cfg = _merge(cfg, body)
+        elif isinstance(entry, str):
+            cfg = _merge(cfg, _compose_file(entry, model))
+        elif not next(iter(entry)).startswith("override"):  # the model group, at its first declaration
+            cfg = _merge(cfg, {"model": yaml.safe_load((CONF / "model" / f"{model}.yaml").read_text())})
+    return cfg
+
+
+def compose_without_hydra(bench: str, overrides: list[str]) -> dict:
+    """What Hydra's compose gives for these configs, from PyYAML alone (tests check the two agree)."""
+    sets = []
+    model = _model_choice(bench, None)
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if not sep:
+            raise ValueError(f"override {o!r} is not key=value")
+        if key.lstrip("+") == "model":
+            model = value
+        else:
+            sets.append((key, yaml.safe_load(value) if value != "" else ""))
+    if not (CONF / "model" / f"{model}.yaml").is_file():
+        raise ValueError(f"unknown model {model!r}: choose one of "
+                         f"{', '.join(sorted(p.stem for p in (CONF / 'model').glob('*.yaml')))}")
+    cfg = _compose_file(bench, model)
+    for key, value in sets:
+        node, parts = cfg, key.lstrip("+").split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        if parts[-1] not in node and not key.startswith("+"):
+            raise ValueError(f"unknown config key {key!r} (prefix it with + to add one)")
+        node[parts[-1]] = value
+    return cfg
+
+
+# -- the rows to run ----------------------------------------------------------------------------------------------
+def parallel_preset(name: str) -> dict:
+    path = CONF / "parallel" / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (CONF / "parallel").glob("*.yaml"))
+        raise ValueError(f"no parallel preset {name!r}: choose one of {', '.join(names)} or auto")
+    return yaml.safe_load(path.read_text())
+
+
+def plan_rows(cfg: dict, available_gpus: int | None) -> tuple[list[dict], list[dict]]:
+    """[(gpus, layout name, parallel dict, render options)], [skipped rows with the reason]."""
+    from renderer.parallel.config import ParallelConfig
+
+    heads = int(cfg["model"]["dit"]["num_heads"])
+    rows, skipped = [], []
+    for n in dict.fromkeys(int(g) for g in cfg["gpus"]):  # asked order, no repeats
+        if available_gpus is not None and n > available_gpus:
+            skipped.append({"gpus": n, "layout": "-", "why": f"only {available_gpus} GPUs on this machine"})
+            continue
+        if n == 1:
+            render = dict(cfg["render"])
+            layout = "single"
+            if cfg.get("offload"):  # the 24 GB card: idle expert in CPU memory, text encoder on the CPU
+                render.update(placement="offload", t5_cpu=True)
+                layout = "single+offload"
+            rows.append({"gpus": 1, "layout": layout, "parallel": None, "render": render})
+            continue
+        for name in dict.fromkeys(cfg["layouts"]):
+            chosen = name
+            if name == "auto":
+                chosen = f"gpus{n}" if (CONF / "parallel" / f"gpus{n}.yaml").is_file() else None
+            par = parallel_preset(chosen) if chosen else {"ulysses": n}
+            label = chosen or f"ulysses{n} (auto)"
+            try:
+                ParallelConfig.from_dict(par).validate(n, heads)
+            except ValueError as e:
+                skipped.append({"gpus": n, "layout": label, "why": str(e)})
+                continue
+            rows.append({"gpus": n, "layout": label, "parallel": par, "render": dict(cfg["render"])})
+    return rows, skipped
+
+
+def _row_id(row: dict) -> str:
+    return f"g{row['gpus']}_{row['layout'].split()[0].replace('+', '_')}"
+
+
+def worker_spec(cfg: dict, row: dict, out: Path) -> dict:
+    rid = _row_id(row)
+    render = dict(row["render"])
+    if render.get("device") == "cpu" or not _cuda_available():
+        render["cpu_threads"] = cfg.get("cpu_threads") or max(1, (os.cpu_count() or 1) // row["gpus"])
+    return {"name": f"{cfg.get('name') or 'bench'}_{rid}", "layout": row["layout"], "model": cfg["model"],
+            "shot": cfg["shot"], "render": render, "parallel": row["parallel"], "timed_steps": cfg.get("timed_steps"),
+            "warmup": cfg.get("warmup", "auto"), "mp4": cfg.get("mp4", "auto"),
+            "inject_step_sleep_s": cfg.get("inject_step_sleep_s") or 0,
+            "out_json": str(out / "rows" / f"{rid}.json"), "out_dir": str(out / "videos")}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_row(cfg: dict, row: dict, out: Path) -> dict:
+    """One torchrun; returns the worker's measurements, or {"error": ..., "log": ...}."""
+    rid = _row_id(row)
+    spec = worker_spec(cfg, row, out)
+    for d in ("rows", "logs", "videos"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    spec_path = out / "rows" / f"{rid}.spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    result = Path(spec["out_json"])
+    result.unlink(missing_ok=True)  # a stale file from an earlier run must not pass for this one
+    log = out / "logs" / f"{rid}.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={row['gpus']}",
+           "-m", "benchmarks.worker", "--spec", str(spec_path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if "cpu_threads" in spec["render"]:
+        env["OMP_NUM_THREADS"] = str(spec["render"]["cpu_threads"])
+    timeout = float(cfg.get("row_timeout_s") or 900)
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        fh.write(" ".join(cmd) + "\n")
+        fh.flush()
+        # own session: on a timeout the whole tree (torchrun and its ranks) is killed, not just torchrun
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc)
+            return {**_ident(row), "error": f"timed out after {timeout:.0f} s", "log": str(log)}
+    wall = time.perf_counter() - t0
+    if rc != 0 or not result.is_file():
+        tail = log.read_text(errors="replace").strip().splitlines()[-8:]
+        return {**_ident(row), "error": f"exit status {rc}: " + " | ".join(tail)[-1500:], "log": str(log)}
+    return {**json.loads(result.read_text()), "launch_wall_s": wall, "log": str(log)}
+
+
+def _ident(row: dict) -> dict:
+    return {"gpus": row["gpus"], "layout": row["layout"]}
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# -- the report ---------------------------------------------------------------------------------------------------
+def add_speedups(rows: list[dict]) -> None:
+    """Speedup and parallel efficiency of every measured row against the 1-GPU row (same run)."""
+    base = next((r for r in rows if r.get("gpus") == 1 and "error" not in r), None)
+    for r in rows:
+        if "error" in r or base is None:
+            continue
+        r["speedup"] = base["seconds"]["total"] / r["seconds"]["total"]
+        r["speedup_step"] = base["step"]["median_s"] / r["step"]["median_s"]
+        r["efficiency"] = r["speedup"] / r["gpus"]
+        r["baseline"] = f"{base['layout']} on {base['device_name']}"
+
+
+def build_report(cfg: dict, rows: list[dict], skipped: list[dict], argv: list[str]) -> dict:
+    from benchmarks.anchors import anchors_for
+
+    from renderer.presets import ModelPreset
+
+    preset = ModelPreset.from_dict(cfg["model"])
+    s = cfg["shot"]
+    size, frames, steps = s.get("size") or preset.size, s.get("frames") or preset.frames, s.get("steps") or preset.steps
+    k = min(int(cfg.get("timed_steps") or steps), steps)
+    add_speedups(rows)
+    return {"title": cfg.get("name") or f"{preset.name} {size}", "model": preset.name, "size": size,
+            "frames": frames, "steps": steps, "timed_steps": k,
+            "scaled": f"scaled from {k} of {steps} steps" if k < steps else None,
+            "command": "python -m benchmarks.scaling " + " ".join(argv), "code_version": _code_version(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rows": [r for r in rows if "error" not in r], "failed": [r for r in rows if "error" in r],
+            "skipped": skipped, "anchors": [a.to_dict() for a in anchors_for(preset.name, size)], "config": cfg}
+
+
+def _code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        return sha or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def check_report(report: dict, planned: int, files: list[Path]) -> list[str]:
+    """Why the report is incomplete (empty: complete): every planned row measured, every stage a number."""
+    problems = [f"row {r['gpus']} GPU(s) {r['layout']} failed: {r['error']}" for r in report["failed"]]
+    if len(report["rows"]) != planned:
+        problems.append(f"{len(report['rows'])} of {planned} planned rows measured")
+    for r in report["rows"]:
+        where = f"row {r['gpus']} GPU(s) {r['layout']}"
+        for stage in STAGES:
+            if not isinstance(r["seconds"].get(stage), (int, float)):
+                problems.append(f"{where}: no {stage} time")
+        if r["seconds"].get("mp4_write") is None and not r.get("mp4_skipped"):
+            problems.append(f"{where}: MP4 write neither measured nor explained")
+        if not r["step"].get("median_s"):
+            problems.append(f"{where}: no step times")
+        if r["scaled"] != report["scaled"]:
+            problems.append(f"{where}: scaling label {r['scaled']!r} differs from the report's {report['scaled']!r}")
+        if r["device"].startswith("cuda") and not r.get("peak_gpu_allocated_gb_max"):
+            problems.append(f"{where}: no peak GPU memory")
+        if len(r.get("ranks", [])) != r["gpus"]:
+            problems.append(f"{where}: memory of {len(r.get('ranks', []))} of {r['gpus']} ranks")
+        if r["gpus"] > 1 and "speedup" not in r:
+            problems.append(f"{where}: no speedup (no 1-GPU row)")
+    problems += [f"{p} was not written" for p in files if not p.is_file() or p.stat().st_size == 0]
+    return problems
+
+
+def run_scaling(cfg: dict, argv: list[str] | None = None) -> tuple[int, dict]:
+    from benchmarks.report import write_reports
+    from renderer.presets import ModelPreset, check_shot
+
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    preset = ModelPreset.from_dict(cfg["model"])
+    s = cfg["shot"]
+    problems = check_shot(preset, s.get("task") or preset.tasks[0], str(s.get("size") or preset.size),
+                          s.get("frames") or preset.frames, s.get("steps") or preset.steps, s.get("prompt"), None)
+    if problems:
+        for field, msg in problems:
+            print(f"error: shot {field}: {msg}", file=sys.stderr)
+        return 2, {}
+    on_gpu = cfg["render"].get("device") != "cpu" and _cuda_available()
+    if on_gpu:
+        import torch
+
+        available = torch.cuda.device_count()
+    else:
+        available = None
+    try:
+        rows_planned, skipped = plan_rows(cfg, available)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2, {}
+    argv = list(argv or [])
+    results: list[dict] = []
+    report, files = {}, []
+    for row in rows_planned:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {row['gpus']} GPU(s), layout {row['layout']} ...", flush=True)
+        res = run_row(cfg, row, out)
+        results.append(res)
+        print(f"[bench {time.strftime('%H:%M:%S')}]   " + _summary(res), flush=True)
+        report = build_report(cfg, results, skipped, argv)
+        files = write_reports(report, out, "scaling")  # after every row: a cut-off run keeps what it measured
+    if not rows_planned:
+        report = build_report(cfg, results, skipped, argv)
+        files = write_reports(report, out, "scaling")
+    print((out / "scaling.md").read_text())
+    for sk in skipped:
+        print(f"skipped {sk['gpus']} GPU(s) {sk['layout']}: {sk['why']}")
+    if cfg.get("check", True):
+        bad = check_report(report, len(rows_planned), files)
+        if bad:
+            print("INCOMPLETE REPORT:\n  " + "\n  ".join(bad), file=sys.stderr)
+            return 1, report
+        print(f"report complete: {len(report['rows'])} rows -> {', '.join(str(f) for f in files)}")
+    return 0, report
+
+
+def _summary(res: dict) -> str:
+    if "error" in res:
+        return f"FAILED: {res['error'][:300]} (log {res['log']})"
+    sec = res["seconds"]
+    note = f" [{res['scaled']}]" if res["scaled"] else ""
+    return (f"{res['device_name']}: step median {res['step']['median_s']:.3f} s, total {sec['total']:.2f} s{note}, "
+            f"text {sec['text_encode']:.2f} s, decode {sec['vae_decode']:.2f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    bench = next((a.split("=", 1)[1] for a in argv if a.startswith("bench=")), "scaling")
+    overrides = [a for a in argv if not a.startswith("bench=")]
+    try:
+        cfg = load_config(bench, overrides)
+    except Exception as e:  # Hydra's errors name the bad override: show them without a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rc, _ = run_scaling(cfg, argv)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
