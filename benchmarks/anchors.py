@@ -36,7 +36,8 @@ def _series(label, model, res, gpu, kind, source, rows: dict[int, float], note="
 ANCHORS: list[Anchor] = [
     *_series("seed claim (4090 / 8 GPUs)", "ti2v_5b", "720p", "RTX 4090 (1 GPU); 8 GPUs of unstated type", "claim",
              SEED_CLAIM, {1: 540.0, 8: 68.0},
-             note="≈ the official TI2V-5B 4090 row for 1 GPU; no official row says 68 s (8×A100 T2V-A14B 480P is 119.9 s)"),
+             note="≈ the official TI2V-5B 4090 row for 1 GPU; no official row says 68 s "
+                  "(8×A100 T2V-A14B 480P is 119.9 s)"),
     *_series("official T2V-A14B 720P H100", "t2v_a14b", "720p", "H100", "published", OFFICIAL,
              {1: 1041.5, 4: 288.7, 8: 155.1}, note="81 frames, 40 steps"),
     *_series("official T2V-A14B 480P H100", "t2v_a14b", "480p", "H100", "published", OFFICIAL,

@@ -54,11 +54,13 @@ def markdown(report: dict) -> str:
             _steps_cell(r["step"]), _f(sec["denoise"]) + (dag if r.get("scaled") else ""), _f(sec["vae_decode"]),
             _f(sec.get("mp4_write")), _f(sec["total"]) + (dag if r.get("scaled") else ""),
             _f(r.get("speedup")) + ("×" if r.get("speedup") else ""), _f(r.get("efficiency")),
-            (f"{r['tflops_per_gpu']:.3g}" if r.get("tflops_per_gpu") else "–"), _f(r.get("peak_gpu_allocated_gb_max"), 1), "; ".join(notes)]) + " |")
+            f"{r['tflops_per_gpu']:.3g}" if r.get("tflops_per_gpu") else "–",
+            _f(r.get("peak_gpu_allocated_gb_max"), 1), "; ".join(notes)]) + " |")
     for a in report.get("anchors", []):
         lines.append("| " + " | ".join([
             f"{a['kind']}: {a['source']}", a["gpu"], str(a["gpus"]), "–", "–", "–", "–", "–", "–",
-            _f(a["seconds"], 1), _f(_anchor_speedup(report["anchors"], a)), "–", "–", "–", a.get("note", "")]) + " |")
+            _f(a["seconds"], 1), _f(_anchor_speedup(report["anchors"], a)), "–", "–", "–",
+            a.get("note", "")]) + " |")
     lines.append("")
     if report.get("scaled"):
         lines.append(f"† {report['scaled']}: the render ran {report['timed_steps']} steps of the real "
@@ -123,6 +125,8 @@ def plot_panel(ax_t, ax_s, report: dict) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     ax_t.set_yscale("log")
+    ax_s.set_yscale("log", base=2)
+    ax_s.set_yticks(allx, [str(x) for x in allx])
     ax_t.set_ylabel("seconds per video" + (" †" if scaled else ""))
     ax_t.set_title(f"{report['model']} {report['size']} {report['frames']}f {report['steps']} steps{scaled}",
                    fontsize=9)
