@@ -123,7 +123,8 @@ def plot_panel(ax_t, ax_s, report: dict) -> None:
         ax.set_xticks(allx, [str(x) for x in allx])
         ax.set_xlabel("GPUs")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     ax_t.set_yscale("log")
     ax_s.set_yscale("log", base=2)
     ax_s.set_yticks(allx, [str(x) for x in allx])

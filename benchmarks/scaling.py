@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,17 @@ def _compose_file(name: str, model: str) -> dict:
     return cfg
 
 
+class _OverrideLoader(yaml.SafeLoader):
+    """YAML for override values as Hydra's grammar reads them: only true/false are booleans (YAML 1.1 would also
+    turn on/off/yes/no into booleans, so render.compile=off would arrive as False)."""
+
+
+_OverrideLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_OverrideLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$", re.I), list("tTfF"))
+
+
 def compose_without_hydra(bench: str, overrides: list[str]) -> dict:
     """What Hydra's compose gives for these configs, from PyYAML alone (tests check the two agree)."""
     sets = []
@@ -91,7 +103,7 @@ def compose_without_hydra(bench: str, overrides: list[str]) -> dict:
         if key.lstrip("+") == "model":
             model = value
         else:
-            sets.append((key, yaml.safe_load(value) if value != "" else ""))
+            sets.append((key, yaml.load(value, Loader=_OverrideLoader) if value != "" else ""))
     if not (CONF / "model" / f"{model}.yaml").is_file():
         raise ValueError(f"unknown model {model!r}: choose one of "
                          f"{', '.join(sorted(p.stem for p in (CONF / 'model').glob('*.yaml')))}")

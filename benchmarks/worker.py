@@ -163,7 +163,7 @@ def run(spec: dict) -> dict | None:
     t0 = time.perf_counter()
     pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group)
     build_s = time.perf_counter() - t0
-    compile_mode = r.get("compile", "auto")
+    compile_mode = {True: "on", False: "off"}.get(r.get("compile", "auto"), r.get("compile", "auto"))
     for m in pipe.experts:
         m = getattr(m, "module", m)
         if hasattr(m, "compile_mode"):
