@@ -164,6 +164,12 @@ def _row_id(row: dict) -> str:
     return f"g{row['gpus']}_{row['layout'].split()[0].replace('+', '_')}"
 
 
+def scratch_dir(cfg: dict) -> Path:
+    """Where rows/, logs/ and videos/ go: `scratch`, else under `out` (the GPU runs keep `out` to the 3 reports:
+    only a few files come back from those machines)."""
+    return Path(cfg.get("scratch") or cfg["out"])
+
+
 def worker_spec(cfg: dict, row: dict, out: Path) -> dict:
     rid = _row_id(row)
     render = dict(row["render"])
@@ -182,9 +188,11 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def run_row(cfg: dict, row: dict, out: Path) -> dict:
-    """One torchrun; returns the worker's measurements, or {"error": ..., "log": ...}."""
+def run_row(cfg: dict, row: dict) -> dict:
+    """One torchrun; returns the worker's measurements, or {"error": ..., "log": ...} (the log then also copied
+    next to the reports)."""
     rid = _row_id(row)
+    out = scratch_dir(cfg)
     spec = worker_spec(cfg, row, out)
     for d in ("rows", "logs", "videos"):
         (out / d).mkdir(parents=True, exist_ok=True)
@@ -210,12 +218,19 @@ def run_row(cfg: dict, row: dict, out: Path) -> dict:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_tree(proc)
-            return {**_ident(row), "error": f"timed out after {timeout:.0f} s", "log": str(log)}
+            return _failed(cfg, row, log, f"timed out after {timeout:.0f} s")
     wall = time.perf_counter() - t0
     if rc != 0 or not result.is_file():
         tail = log.read_text(errors="replace").strip().splitlines()[-8:]
-        return {**_ident(row), "error": f"exit status {rc}: " + " | ".join(tail)[-1500:], "log": str(log)}
+        return _failed(cfg, row, log, f"exit status {rc}: " + " | ".join(tail)[-1500:])
     return {**json.loads(result.read_text()), "launch_wall_s": wall, "log": str(log)}
+
+
+def _failed(cfg: dict, row: dict, log: Path, error: str) -> dict:
+    keep = Path(cfg["out"]) / f"failed_{log.name}"
+    if keep.resolve() != log.resolve():
+        keep.write_bytes(log.read_bytes())
+    return {**_ident(row), "error": error, "log": str(keep)}
 
 
 def _ident(row: dict) -> dict:
@@ -333,7 +348,7 @@ def run_scaling(cfg: dict, argv: list[str] | None = None) -> tuple[int, dict]:
     report, files = {}, []
     for row in rows_planned:
         print(f"[bench {time.strftime('%H:%M:%S')}] {row['gpus']} GPU(s), layout {row['layout']} ...", flush=True)
-        res = run_row(cfg, row, out)
+        res = run_row(cfg, row)
         results.append(res)
         print(f"[bench {time.strftime('%H:%M:%S')}]   " + _summary(res), flush=True)
         report = build_report(cfg, results, skipped, argv)

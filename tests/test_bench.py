@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def smoke(tmp_path_factory):
     """The CI smoke at a smaller scale: 1 and 2 CPU ranks, 2 timed steps of the tiny model's 6."""
     out = tmp_path_factory.mktemp("bench")
-    cfg = load_config("smoke", [f"out={out}", "cpu_threads=1"])
+    cfg = load_config("smoke", [f"out={out / 'reports'}", f"scratch={out / 'scratch'}", "cpu_threads=1"])
     rc, report = run_scaling(cfg, ["bench=smoke"])
-    return rc, report, out
+    return rc, report, out / "reports"
 
 
 def test_smoke_report_is_complete(smoke):
@@ -49,6 +49,7 @@ def test_smoke_report_is_complete(smoke):
     png = (out / "scaling.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert check_report(on_disk, 2, [out / "scaling.json"]) == []
+    assert sorted(p.name for p in out.iterdir()) == ["scaling.json", "scaling.md", "scaling.png"]  # rest: scratch
 
 
 def test_incomplete_report_is_caught(smoke):
@@ -69,6 +70,8 @@ def test_row_timeout_kills_the_row_and_fails_the_check(tmp_path):
     assert rc == 1 and report["rows"] == []
     assert report["failed"][0]["error"] == "timed out after 1 s"
     assert "timed out" in (tmp_path / "scaling.md").read_text()
+    assert report["failed"][0]["log"] == str(tmp_path / "failed_g2_gpus2.log")
+    assert "benchmarks.worker" in (tmp_path / "failed_g2_gpus2.log").read_text()
 
 
 def test_subset_schedule_times_both_a14b_experts():
