@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from copy import deepcopy
 from pathlib import Path
@@ -188,7 +189,18 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def run_row(cfg: dict, row: dict) -> dict:
+_RUNNING: list[subprocess.Popen] = []  # the row in flight, for the SIGTERM handler
+
+
+def _on_sigterm(signum, frame):
+    """`timeout N python -m benchmarks.scaling ...` ends with SIGTERM: take the row's torchrun tree down too (it
+    runs in its own session, so nothing else would, and it would hold the GPUs)."""
+    for proc in _RUNNING:
+        _kill_tree(proc)
+    raise SystemExit(128 + signum)
+
+
+def run_row(cfg: dict, row: dict, timeout: float | None = None) -> dict:
     """One torchrun; returns the worker's measurements, or {"error": ..., "log": ...} (the log then also copied
     next to the reports)."""
     rid = _row_id(row)
@@ -207,18 +219,21 @@ def run_row(cfg: dict, row: dict) -> dict:
            "TOKENIZERS_PARALLELISM": "false"}
     if "cpu_threads" in spec["render"]:
         env["OMP_NUM_THREADS"] = str(spec["render"]["cpu_threads"])
-    timeout = float(cfg.get("row_timeout_s") or 900)
+    timeout = float(timeout if timeout is not None else cfg.get("row_timeout_s") or 900)
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
         # own session: on a timeout the whole tree (torchrun and its ranks) is killed, not just torchrun
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        _RUNNING.append(proc)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_tree(proc)
             return _failed(cfg, row, log, f"timed out after {timeout:.0f} s")
+        finally:
+            _RUNNING.remove(proc)
     wall = time.perf_counter() - t0
     if rc != 0 or not result.is_file():
         tail = log.read_text(errors="replace").strip().splitlines()[-8:]
@@ -344,28 +359,51 @@ def run_scaling(cfg: dict, argv: list[str] | None = None) -> tuple[int, dict]:
         print(f"error: {e}", file=sys.stderr)
         return 2, {}
     argv = list(argv or [])
-    results: list[dict] = []
-    report, files = {}, []
-    for row in rows_planned:
-        print(f"[bench {time.strftime('%H:%M:%S')}] {row['gpus']} GPU(s), layout {row['layout']} ...", flush=True)
-        res = run_row(cfg, row)
-        results.append(res)
-        print(f"[bench {time.strftime('%H:%M:%S')}]   " + _summary(res), flush=True)
-        report = build_report(cfg, results, skipped, argv)
-        files = write_reports(report, out, "scaling")  # after every row: a cut-off run keeps what it measured
-    if not rows_planned:
-        report = build_report(cfg, results, skipped, argv)
-        files = write_reports(report, out, "scaling")
+    t_start = time.monotonic()
+    budget = float(cfg["budget_s"]) if cfg.get("budget_s") else None
+    planned = len(rows_planned)  # rows a budget cut off still count: the report is then incomplete
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        results = _run_rows(cfg, rows_planned, skipped, budget, t_start, out, argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    report = build_report(cfg, results, skipped, argv)
+    files = write_reports(report, out, "scaling")
     print((out / "scaling.md").read_text())
     for sk in skipped:
         print(f"skipped {sk['gpus']} GPU(s) {sk['layout']}: {sk['why']}")
     if cfg.get("check", True):
-        bad = check_report(report, len(rows_planned), files)
+        bad = check_report(report, planned, files)
         if bad:
             print("INCOMPLETE REPORT:\n  " + "\n  ".join(bad), file=sys.stderr)
             return 1, report
         print(f"report complete: {len(report['rows'])} rows -> {', '.join(str(f) for f in files)}")
     return 0, report
+
+
+def _run_rows(cfg: dict, rows_planned: list[dict], skipped: list[dict], budget: float | None, t_start: float,
+              out: Path, argv: list[str]) -> list[dict]:
+    from benchmarks.report import write_reports
+
+    results: list[dict] = []
+    for i, row in enumerate(rows_planned):
+        timeout = float(cfg.get("row_timeout_s") or 900)
+        if budget is not None:  # the device call has a hard limit: stop each row in time, skip what cannot start
+            left = budget - (time.monotonic() - t_start)
+            if left < 30:
+                skipped += [{**_ident(r), "why": f"budget_s={budget:.0f} used up before this row"}
+                            for r in rows_planned[i:]]
+                break
+            timeout = min(timeout, left)
+        print(f"[bench {time.strftime('%H:%M:%S')}] {row['gpus']} GPU(s), layout {row['layout']} ...", flush=True)
+        res = run_row(cfg, row, timeout)
+        results.append(res)
+        print(f"[bench {time.strftime('%H:%M:%S')}]   " + _summary(res), flush=True)
+        # after every row: a run cut off from outside keeps what it measured
+        write_reports(build_report(cfg, results, skipped, argv), out, "scaling")
+    return results
 
 
 def _summary(res: dict) -> str:

@@ -64,11 +64,14 @@ def test_incomplete_report_is_caught(smoke):
     assert any("missing.png was not written" in p for p in problems)
 
 
-def test_row_timeout_kills_the_row_and_fails_the_check(tmp_path):
-    cfg = load_config("smoke", [f"out={tmp_path}", "gpus=[2]", "row_timeout_s=1"])
+def test_row_timeout_and_budget(tmp_path, capsys):
+    cfg = load_config("smoke", [f"out={tmp_path}", "gpus=[2,1]", "row_timeout_s=1", "budget_s=31"])
     rc, report = run_scaling(cfg)
     assert rc == 1 and report["rows"] == []
     assert report["failed"][0]["error"] == "timed out after 1 s"
+    # the budget leaves < 30 s after the first row: the second is not started, and the report says it is missing
+    assert report["skipped"] == [{"gpus": 1, "layout": "single", "why": "budget_s=31 used up before this row"}]
+    assert "0 of 2 planned rows measured" in capsys.readouterr().err
     assert "timed out" in (tmp_path / "scaling.md").read_text()
     assert report["failed"][0]["log"] == str(tmp_path / "failed_g2_gpus2.log")
     assert "benchmarks.worker" in (tmp_path / "failed_g2_gpus2.log").read_text()
@@ -175,3 +178,39 @@ print(json.dumps({{"mp4": res["seconds"]["mp4_write"], "why": res["mp4_skipped"]
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(run.stdout.strip().splitlines()[-1])
     assert res == {"mp4": None, "why": "ffmpeg-python is not installed", "steps": 3, "experts": [0, 0, 1]}
+
+
+def test_sigterm_takes_the_running_row_down(tmp_path):
+    """`timeout N python -m benchmarks.scaling` on the GPU machine: the row's torchrun runs in its own session, so
+    the driver must end it, or it would hold the GPUs after the call."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    drv = subprocess.Popen([sys.executable, "-m", "benchmarks.scaling", "bench=smoke", "gpus=[1]",
+                            "inject_step_sleep_s=60", f"out={tmp_path}"], cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def row_processes() -> list[int]:
+        pids = []
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and str(tmp_path) in (p / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(p.name))
+            except OSError:
+                continue
+        return [p for p in pids if p != drv.pid]
+
+    deadline = time.time() + 60
+    while not row_processes() and time.time() < deadline:
+        time.sleep(0.2)
+    assert row_processes(), "the row never started"
+    time.sleep(1.0)
+    drv.send_signal(signal.SIGTERM)
+    try:
+        assert drv.wait(timeout=30) == 128 + signal.SIGTERM
+        time.sleep(0.5)
+        assert row_processes() == []
+    finally:  # never leave a sleeping row behind when the assertion fails
+        for pid in row_processes():
+            os.kill(pid, signal.SIGKILL)
