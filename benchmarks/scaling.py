@@ -24,7 +24,6 @@ import threading
 import time
 from copy import deepcopy
 from pathlib import Path
-from typing import Any
 
 import yaml
 
