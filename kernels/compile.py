@@ -28,8 +28,12 @@ log = logging.getLogger("wanrender.compile")
 _RECOMPILE_LIMIT = 64
 
 
-def compile_wanted(mode: str, device: torch.device, sequence_parallel: bool = False) -> bool:
-    """Whether a model in `mode` ("auto" | "on" | "off") should compile its blocks on `device`."""
+def compile_wanted(mode: str, device: torch.device, sharded: bool = False) -> bool:
+    """Whether a model in `mode` ("auto" | "on" | "off") should compile its blocks on `device`.
+
+    auto: on CUDA, unless the blocks are FSDP-sharded (FSDP2's hooks around a block compiled after sharding are
+    untested here). Sequence parallelism compiles: its attention is kept out of the graphs (parallelize.py).
+    Measured on 4× H200 (benchmarks/RESULTS.md): eager sequence-parallel rows lost the ~8 % compile gives."""
     if mode == "on":
         return True
     if mode == "off":
@@ -39,7 +43,7 @@ def compile_wanted(mode: str, device: torch.device, sequence_parallel: bool = Fa
     env = os.environ.get("WANRENDER_COMPILE")
     if env is not None:
         return env.lower() not in ("0", "false", "no", "off", "")
-    return torch.device(device).type == "cuda" and not sequence_parallel
+    return torch.device(device).type == "cuda" and not sharded
 
 
 def compile_blocks(model: torch.nn.Module, dynamic: bool = False, backend: str = "inductor",

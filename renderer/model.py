@@ -383,7 +383,7 @@ class WanDiT(nn.Module):
         eagerly here rather than while dynamo traces."""
         if not self.blocks:
             return
-        if not blocks_compiled(self) and compile_wanted(self.compile_mode, tokens.device, self.token_split is not None):
+        if not blocks_compiled(self) and compile_wanted(self.compile_mode, tokens.device, _fsdp_sharded(self)):
             compile_blocks(self)
         if get_default_backend() == "auto" and tokens.is_cuda:
             b, n = tokens.shape[:2]
@@ -406,6 +406,14 @@ class WanDiT(nn.Module):
         self.compile_seconds[key] = time.perf_counter() - t0
         log.info("compiled the DiT blocks for %s in %.1f s", key, self.compile_seconds[key])
         return out
+
+
+def _fsdp_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule) or any(isinstance(b, FSDPModule) for b in model.blocks)
 
 
 def build_dit(cfg: DiTConfig, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",

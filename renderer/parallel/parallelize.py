@@ -14,6 +14,7 @@ CFG parallel needs nothing here: each half of the group runs the same parallelis
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from renderer.parallel.attention import DeepSpeedUlyssesAttention, SequenceParallelAttention
@@ -37,8 +38,11 @@ def apply_sequence_parallel(model: nn.Module, mesh, pcfg: ParallelConfig,
     cls = DeepSpeedUlyssesAttention if pcfg.ulysses_impl == "deepspeed" else SequenceParallelAttention
     attn = cls(sharder, attention_backend)  # one object for all blocks: they share the sharder's seq_len
     model.token_split = sharder
+    # The collectives stay outside torch.compile's graphs: a compiled block breaks its graph around this call
+    # and fuses everything else (norms, RoPE, modulation, FFN), so sequence-parallel ranks compile like one GPU.
+    attn_fn = torch.compiler.disable(attn)
     for block in model.blocks:
-        block.self_attn.attn_fn = attn
+        block.self_attn.attn_fn = attn_fn
     return sharder
 
 
