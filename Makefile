@@ -24,7 +24,7 @@ render: install
 	$(VENV)/bin/wanrender render manifest=examples/previs.yaml out=out/previs
 
 bench: install
-	$(PY) -m benchmarks.scaling model=tiny_t2v gpus=[1] out=out/bench
+	$(PY) -m benchmarks.scaling bench=smoke out=out/bench
 
 clean:
 	rm -rf $(VENV) out
