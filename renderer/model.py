@@ -163,8 +163,8 @@ def layer_norm_fp32(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = Non
     return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
 
 
-class WanSelfAttention(nn.Module):
-    """q/k/v/o projections with q/k RMSNorm; RoPE on q and k. `attn_fn` is what sequence parallelism replaces."""
+class _Projections(nn.Module):
+    """q/k/v/o projections with q/k RMSNorm over the full dim: the parameters both attentions of a block have."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -173,6 +173,13 @@ class WanSelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.norm_q = RMSNorm(d, cfg.eps)
         self.norm_k = RMSNorm(d, cfg.eps)
+
+
+class WanSelfAttention(_Projections):
+    """RoPE on q and k (fused with their RMSNorm). `attn_fn` is what sequence parallelism replaces."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__(cfg)
         self.attn_fn: AttentionFn = attention
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -184,16 +191,8 @@ class WanSelfAttention(nn.Module):
         return self.o(out.flatten(-2))  # [B, L, D]
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_Projections):
     """Video tokens attend to the text tokens. Always local: every rank holds the whole text context."""
-
-    def __init__(self, cfg: DiTConfig):
-        super().__init__()
-        d = cfg.dim
-        self.num_heads = cfg.num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm_q = RMSNorm(d, cfg.eps)
-        self.norm_k = RMSNorm(d, cfg.eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         heads = (self.num_heads, -1)

@@ -96,8 +96,12 @@ class RenderResult:
 
 
 def _load_components(preset: ModelPreset, checkpoint: str | None, device: torch.device, dtype: torch.dtype,
-                     t5_device: torch.device, expert_device: torch.device, random_weights: bool = False):
-    """Text encoder, VAE and experts: from a checkpoint folder, or random weights drawn from the preset's seed."""
+                     t5_device: torch.device, expert_device: torch.device, random_weights: bool = False,
+                     need_text: bool = True):
+    """Text encoder, VAE and experts: from a checkpoint folder, or random weights drawn from the preset's seed.
+
+    need_text=False (every rank of a group but rank 0, which encodes and broadcasts) skips the text encoder:
+    UMT5-XXL is 11 GB that the other GPUs need for activations."""
     from renderer.text_encoder import build_random_umt5_xxl, build_tiny_text_encoder, load_text_encoder
     from renderer.vae import build_vae, load_vae
 
@@ -105,11 +109,13 @@ def _load_components(preset: ModelPreset, checkpoint: str | None, device: torch.
         if not preset.is_tiny and not random_weights:
             raise ShotError(f"model {preset.name} needs model.checkpoint=<Wan2.2 folder> (random full-size weights, "
                             f"render.random_weights=true, are for benchmarks only: speed does not depend on them)")
-        if preset.is_tiny:
+        text = None
+        if need_text and preset.is_tiny:
             text = build_tiny_text_encoder(seed=preset.seed_weights, d_model=preset.dit.text_dim)
-        else:
+        elif need_text:
             text = build_random_umt5_xxl(t5_device, dtype, seed=preset.seed_weights)
-        text = _move_text_encoder(text, t5_device, dtype)
+        if text is not None:
+            text = _move_text_encoder(text, t5_device, dtype)
         vae_dtype = torch.float32 if preset.is_tiny or device.type != "cuda" else dtype
         vae = build_vae(preset.vae.version, tiny=preset.vae.tiny, dtype=vae_dtype, device=device,
                         seed=preset.seed_weights)
@@ -117,7 +123,7 @@ def _load_components(preset: ModelPreset, checkpoint: str | None, device: torch.
                    for i in range(len(preset.experts))]
         return text, vae, experts
     root = Path(checkpoint)
-    text = load_text_encoder(root, device=t5_device, dtype=dtype)
+    text = load_text_encoder(root, device=t5_device, dtype=dtype) if need_text else None
     layout, _ = ckpt.expert_folders(root, preset.experts)
     vae_path = root / "vae" if layout == "diffusers" else root / f"Wan{preset.vae.version}_VAE.pth"
     vae = load_vae(vae_path, version=preset.vae.version, dtype=dtype, device=device)
@@ -144,13 +150,13 @@ class Pipeline:
         t5_device = torch.device("cpu") if self.options.t5_cpu else self.device
         self.placement = self._choose_placement()
         expert_device = self.device if self.placement == "resident" else torch.device("cpu")
+        self.group = group
+        self.is_main = group is None or group.is_main
         t0 = time.perf_counter()
         if components is None:
             components = _load_components(preset, checkpoint, self.device, self.dtype, t5_device, expert_device,
-                                          self.options.random_weights)
+                                          self.options.random_weights, need_text=self.is_main)
         self.text_encoder, self.vae, self.experts = components
-        self.group = group
-        self.is_main = group is None or group.is_main
         if group is not None and group.distributed:
             if self.placement == "offload":
                 raise ValueError("placement=offload cannot be combined with a multi-GPU render group: "
@@ -211,7 +217,7 @@ class Pipeline:
                 both = self.text_encoder.encode([shot.prompt, negative])  # [2, 512, text_dim]
             both = both.to(self.device, self.dtype)
         else:
-            both = torch.empty(2, self.text_encoder.text_len, self.preset.dit.text_dim, device=self.device,
+            both = torch.empty(2, self.preset.dit.text_len, self.preset.dit.text_dim, device=self.device,
                                dtype=self.dtype)
         if distributed:  # encoded once per group, on rank 0
             import torch.distributed as dist
