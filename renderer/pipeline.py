@@ -66,7 +66,9 @@ class ShotSpec:
 class RenderOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    placement: str = "auto"  # auto | resident (all experts on the device) | offload (idle expert in CPU memory)
+    # auto | resident (all experts on the device) | offload (idle expert in CPU memory) |
+    # stream (blocks in CPU memory, streamed to the device one block ahead: cards smaller than one expert)
+    placement: str = "auto"
     t5_cpu: bool = False  # keep the text encoder in CPU memory (saves ~11 GB of GPU memory for UMT5-XXL)
     vae_tile: bool | None = None  # None: tile the VAE decode when the frame is large
     random_weights: bool = False  # full-size models with random weights (benchmarks: speed ignores the values)
@@ -157,9 +159,13 @@ class Pipeline:
             components = _load_components(preset, checkpoint, self.device, self.dtype, t5_device, expert_device,
                                           self.options.random_weights, need_text=self.is_main)
         self.text_encoder, self.vae, self.experts = components
+        if self.placement == "stream":
+            from renderer.offload import stream_blocks
+
+            self.experts = [stream_blocks(m, self.device) for m in self.experts]
         if group is not None and group.distributed:
-            if self.placement == "offload":
-                raise ValueError("placement=offload cannot be combined with a multi-GPU render group: "
+            if self.placement in ("offload", "stream"):
+                raise ValueError(f"placement={self.placement} cannot be combined with a multi-GPU render group: "
                                  "use placement=resident (with parallel.fsdp to shard the experts)")
             self.experts = group.parallelize_experts(self.experts)
         self.load_seconds = time.perf_counter() - t0
@@ -169,18 +175,20 @@ class Pipeline:
     def _choose_placement(self) -> str:
         """Both experts resident when they fit in free device memory, else one at a time (the idle one on CPU)."""
         choice = self.options.placement
-        if choice not in ("auto", "resident", "offload"):
-            raise ValueError(f"placement {choice!r}: use auto, resident or offload")
+        if choice not in ("auto", "resident", "offload", "stream"):
+            raise ValueError(f"placement {choice!r}: use auto, resident, offload or stream")
         if choice != "auto":
             return choice
-        if self.device.type != "cuda" or len(self.preset.experts) < 2:
+        if self.device.type != "cuda":
             return "resident"
         c = self.preset.dit
         params_per_expert = c.num_layers * (4 * 2 * c.dim * c.dim + 2 * c.dim * c.ffn_dim) + 8 * c.dim * c.dim
-        need = 2 * params_per_expert * self.dtype.itemsize
+        one = params_per_expert * self.dtype.itemsize
         free, _ = torch.cuda.mem_get_info(self.device)
         # keep ~40% of free memory for activations, the VAE and the text encoder
-        return "resident" if need < 0.6 * free else "offload"
+        if len(self.preset.experts) * one < 0.6 * free:
+            return "resident"
+        return "offload" if one < 0.6 * free else "stream"
 
     def _expert(self, index: int) -> WanDiT:
         if self.placement == "offload" and self._on_device != index:
