@@ -75,7 +75,7 @@ def cmd_generate(cfg: DictConfig) -> int:
     from renderer.presets import check_shot
 
     s = shot.resolve(preset)
-    problems = check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image)
+    problems = check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image, s.sampler)
     if problems:
         for field, msg in problems:
             print(f"error: shot {s.shot_id}: {field}: {msg}", file=sys.stderr)

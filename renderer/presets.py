@@ -97,9 +97,16 @@ def parse_size(size: str) -> tuple[int, int]:
 
 
 def check_shot(preset: ModelPreset, task: str, size: str, frames: int, steps: int,
-               prompt: str | None, image: str | None) -> list[tuple[str, str]]:
-    """Every problem with a shot's settings for this model, as (field, message with the fix). Empty = fine."""
+               prompt: str | None, image: str | None, sampler: str | None = None) -> list[tuple[str, str]]:
+    """Every problem with a shot's settings for this model, as (field, message with the fix). Empty = fine.
+
+    sampler=None skips the sampler check (the manifest validator checks it with a suggestion of its own)."""
     problems: list[tuple[str, str]] = []
+    if sampler is not None:
+        from renderer.sampling import SAMPLER_NAMES
+
+        if sampler not in SAMPLER_NAMES:
+            problems.append(("sampler", f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLER_NAMES)}"))
     if task not in TASKS:
         problems.append(("task", f"unknown task {task!r}: use one of {', '.join(TASKS)}"))
     elif task not in preset.tasks:

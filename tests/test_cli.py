@@ -64,6 +64,8 @@ def test_same_seed_same_video_and_other_seed_differs(tmp_path):
     (["model=tiny_i2v"], "image", "task i2v needs an input image"),
     (["model=tiny_i2v", "image=/nonexistent/frame.png"], "image", "/nonexistent/frame.png does not exist"),
     (["task=i2v"], "task", "model tiny_t2v cannot do 'i2v'"),
+    (["sampler=heun"], "sampler", "unknown sampler 'heun': use one of unipc, dpm++, euler"),
+    (["steps=0"], "steps", "steps must be a positive integer; got 0"),
 ])
 def test_bad_input_is_reported_before_compute(tmp_path, capsys, monkeypatch, override, field, words):
     import renderer.pipeline
