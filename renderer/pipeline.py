@@ -150,10 +150,10 @@ class Pipeline:
         self.checkpoint = checkpoint
         self.fingerprint = ckpt.fingerprint(checkpoint) if checkpoint else f"random-seed{preset.seed_weights}"
         t5_device = torch.device("cpu") if self.options.t5_cpu else self.device
-        self.placement = self._choose_placement()
-        expert_device = self.device if self.placement == "resident" else torch.device("cpu")
         self.group = group
         self.is_main = group is None or group.is_main
+        self.placement = self._choose_placement()
+        expert_device = self.device if self.placement == "resident" else torch.device("cpu")
         t0 = time.perf_counter()
         if components is None:
             components = _load_components(preset, checkpoint, self.device, self.dtype, t5_device, expert_device,
@@ -164,9 +164,6 @@ class Pipeline:
 
             self.experts = [stream_blocks(m, self.device) for m in self.experts]
         if group is not None and group.distributed:
-            if self.placement in ("offload", "stream"):
-                raise ValueError(f"placement={self.placement} cannot be combined with a multi-GPU render group: "
-                                 "use placement=resident (with parallel.fsdp to shard the experts)")
             self.experts = group.parallelize_experts(self.experts)
         self.load_seconds = time.perf_counter() - t0
         self._on_device: int | None = None if self.placement == "offload" else -1
@@ -177,9 +174,14 @@ class Pipeline:
         choice = self.options.placement
         if choice not in ("auto", "resident", "offload", "stream"):
             raise ValueError(f"placement {choice!r}: use auto, resident, offload or stream")
+        in_group = self.group is not None and self.group.distributed
+        if in_group and choice in ("offload", "stream"):
+            # checked before anything loads: the group shards with FSDP instead of moving weights to the host
+            raise ValueError(f"placement={choice} cannot be combined with a multi-GPU render group: use "
+                             f"placement=resident or auto (parallel.fsdp shards the experts when they do not fit)")
         if choice != "auto":
             return choice
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or in_group:
             return "resident"
         c = self.preset.dit
         params_per_expert = c.num_layers * (4 * 2 * c.dim * c.dim + 2 * c.dim * c.ffn_dim) + 8 * c.dim * c.dim
