@@ -12,6 +12,7 @@ diffusion models were trained with: z_norm = (mu - mean) / std.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -113,6 +114,48 @@ def _ramp(n: int, fade_in: int, fade_out: int) -> Tensor:
     return w
 
 
+@dataclass(frozen=True)
+class Tile:
+    """One tile of a tiled decode: a box in latent pixels and its fades, in output pixels.
+
+    A tile fades only towards real neighbours, by exactly its overlap with them,
+    so the cross-fade weights of all tiles covering a pixel sum to 1.
+    """
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    fade: tuple[int, int, int, int]  # (top, bottom, left, right)
+
+    def weight(self, s: int) -> Tensor:
+        """Cross-fade weights [(y1-y0)*s, (x1-x0)*s] of this tile's decoded pixels."""
+        top, bottom, left, right = self.fade
+        wy = _ramp((self.y1 - self.y0) * s, top, bottom)  # [Ht]
+        return wy[:, None] * _ramp((self.x1 - self.x0) * s, left, right)[None, :]  # [Ht,Wt]
+
+
+def plan_tiles(h: int, w: int, size: tuple[int, int], overlap: tuple[int, int], s: int) -> list[Tile]:
+    """The tiles covering an h x w latent frame, row-major: the order decode() blends them in.
+
+    s is the spatial stride (latent -> output pixels).  The distributed decode
+    deals out these same tiles, so both paths share layout and blending order.
+    """
+    ys = _tile_starts(h, size[0], overlap[0])
+    xs = _tile_starts(w, size[1], overlap[1])
+    tiles = []
+    for iy, y0 in enumerate(ys):
+        y1 = min(y0 + size[0], h)
+        top = (ys[iy - 1] + size[0] - y0) * s if iy > 0 else 0
+        bottom = (y1 - ys[iy + 1]) * s if iy + 1 < len(ys) else 0
+        for ix, x0 in enumerate(xs):
+            x1 = min(x0 + size[1], w)
+            left = (xs[ix - 1] + size[1] - x0) * s if ix > 0 else 0
+            right = (x1 - xs[ix + 1]) * s if ix + 1 < len(xs) else 0
+            tiles.append(Tile(y0, y1, x0, x1, (top, bottom, left, right)))
+    return tiles
+
+
 class WanVAE(nn.Module):
     """Wan2.1 / Wan2.2 video VAE.  Parameter names match the official .pth files."""
 
@@ -204,13 +247,11 @@ class WanVAE(nn.Module):
         b, zc, t, h, w = latent.shape
         if zc != self.z_dim:
             raise ValueError(f"latent has {zc} channels, this VAE has z_dim={self.z_dim}")
-        mean, std = self._stats(latent)
-        z = latent * std + mean  # [B,z,t,h,w] back to the VAE's own scale
+        z = self.unnormalise(latent)  # [B,z,t,h,w]
         if tile is None:
             tile = self.tiling.auto_above is not None and h * w > self.tiling.auto_above
         if tile:
-            return self._decode_tiled(z, _pair(tile_size or self.tiling.size),
-                                      _pair(self.tiling.overlap if tile_overlap is None else tile_overlap))
+            return self._decode_tiled(z, *self.tile_args(tile_size, tile_overlap))
         st, s, _ = self.stride
         out = torch.empty(b, 3, 1 + st * (t - 1), h * s, w * s, device=self.device)  # fp32 video
         state = StreamState()
@@ -221,33 +262,45 @@ class WanVAE(nn.Module):
             pos += frames.shape[2]
         return out
 
-    def _decode_tiled(self, z: Tensor, size: tuple[int, int], overlap: tuple[int, int]) -> Tensor:
-        b, _, t, h, w = z.shape
+    def unnormalise(self, latent: Tensor) -> Tensor:
+        """Normalised latent -> the VAE's own scale (what decode_chunk/decode_tile take)."""
+        mean, std = self._stats(latent)
+        return latent * std + mean  # [B,z,t,h,w]
+
+    def tile_args(self, tile_size: int | tuple[int, int] | None = None,
+                  tile_overlap: int | tuple[int, int] | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+        """decode()'s tile_size/tile_overlap with self.tiling's defaults filled in: (size, overlap) pairs."""
+        overlap = self.tiling.overlap if tile_overlap is None else tile_overlap
+        return _pair(tile_size or self.tiling.size), _pair(overlap)
+
+    @torch.no_grad()
+    def decode_tile(self, z: Tensor, tile: Tile) -> Tensor:
+        """Decode one tile of un-normalised z [B,z,t,h,w] as its own stream -> [B,3,T,Ht,Wt] fp32, unclamped."""
+        state = StreamState()  # every tile is its own stream
+        box = z[:, :, :, tile.y0 : tile.y1, tile.x0 : tile.x1]  # [B,z,t,ht,wt]
+        frames = [self.decode_chunk(box[:, :, i : i + 1], state, clamp=False) for i in range(z.shape[2])]
+        return torch.cat(frames, dim=2) if len(frames) > 1 else frames[0]  # [B,3,T,Ht,Wt]
+
+    def blend_tiles(self, decoded: Iterable[tuple[Tile, Tensor]], latent_shape: Sequence[int]) -> Tensor:
+        """Cross-fade decoded tiles (in plan_tiles order) into the video of a latent of latent_shape.
+
+        Takes an iterable so that a caller can decode (or receive) one tile at a
+        time: only one tile's video is held besides the output.
+        """
+        b, _, t, h, w = latent_shape
         st, s, _ = self.stride
         acc = torch.zeros(b, 3, 1 + st * (t - 1), h * s, w * s, device=self.device)  # weighted sum
         wsum = torch.zeros(h * s, w * s, device=self.device)  # total weight per pixel
-        ys = _tile_starts(h, size[0], overlap[0])
-        xs = _tile_starts(w, size[1], overlap[1])
-        for iy, y0 in enumerate(ys):
-            y1 = min(y0 + size[0], h)
-            # fade only towards real neighbours, by exactly the overlap with them
-            fy_in = (ys[iy - 1] + size[0] - y0) * s if iy > 0 else 0
-            fy_out = (y1 - ys[iy + 1]) * s if iy + 1 < len(ys) else 0
-            wy = _ramp((y1 - y0) * s, fy_in, fy_out)
-            for ix, x0 in enumerate(xs):
-                x1 = min(x0 + size[1], w)
-                fx_in = (xs[ix - 1] + size[1] - x0) * s if ix > 0 else 0
-                fx_out = (x1 - xs[ix + 1]) * s if ix + 1 < len(xs) else 0
-                weight = (wy[:, None] * _ramp((x1 - x0) * s, fx_in, fx_out)[None, :]).to(self.device)  # [Ht,Wt]
-                state = StreamState()  # every tile is its own stream
-                pos = 0
-                for i in range(t):
-                    frames = self.decode_chunk(z[:, :, i : i + 1, y0:y1, x0:x1], state, clamp=False)
-                    n = frames.shape[2]
-                    acc[:, :, pos : pos + n, y0 * s : y1 * s, x0 * s : x1 * s] += frames * weight
-                    pos += n
-                wsum[y0 * s : y1 * s, x0 * s : x1 * s] += weight
+        for tile, frames in decoded:
+            weight = tile.weight(s).to(self.device)  # [Ht,Wt]
+            ys, xs = slice(tile.y0 * s, tile.y1 * s), slice(tile.x0 * s, tile.x1 * s)
+            acc[:, :, :, ys, xs] += frames * weight  # frames [B,3,T,Ht,Wt]
+            wsum[ys, xs] += weight
         return acc.div_(wsum).clamp_(-1.0, 1.0)
+
+    def _decode_tiled(self, z: Tensor, size: tuple[int, int], overlap: tuple[int, int]) -> Tensor:
+        tiles = plan_tiles(z.shape[3], z.shape[4], size, overlap, self.stride[1])
+        return self.blend_tiles(((tile, self.decode_tile(z, tile)) for tile in tiles), z.shape)
 
 
 def latent_frames(num_frames: int, temporal_stride: int = 4) -> int:
@@ -259,4 +312,4 @@ def video_frames(num_latent_frames: int, temporal_stride: int = 4) -> int:
     return 1 + temporal_stride * (num_latent_frames - 1)
 
 
-__all__ = ["VAEConfig", "TileConfig", "WanVAE", "latent_frames", "video_frames"]
+__all__ = ["VAEConfig", "TileConfig", "Tile", "plan_tiles", "WanVAE", "latent_frames", "video_frames"]
