@@ -38,3 +38,14 @@ def test_layout_that_does_not_fit_the_group_is_refused(tmp_path):
     assert run.returncode != 0
     assert "cfg × ulysses × ring = 2 × 2 × 1 = 4 but the render group has 2 GPUs" in run.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_two_rank_render_with_the_decode_split_over_the_ranks(tmp_path):
+    """render.vae_tile=true: each rank decodes its spatial tiles and rank 0 blends them (renderer/vae/parallel_decode).
+    Frames equal a tiled decode, not the whole-frame one, so only the file and its shape are compared here; the
+    bit-for-bit equality with a one-process tiled decode is tests/test_vae_parallel.py's."""
+    run = _torchrun(2, ["model=tiny_t2v", "prompt=a red kite", "steps=2", "render.progress=false",
+                        "parallel=ulysses2", "render.vae_tile=true", f"out={tmp_path}"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    video = read_video(tmp_path / "shot.mp4")
+    assert video.shape == (9, 48, 64, 3) and video.std() > 1.0
