@@ -320,7 +320,7 @@ class Pipeline:
                                 experts_used=experts_used, latent=latent.cpu() if keep_latent else None)
         from renderer.video_io import to_uint8_frames
 
-        frames = to_uint8_frames(video.float().cpu())
+        frames = to_uint8_frames(video)  # converted on the device, then copied
         timings["vae_decode"] = time.perf_counter() - t0
         return RenderResult(frames=frames, shot=shot, timings=timings, step_seconds=step_seconds,
                             experts_used=experts_used, latent=latent.cpu() if keep_latent else None)
