@@ -74,7 +74,7 @@ def _worker(rank: int, world: int, port: int, out_path: str) -> None:
 def _run_world(world: int, tmp_path) -> list[dict]:
     out = tmp_path / f"world{world}"
     mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
-    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(world)]
+    return [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(world)]  # tensors and plain values only
 
 
 _VAES: dict = {}
