@@ -3,6 +3,8 @@
     wanrender generate [overrides]     render one shot to <out>/<name>.mp4 + sidecar JSON
     wanrender render manifest=FILE     render a manifest of shots on the render farm (Ray)
     wanrender config [overrides]       print the resolved config
+    wanrender verify FILE [--trust ROOT.pem]            check an MP4's C2PA signature and content hash (exit 0/1)
+    wanrender release OUT SHOT --by NAME --reason TEXT  deliver a shot the safety gate held in OUT/quarantine/
 
 Overrides are Hydra's: model=t2v_a14b model.checkpoint=/ckpt/Wan2.2-T2V-A14B prompt="..." seed=7
 """
@@ -51,13 +53,13 @@ def group_from(cfg: DictConfig, preset):
     return init_group(pcfg)
 
 
-def shot_from(cfg: DictConfig):
+def shot_from(cfg: DictConfig, prompt: str | None = None):
     from renderer.pipeline import ShotSpec
 
     g = cfg.guidance
     if g is not None and not isinstance(g, (int, float)):
         g = tuple(float(v) for v in g)
-    return ShotSpec(prompt=cfg.prompt or "", task=cfg.task, negative_prompt=cfg.negative_prompt, image=cfg.image,
+    return ShotSpec(prompt=prompt if prompt is not None else (cfg.prompt or ""), task=cfg.task, negative_prompt=cfg.negative_prompt, image=cfg.image,
                     size=None if cfg.size is None else str(cfg.size), frames=cfg.frames, steps=cfg.steps,
                     seed=int(cfg.seed), guidance=g, sampler=cfg.sampler, shift=cfg.shift,
                     shot_id=cfg.name or "shot")
@@ -70,12 +72,19 @@ def cmd_generate(cfg: DictConfig) -> int:
     from renderer.presets import load_preset
 
     preset = load_preset(cfg.model)
-    shot: ShotSpec = shot_from(cfg)
     # every check on the request runs before a model is loaded or a GPU touched
+    from renderer.gate import check_request
+
+    try:
+        prompt, prompt_fields, delivery, screen_problems = check_request(cfg)
+    except ValueError as e:  # a structured prompt with a missing or unknown field
+        print(f"error: shot {cfg.name or 'shot'}: {e}", file=sys.stderr)
+        return 2
+    shot: ShotSpec = shot_from(cfg, prompt)
     from renderer.presets import check_shot
 
     s = shot.resolve(preset)
-    problems = check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image, s.sampler)
+    problems = screen_problems + check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image, s.sampler)
     if problems:
         for field, msg in problems:
             print(f"error: shot {s.shot_id}: {field}: {msg}", file=sys.stderr)
@@ -89,6 +98,9 @@ def cmd_generate(cfg: DictConfig) -> int:
     options = options_from(cfg)
     if group is not None:
         options.device = str(group.device)
+    from renderer.safety import OutputScreen
+
+    screen = OutputScreen.from_settings(delivery.safety) if (group is None or group.rank == 0) else None
     pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group)
     if not pipe.is_main:
         pipe.render(shot)  # every rank takes part in the denoising; rank 0 decodes and writes
@@ -98,10 +110,19 @@ def cmd_generate(cfg: DictConfig) -> int:
           f"{s.task} {s.size} {s.frames} frames, {s.steps} steps, seed {s.seed}")
     result = pipe.render(shot)
     mp4, side = write_shot(pipe, result, cfg.out, name=cfg.name, label=bool(cfg.label),
-                           extra={"config": OmegaConf.to_container(cfg, resolve=True)})
+                           extra={"config": OmegaConf.to_container(cfg, resolve=True)}, delivery=delivery,
+                           prompt_fields=prompt_fields, screen=screen)
     t = result.timings
     print(f"wrote {mp4} and {side.name}: text {t['text_encode']:.1f}s, denoise {t['denoise']:.1f}s, "
           f"decode {t['vae_decode']:.1f}s, write {t['mp4_write']:.1f}s")
+    if mp4.parent.name == "quarantine":
+        from renderer.video_io import read_json
+
+        print(f"HELD by the content-safety gate: {read_json(side)['safety']['reason']}; not delivered. A person "
+              f"who has looked at it may deliver it: wanrender release {cfg.out} {mp4.stem} --by NAME --reason ...")
+        if group is not None:
+            group.close()
+        return 1
     if group is not None:
         group.close()
     return 0
@@ -118,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
         return 0
+    if argv[0] in ("verify", "release"):  # plain argparse commands: no Hydra config involved
+        from renderer.gate import cmd_verify
+        from jobs.safety import cmd_release
+
+        return {"verify": cmd_verify, "release": cmd_release}[argv[0]](argv[1:])
     command, overrides = argv[0], argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"generate": cmd_generate, "render": cmd_render,

@@ -1,0 +1,72 @@
+"""The checks a request passes before any model loads or GPU is reserved — shared by `wanrender generate` and the
+farm — and the `wanrender verify` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from renderer.delivery import DeliverySettings
+from renderer.prompts import resolve_prompt
+from renderer.safety import load_terms, screen_prompt
+
+
+def prompt_problems(prompt: str, delivery: DeliverySettings, lists=None) -> list[tuple[str, str]]:
+    """(field, message) for every blocked term in the (composed) prompt; [] when screening is off."""
+    if not delivery.safety.prompt_screen:
+        return []
+    lists = lists if lists is not None else load_terms(delivery.safety.terms_dir)
+    return [("prompt", m.message()) for m in screen_prompt(prompt, lists)]
+
+
+def check_request(cfg) -> tuple[str, dict | None, DeliverySettings, list[tuple[str, str]]]:
+    """One shot from the config: (composed prompt, its fields or None, delivery settings, problems).
+    A structured prompt that cannot be composed raises renderer.prompts.PromptError (a ValueError)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    raw: Any = cfg.prompt
+    if isinstance(raw, DictConfig):
+        raw = OmegaConf.to_container(raw, resolve=True)
+    try:
+        prompt, fields = resolve_prompt(raw)
+    except ValueError as e:
+        raise ValueError(f"prompt.{getattr(e, 'field', '?')}: {e}") from e
+    delivery = DeliverySettings.from_config(cfg)
+    problems = delivery.problems(labelled=bool(cfg.label))
+    if not any(f == "safety.terms_dir" for f, _ in problems):
+        problems += prompt_problems(prompt, delivery)
+    return prompt, fields, delivery, problems
+
+
+def cmd_verify(argv: list[str]) -> int:
+    """wanrender verify FILE [FILE ...] [--trust ROOT.pem]: exit 0 when every file's signature and content hash
+    are valid (and, with --trust, its certificate chains to the root), 1 otherwise, 2 for bad arguments."""
+    from renderer.provenance import verify_mp4
+
+    ap = argparse.ArgumentParser(prog="wanrender verify", description=cmd_verify.__doc__)
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--trust", help="PEM root certificate(s) of the studio; without it the chain is not judged")
+    ap.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:
+        return 2 if e.code else 0
+    ok = True
+    results = []
+    for f in args.files:
+        try:
+            v = verify_mp4(f, trust=args.trust)
+        except (FileNotFoundError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        ok = ok and v.ok
+        results.append(v)
+        if not args.json:
+            print("\n".join(v.lines()))
+            print(f"  => {'OK' if v.ok else 'FAILED'}")
+    if args.json:
+        import json
+        from dataclasses import asdict
+
+        print(json.dumps([{**asdict(v), "ok": v.ok} for v in results], ensure_ascii=False, indent=2))
+    return 0 if ok else 1

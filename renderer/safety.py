@@ -1,0 +1,181 @@
+"""The content-safety gate: prompts are screened before any GPU is reserved, rendered frames before delivery.
+
+Prompt screening: term lists per language in editable text files (conf/safety/terms_<lang>.txt, or the folder
+`safety.terms_dir`). Latin-script lists match whole words, case-insensitively, with an optional plural s/es —
+substring matching would block "grape" for "rape" and "Sussex" for "sex". Chinese, Japanese and Korean lists
+match substrings: those languages put no spaces between words, so there is no boundary to match on, and a
+segmenter would split unseen compounds unpredictably. Only the positive prompt is screened: the negative prompt
+lists what the render must avoid, and "nudity" there is the safety practice, not a violation.
+
+Output screening: frames sampled evenly through the clip (first and last included) go through a detector; the
+default is NudeNet's 320n detector, whose ONNX model ships inside the nudenet wheel and runs on onnxruntime's
+CPU provider — offline, no download. A detection of a flagged class at or above `safety.threshold` holds the
+shot: it is written to <out>/quarantine/ instead of <out>/, marked in the sidecar and the report with the class,
+score and frame, and leaves only through `wanrender release` (jobs/safety.py).
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+DEFAULT_TERMS_DIR = Path(__file__).resolve().parents[1] / "conf" / "safety"
+SUBSTRING_LANGUAGES = ("zh", "ja", "ko")  # scripts without spaces between words
+# NudeNet classes that hold a shot; covered parts, faces and feet do not
+FLAGGED_CLASSES = ("FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED",
+                   "BUTTOCKS_EXPOSED", "ANUS_EXPOSED")
+QUARANTINE_DIR = "quarantine"
+
+Detection = dict  # {"class": str, "score": float, "box": [x, y, w, h]}
+Detector = Callable[[np.ndarray], list]  # one [H,W,3] uint8 RGB frame -> detections
+
+
+@dataclass(frozen=True)
+class SafetySettings:
+    prompt_screen: bool = True
+    terms_dir: str | None = None  # None: conf/safety inside the package
+    output_screen: bool = True
+    detector: str = "nudenet"  # or "package.module:factory" returning a Detector (tests, another model)
+    threshold: float = 0.5
+    sample_frames: int = 4
+    classes: tuple[str, ...] = FLAGGED_CLASSES
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "SafetySettings":
+        d = {k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__ and v is not None}
+        if "classes" in d:
+            d["classes"] = tuple(d["classes"])
+        return cls(**d)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if not isinstance(self.threshold, (int, float)) or not 0 < float(self.threshold) <= 1:
+            out.append(("safety.threshold", f"must be a score in (0, 1], got {self.threshold!r}"))
+        if isinstance(self.sample_frames, bool) or not isinstance(self.sample_frames, int) or self.sample_frames < 1:
+            out.append(("safety.sample_frames", f"must be a whole number >= 1, got {self.sample_frames!r}"))
+        if self.prompt_screen:
+            try:
+                load_terms(self.terms_dir)
+            except ValueError as e:
+                out.append(("safety.terms_dir", str(e)))
+        return out
+
+
+# -- prompt screening -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TermList:
+    language: str
+    path: Path
+    terms: tuple[str, ...]
+    pattern: re.Pattern | None = field(default=None, compare=False)
+
+    def find(self, text: str) -> list[str]:
+        if self.language in SUBSTRING_LANGUAGES:
+            return [t for t in self.terms if t in text]
+        return sorted({m.group(1).lower() for m in self.pattern.finditer(text)}) if self.pattern else []
+
+
+def _word_pattern(terms: tuple[str, ...]) -> re.Pattern | None:
+    if not terms:
+        return None
+    alts = sorted((r"\s+".join(re.escape(w) for w in t.split()) for t in terms), key=len, reverse=True)
+    return re.compile(r"(?<!\w)((?:" + "|".join(alts) + r")(?:e?s)?)(?!\w)", re.IGNORECASE)
+
+
+def load_terms(terms_dir: str | Path | None = None) -> list[TermList]:
+    """Every terms_<lang>.txt in the folder; ValueError naming the folder when there is none."""
+    folder = Path(terms_dir) if terms_dir else DEFAULT_TERMS_DIR
+    files = sorted(folder.glob("terms_*.txt")) if folder.is_dir() else []
+    if not files:
+        raise ValueError(f"no term lists (terms_<lang>.txt) in {folder}: point safety.terms_dir at the folder "
+                         f"holding them, or set safety.prompt_screen=false")
+    lists = []
+    for path in files:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        terms = tuple(dict.fromkeys(t for t in (line.split("#", 1)[0].strip() for line in lines) if t))
+        lang = path.stem[len("terms_"):].lower()
+        lists.append(TermList(lang, path, terms, None if lang in SUBSTRING_LANGUAGES else _word_pattern(terms)))
+    return lists
+
+
+@dataclass(frozen=True)
+class TermMatch:
+    term: str
+    language: str
+    list_path: str
+
+    def message(self) -> str:
+        return (f"blocked by the content-safety gate: matches {self.term!r} from the {self.language} term list "
+                f"({self.list_path}); rephrase the prompt, or ask the safety lead to change that list")
+
+
+def screen_prompt(text: str, lists: list[TermList]) -> list[TermMatch]:
+    """Every listed term the prompt contains (empty: the prompt passes)."""
+    return [TermMatch(t, tl.language, str(tl.path)) for tl in lists for t in tl.find(text or "")]
+
+
+# -- output screening -------------------------------------------------------------------------------------------
+class NudeNetDetector:
+    """NudeNet's detector from the ONNX model inside its wheel (onnxruntime, CPU)."""
+
+    def __init__(self):
+        from nudenet import NudeDetector
+
+        self.model = NudeDetector()
+        self.name = "nudenet-320n"
+
+    def __call__(self, frame: np.ndarray) -> list:
+        # NudeNet's preprocessing expects OpenCV's BGR channel order (it reads files with cv2.imread)
+        return self.model.detect(np.ascontiguousarray(frame[..., ::-1]))  # [H, W, 3] BGR
+
+
+def load_detector(spec: str) -> Detector:
+    """'nudenet' or 'package.module:factory' (a callable returning a Detector)."""
+    if spec == "nudenet":
+        return NudeNetDetector()
+    module, _, attr = spec.partition(":")
+    if not attr:
+        raise ValueError(f"safety.detector {spec!r}: use nudenet or package.module:factory")
+    return getattr(importlib.import_module(module), attr)()
+
+
+def sample_indices(n_frames: int, n_samples: int) -> list[int]:
+    """Evenly spaced frame indices, first and last included."""
+    if n_frames <= 0:
+        return []
+    return sorted({int(round(i)) for i in np.linspace(0, n_frames - 1, min(n_samples, n_frames))})
+
+
+@dataclass
+class OutputScreen:
+    """Screens a rendered clip's frames. Build once per process: loading the detector is the slow part."""
+
+    settings: SafetySettings
+    detector: Detector
+
+    @classmethod
+    def from_settings(cls, settings: SafetySettings) -> "OutputScreen | None":
+        if not settings.output_screen:
+            return None
+        return cls(settings, load_detector(settings.detector))
+
+    def check(self, frames: np.ndarray) -> dict[str, Any]:
+        """[F,H,W,3] uint8 RGB -> verdict (plain JSON): held or not, and why, with the highest flagged score."""
+        idx = sample_indices(len(frames), self.settings.sample_frames)
+        worst, top_any = None, 0.0
+        for i in idx:
+            for d in self.detector(frames[i]):
+                score = float(d["score"])
+                top_any = max(top_any, score)
+                if d["class"] in self.settings.classes and (worst is None or score > worst["score"]):
+                    worst = {"class": d["class"], "score": round(score, 4), "frame": i, "box": list(d.get("box", []))}
+        held = worst is not None and worst["score"] >= self.settings.threshold
+        name = getattr(self.detector, "name", self.settings.detector)
+        return {"held": held, "detector": name, "threshold": self.settings.threshold, "frames_checked": idx,
+                "reason": (f"{worst['class']} detected with score {worst['score']:.2f} >= {self.settings.threshold}"
+                           f" on frame {worst['frame']}") if held else None,
+                "score": worst["score"] if worst else 0.0, "detection": worst if held else None}
