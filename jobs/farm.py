@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from jobs.manifest import ManifestError, Problem, load_manifest, read_manifest, validate_manifest
 from jobs.plan import Plan, build_plan, format_duration, format_plan
+from renderer.safety import held_sidecar
 
 log = logging.getLogger("wanrender.farm")
 FAULTS_ENV = "WANRENDER_FAULTS"  # test hook: "crash:sh03:1,hang:sh05:1[:step]" (kind:shot:attempt[:step])
@@ -91,11 +92,29 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
                                      priorities=priorities, source=str(path))
     except ManifestError as e:
         problems += e.problems
+    problems += _gate_problems(cfg, manifest if not problems else None)
     if problems:
         raise ManifestError(problems, str(path))
     out = Path(str(_node(job, "output_root") or cfg.out))
     plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force))
     return plan, preset
+
+
+def _gate_problems(cfg: DictConfig, manifest) -> list[Problem]:
+    """Label, signing and safety settings, and every shot's prompt through the content-safety term lists."""
+    from renderer.delivery import DeliverySettings
+    from renderer.gate import prompt_problems
+    from renderer.safety import load_terms
+
+    delivery = DeliverySettings.from_config(cfg)
+    labelled = delivery.label_all or bool(manifest and any(s.label for s in manifest.shots))
+    found = delivery.problems(labelled)
+    problems = [Problem("manifest", f, m) for f, m in found]
+    if manifest is not None and delivery.safety.prompt_screen and not any(f == "safety.terms_dir" for f, _ in found):
+        lists = load_terms(delivery.safety.terms_dir)
+        problems += [Problem(s.id, f, m) for s in manifest.shots for f, m in prompt_problems(s.spec.prompt, delivery,
+                                                                                             lists)]
+    return problems
 
 
 def planned_groups(cfg: DictConfig, plan: Plan) -> tuple[int | None, str]:
@@ -181,8 +200,10 @@ def worker_spec(cfg: DictConfig, preset) -> dict[str, Any]:
     options["progress"] = False  # a progress bar per actor would only clutter the shot logs
     _, parallel = gpus_per_group(cfg)
     preset_dict = OmegaConf.to_container(cfg.model, resolve=True) if preset.name == cfg.model.name else preset.name
+    from renderer.delivery import DeliverySettings
+
     return {"preset": preset_dict, "options": options, "parallel": parallel, "attention": cfg.render.attention,
-            "cpu_threads": 1}
+            "cpu_threads": 1, "delivery": DeliverySettings.from_config(cfg).to_dict()}
 
 
 def run_job(cfg: DictConfig) -> int:
@@ -214,16 +235,21 @@ def run_job(cfg: DictConfig) -> int:
     wall = time.time() - t_start
     json_path, html_path = write_report(out, {**job_info, "dashboard": job_info.get("dashboard")}, records, wall)
     failed = [r for r in records.values() if r.status != "done" and r.status != "skipped"]
+    held = [r for r in records.values() if r.status in ("done", "skipped") and held_sidecar(out, r.shot.request.output)
+            and not r.shot.mp4.is_file()]
     done = sum(1 for r in records.values() if r.status == "done")
     print(f"\njob {plan.manifest.name}: {done} rendered, {len(plan.done)} already done, {len(failed)} failed "
           f"in {format_duration(wall)}")
     for r in failed:
         last = r.attempts[-1]["log"] if r.attempts else "-"
         print(f"  FAILED {r.shot.id}: {r.error or r.status} (attempts {len(r.attempts)}, log {last})")
+    for r in held:
+        print(f"  HELD {r.shot.id} in {out / 'quarantine'}: {held_sidecar(out, r.shot.request.output)['safety']['reason']}"
+              f"; after review: wanrender release {out} {r.shot.request.output} --by NAME --reason ...")
     print(f"report: {html_path}\n        {json_path}")
     if interrupted:
         return 130
-    return 1 if failed else 0
+    return 1 if failed or held else 0
 
 
 def _mark_unfinished(records: dict, status: str, why: str) -> dict:

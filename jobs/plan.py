@@ -81,6 +81,11 @@ def output_status(mp4: Path, expected_hash: str, spec: ShotSpec) -> tuple[bool, 
     from renderer.video_io import read_json, sidecar_path, video_info
 
     if not mp4.is_file():
+        from renderer.safety import held_sidecar
+
+        held = held_sidecar(mp4.parent, mp4.stem)  # the same render, held by the safety gate: not again
+        if held is not None and held.get("render_hash") == expected_hash:
+            return True, "held in quarantine"
         return False, "new"
     side = sidecar_path(mp4)
     if not side.is_file():

@@ -17,22 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from renderer.safety import QUARANTINE_DIR
+from renderer.safety import QUARANTINE_DIR, held_sidecar  # noqa: F401  (re-exported for the farm)
 
 RELEASE_LOG = "releases.jsonl"
-
-
-def held_sidecar(out_dir: str | Path, output: str) -> dict[str, Any] | None:
-    """The quarantined sidecar of `output`, or None when it is not held."""
-    from renderer.video_io import read_json
-
-    side = Path(out_dir) / QUARANTINE_DIR / f"{output}.json"
-    if not side.is_file() or not (side.with_suffix(".mp4")).is_file():
-        return None
-    try:
-        return read_json(side)
-    except (OSError, ValueError):
-        return None
 
 
 class ReleaseError(ValueError):
