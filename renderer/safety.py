@@ -71,19 +71,18 @@ class TermList:
     language: str
     path: Path
     terms: tuple[str, ...]
-    pattern: re.Pattern | None = field(default=None, compare=False)
+    patterns: tuple = field(default=(), compare=False)  # one compiled whole-word pattern per term (Latin scripts)
 
     def find(self, text: str) -> list[str]:
+        """The listed terms (as written in the list) that occur in `text`."""
         if self.language in SUBSTRING_LANGUAGES:
             return [t for t in self.terms if t in text]
-        return sorted({m.group(1).lower() for m in self.pattern.finditer(text)}) if self.pattern else []
+        return [t for t, p in zip(self.terms, self.patterns) if p.search(text)]
 
 
-def _word_pattern(terms: tuple[str, ...]) -> re.Pattern | None:
-    if not terms:
-        return None
-    alts = sorted((r"\s+".join(re.escape(w) for w in t.split()) for t in terms), key=len, reverse=True)
-    return re.compile(r"(?<!\w)((?:" + "|".join(alts) + r")(?:e?s)?)(?!\w)", re.IGNORECASE)
+def _word_pattern(term: str) -> re.Pattern:
+    words = r"\s+".join(re.escape(w) for w in term.split())  # any spacing between a phrase's words
+    return re.compile(r"(?<!\w)" + words + r"(?:e?s)?(?!\w)", re.IGNORECASE)
 
 
 def load_terms(terms_dir: str | Path | None = None) -> list[TermList]:
@@ -98,7 +97,8 @@ def load_terms(terms_dir: str | Path | None = None) -> list[TermList]:
         lines = path.read_text(encoding="utf-8").splitlines()
         terms = tuple(dict.fromkeys(t for t in (line.split("#", 1)[0].strip() for line in lines) if t))
         lang = path.stem[len("terms_"):].lower()
-        lists.append(TermList(lang, path, terms, None if lang in SUBSTRING_LANGUAGES else _word_pattern(terms)))
+        patterns = () if lang in SUBSTRING_LANGUAGES else tuple(_word_pattern(t) for t in terms)
+        lists.append(TermList(lang, path, terms, patterns))
     return lists
 
 
@@ -179,3 +179,16 @@ class OutputScreen:
                 "reason": (f"{worst['class']} detected with score {worst['score']:.2f} >= {self.settings.threshold}"
                            f" on frame {worst['frame']}") if held else None,
                 "score": worst["score"] if worst else 0.0, "detection": worst if held else None}
+
+
+def held_sidecar(out_dir: str | Path, output: str) -> dict[str, Any] | None:
+    """The quarantined sidecar of `output`, or None when it is not held."""
+    from renderer.video_io import read_json
+
+    side = Path(out_dir) / QUARANTINE_DIR / f"{output}.json"
+    if not side.is_file() or not (side.with_suffix(".mp4")).is_file():
+        return None
+    try:
+        return read_json(side)
+    except (OSError, ValueError):
+        return None
