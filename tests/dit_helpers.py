@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from renderer.checkpoint import diffusers_to_official
-from renderer.model import DiTConfig, WanDiT
+from renderer.families.wan22.keys import diffusers_to_official
+from renderer.families.wan22.model import DiTConfig, WanDiT
 
 TINY = {
     "t2v": dict(in_channels=16, out_channels=16),

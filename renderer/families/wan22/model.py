@@ -6,7 +6,7 @@ One class covers every Wan2.2 variant the renderer serves:
   * ti2v-5B           (in/out 48, one timestep per token: the conditioning frame's tokens get t = 0).
 
 Module names match the official Wan-AI state-dict keys, so an official checkpoint loads without renaming;
-renderer/checkpoint.py maps the diffusers names onto these.
+renderer/families/wan22/keys.py maps the diffusers names onto these.
 
 Precision follows the reference: the residual stream, the time embedding, the modulation and every norm are
 computed in fp32; the projections, attention and FFN run in the parameter dtype (bf16 for real renders).
