@@ -14,6 +14,9 @@ _BLOCK_MAP = [
     ("attn2.to_q.", "cross_attn.q."), ("attn2.to_k.", "cross_attn.k."), ("attn2.to_v.", "cross_attn.v."),
     ("attn2.to_out.0.", "cross_attn.o."), ("attn2.norm_q.", "cross_attn.norm_q."),
     ("attn2.norm_k.", "cross_attn.norm_k."),
+    # image k/v of the cross-attention (models with CLIP image context)
+    ("attn2.add_k_proj.", "cross_attn.k_img."), ("attn2.add_v_proj.", "cross_attn.v_img."),
+    ("attn2.norm_added_k.", "cross_attn.norm_k_img."),
     ("norm2.", "norm3."),  # diffusers' norm2 is the affine norm before cross-attention, the official norm3
     ("ffn.net.0.proj.", "ffn.0."), ("ffn.net.2.", "ffn.2."),
     ("scale_shift_table", "modulation"),
@@ -26,6 +29,10 @@ _TOP_MAP = [
     ("condition_embedder.time_proj.", "time_projection.1."),
     ("scale_shift_table", "head.modulation"),
     ("proj_out.", "head.head."),
+    ("condition_embedder.image_embedder.norm1.", "img_emb.proj.0."),
+    ("condition_embedder.image_embedder.ff.net.0.proj.", "img_emb.proj.1."),
+    ("condition_embedder.image_embedder.ff.net.2.", "img_emb.proj.3."),
+    ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
 ]
 _BLOCK_KEY = re.compile(r"^(blocks\.\d+\.)(.*)$")
 
