@@ -131,6 +131,8 @@ def _csv_value(column: str, cell: str) -> Any:
     """Spreadsheet text -> the value a YAML manifest would hold. Unparseable text stays text, so the validator
     reports it with the field and the fix instead of this function failing."""
     cell = cell.strip()
+    if column == "label" and cell.lower() in ("true", "yes", "1", "false", "no", "0"):
+        return cell.lower() in ("true", "yes", "1")
     if column in INT_FIELDS or column == "priority":
         try:
             return int(cell)
