@@ -229,27 +229,38 @@ def run_job(cfg: DictConfig) -> int:
     if not plan.todo:
         records = _records_without_render(plan)
         json_path, html_path = write_report(out, job_info, records, time.time() - t_start)
-        print(f"nothing to render: all {len(plan.shots)} shots are done.\nreport: {html_path}")
-        return 0
+        print(f"nothing to render: all {len(plan.shots)} shots are done.")
+        held = _print_held(out, records)
+        print(f"report: {html_path}")
+        return 1 if held else 0
     records, interrupted = _render(cfg, plan, preset, job_info)
     wall = time.time() - t_start
     json_path, html_path = write_report(out, {**job_info, "dashboard": job_info.get("dashboard")}, records, wall)
     failed = [r for r in records.values() if r.status != "done" and r.status != "skipped"]
-    held = [r for r in records.values() if r.status in ("done", "skipped") and held_sidecar(out, r.shot.request.output)
-            and not r.shot.mp4.is_file()]
+
     done = sum(1 for r in records.values() if r.status == "done")
     print(f"\njob {plan.manifest.name}: {done} rendered, {len(plan.done)} already done, {len(failed)} failed "
           f"in {format_duration(wall)}")
     for r in failed:
         last = r.attempts[-1]["log"] if r.attempts else "-"
         print(f"  FAILED {r.shot.id}: {r.error or r.status} (attempts {len(r.attempts)}, log {last})")
-    for r in held:
-        print(f"  HELD {r.shot.id} in {out / 'quarantine'}: {held_sidecar(out, r.shot.request.output)['safety']['reason']}"
-              f"; after review: wanrender release {out} {r.shot.request.output} --by NAME --reason ...")
+    held = _print_held(out, records)
     print(f"report: {html_path}\n        {json_path}")
     if interrupted:
         return 130
     return 1 if failed or held else 0
+
+
+def _print_held(out: Path, records: dict) -> list:
+    """Shots the content-safety gate holds in <out>/quarantine/ (rendered, not delivered), each with its reason."""
+    held = []
+    for r in records.values():
+        side = held_sidecar(out, r.shot.request.output) if not r.shot.mp4.is_file() else None
+        if r.status in ("done", "skipped") and side is not None:
+            held.append(r)
+            print(f"  HELD {r.shot.id} in {out / 'quarantine'}: {(side.get('safety') or {}).get('reason')}; after "
+                  f"review: wanrender release {out} {r.shot.request.output} --by NAME --reason ...")
+    return held
 
 
 def _mark_unfinished(records: dict, status: str, why: str) -> dict:
