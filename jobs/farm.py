@@ -96,7 +96,15 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
     if problems:
         raise ManifestError(problems, str(path))
     out = Path(str(_node(job, "output_root") or cfg.out))
-    plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force))
+    from renderer.delivery import DeliverySettings
+
+    delivery = DeliverySettings.from_config(cfg)
+    if delivery.label_all:  # the config's label=true labels every shot of the job
+        from dataclasses import replace
+
+        manifest.shots = [replace(s, label=True) for s in manifest.shots]
+    plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force),
+                      label_style=delivery.label)
     return plan, preset
 
 

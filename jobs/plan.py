@@ -152,15 +152,22 @@ def measured_rate(out_dir: Path, model: str) -> float | None:
     return statistics.median(rates) if len(rates) >= 2 else None
 
 
+def _default_label():
+    from renderer.label import LabelStyle
+
+    return LabelStyle()
+
+
 def build_plan(manifest: Manifest, preset: ModelPreset, out_dir: str | Path, *, gpus_per_group: int = 1,
-               force: bool = False) -> Plan:
+               force: bool = False, label_style=None) -> Plan:
+    """label_style: the job's renderer.label.LabelStyle; a labelled shot's hash includes it."""
     out = Path(out_dir)
     fingerprint = model_fingerprint(preset)
     rate = measured_rate(out, preset.name) if out.is_dir() else None
     planned = []
     for req in manifest.shots:
         spec = req.spec.resolve(preset)
-        h = render_hash(spec, preset.name, fingerprint)
+        h = render_hash(spec, preset.name, fingerprint, (label_style or _default_label()) if req.label else None)
         mp4 = out / f"{req.output}.mp4"
         done, reason = output_status(mp4, h, spec)
         if force and done:

@@ -43,9 +43,12 @@ def _image_digest(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def render_hash(shot: ShotSpec, model_name: str, fingerprint: str) -> str:
-    """Hash of the resolved render-relevant settings, the model and the checkpoint (and the image's bytes)."""
+def render_hash(shot: ShotSpec, model_name: str, fingerprint: str, label=None) -> str:
+    """Hash of the resolved render-relevant settings, the model and the checkpoint (and the image's bytes);
+    `label`: the burned-in label's style (renderer.label.LabelStyle) when the shot is labelled — it changes pixels."""
     d = {k: getattr(shot, k) for k in RENDER_FIELDS}
+    if label is not None:  # only then: unlabelled shots keep the hash they always had
+        d["label"] = asdict(label)
     d["guidance"] = list(d["guidance"]) if isinstance(d["guidance"], tuple) else d["guidance"]
     d["image"] = _image_digest(shot.image)
     d["model"], d["fingerprint"] = model_name, fingerprint
@@ -123,6 +126,8 @@ def write_shot(pipe: Pipeline, result: RenderResult, out_dir: str | Path, name: 
             "description": f"AI-generated with wanrender {code_version()} ({pipe.preset.name})"}
     signed = write_delivered(result.frames, mp4, pipe.preset.fps, meta, record, delivery, labelled=label)
     result.timings["mp4_write"] = time.perf_counter() - t0
-    provenance = {"prompt_fields": prompt_fields, "provenance": record, "c2pa_signed": signed, "safety": safety}
+    provenance = {"prompt_fields": prompt_fields, "provenance": record, "c2pa_signed": signed, "safety": safety,
+                  "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint,
+                                             delivery.label if label else None)}
     side = write_json_atomic(sidecar_path(mp4), sidecar(pipe, result, {**(extra or {}), **provenance}))
     return mp4, side

@@ -78,3 +78,15 @@ def test_generate_with_a_label_font_that_lacks_cjk_exits_2(tmp_path, capsys):
     rc = main(["generate", "model=tiny_t2v", "prompt=a kite", "label=true", f"label_style.font={DEJAVU}",
                f"out={tmp_path / 'o'}"])
     assert rc == 2 and "label_style.font" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_the_label_is_part_of_the_render_hash_only_when_burned():
+    from renderer.output import render_hash
+    from renderer.pipeline import ShotSpec
+    from renderer.presets import load_preset
+
+    spec = ShotSpec(prompt="a kite", seed=1).resolve(load_preset("tiny_t2v"))
+    plain = render_hash(spec, "tiny_t2v", "fp")
+    assert render_hash(spec, "tiny_t2v", "fp", None) == plain  # unlabelled outputs keep their hash
+    labelled = render_hash(spec, "tiny_t2v", "fp", LabelStyle())
+    assert labelled != plain and render_hash(spec, "tiny_t2v", "fp", LabelStyle(text="预演")) != labelled

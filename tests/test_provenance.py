@@ -80,7 +80,7 @@ def test_report_carries_the_same_record(signed):
     from renderer.presets import load_preset
 
     preset = load_preset("tiny_t2v")
-    m = validate_manifest({"shots": [{"id": "sh1", "seed": 11, "steps": 2, "prompt": {
+    m = validate_manifest({"shots": [{"id": "sh1", "seed": 11, "steps": 2, "label": True, "prompt": {
         "character": "a keeper", "action": "climbs", "scene": "a tower"}}]}, preset)
     plan = build_plan(m, preset, signed.parent, gpus_per_group=1)
     assert plan.shots[0].done
