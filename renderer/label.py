@@ -28,7 +28,8 @@ class LabelStyle:
     font: str | None = None  # None: the first of FONT_CANDIDATES that exists
     font_index: int | None = None  # face in a .ttc collection; None: 2 for the Noto CJK collections, else 0
     position: str = "bottom-left"
-    size: float = 0.06  # text height as a fraction of the frame height (at least 10 pixels)
+    size: float = 0.06  # text height as a fraction of the frame height (at least 10 pixels; smaller only to fit
+    # the frame's width)
     margin: float = 0.02  # gap to the frame's edges, as a fraction of the frame height
 
     @classmethod
@@ -100,10 +101,15 @@ def label_box(style: LabelStyle, h: int, w: int) -> tuple[tuple[int, int, int, i
     """(box x0, y0, x1, y1 of the dark plate, the font, text origin) for an h×w frame."""
     from PIL import Image, ImageDraw
 
-    font = load_font(style, max(10, round(h * style.size)))
-    x0, y0, x1, y1 = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), style.text, font=font)
+    px = max(10, round(h * style.size))
     pad, margin = max(1, round(h * style.size * 0.15)), max(1, round(h * style.margin))
-    bw, bh = (x1 - x0) + 2 * pad, (y1 - y0) + 2 * pad
+    while True:  # shrink the text until the whole label fits the frame's width (narrow portrait clips)
+        font = load_font(style, px)
+        x0, y0, x1, y1 = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), style.text, font=font)
+        bw, bh = (x1 - x0) + 2 * pad, (y1 - y0) + 2 * pad
+        if bw <= w - 2 * margin or px <= 6:
+            break
+        px = max(6, min(px - 1, int(px * (w - 2 * margin) / bw)))
     left = margin if style.position.endswith("left") else max(0, w - margin - bw)
     top = margin if style.position.startswith("top") else max(0, h - margin - bh)
     return (left, top, left + bw, top + bh), font, (left + pad - x0, top + pad - y0)

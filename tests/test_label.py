@@ -90,3 +90,9 @@ def test_the_label_is_part_of_the_render_hash_only_when_burned():
     assert render_hash(spec, "tiny_t2v", "fp", None) == plain  # unlabelled outputs keep their hash
     labelled = render_hash(spec, "tiny_t2v", "fp", LabelStyle())
     assert labelled != plain and render_hash(spec, "tiny_t2v", "fp", LabelStyle(text="预演")) != labelled
+
+
+def test_the_whole_label_fits_a_narrow_portrait_frame():
+    for h, w in ((64, 48), (48, 64), (720, 1280)):
+        x0, y0, x1, y1 = label_box(LabelStyle(), h, w)[0]
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h, (h, w)
