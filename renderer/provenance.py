@@ -199,6 +199,7 @@ class Verification:
     record: dict[str, Any] | None = None
     signer: str | None = None
     ai_generated: bool = False
+    error: str | None = None  # the file could not be read as a C2PA asset at all
 
     @property
     def ok(self) -> bool:
@@ -206,6 +207,8 @@ class Verification:
 
     def lines(self) -> list[str]:
         yes = lambda b: "valid" if b else "INVALID"  # noqa: E731
+        if self.error:
+            return [f"{self.path}: cannot be checked: {self.error}"]
         if not self.signed:
             return [f"{self.path}: no C2PA manifest: the file is not signed (or its manifest was stripped)"]
         out = [f"{self.path}: C2PA manifest signed by {self.signer or '?'} ({self.state})",
@@ -236,8 +239,8 @@ def verify_mp4(path: str | Path, trust: str | Path | None = None) -> Verificatio
     ctx = c2pa.Context(settings=c2pa.Settings.from_dict(settings))
     try:
         reader = c2pa.Reader.try_create(str(path), context=ctx)
-    except c2pa.C2paError as e:  # a manifest too damaged to parse
-        return Verification(str(path), signed=True, state="Invalid", failures=[f"unreadable manifest: {e}"])
+    except c2pa.C2paError as e:  # not a media type C2PA knows, or a file too damaged to parse
+        return Verification(str(path), signed=False, state="Invalid", error=f"{e} (not a readable MP4?)")
     if reader is None:
         return Verification(str(path), signed=False)
     with reader:

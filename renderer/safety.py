@@ -16,6 +16,7 @@ score and frame, and leaves only through `wanrender release` (jobs/safety.py).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,8 @@ class SafetySettings:
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
-        if not isinstance(self.threshold, (int, float)) or not 0 < float(self.threshold) <= 1:
+        if (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+                or not 0 < float(self.threshold) <= 1):
             out.append(("safety.threshold", f"must be a score in (0, 1], got {self.threshold!r}"))
         if isinstance(self.sample_frames, bool) or not isinstance(self.sample_frames, int) or self.sample_frames < 1:
             out.append(("safety.sample_frames", f"must be a whole number >= 1, got {self.sample_frames!r}"))
@@ -62,6 +64,13 @@ class SafetySettings:
                 load_terms(self.terms_dir)
             except ValueError as e:
                 out.append(("safety.terms_dir", str(e)))
+        if self.output_screen:
+            module = "nudenet" if self.detector == "nudenet" else self.detector.partition(":")[0]
+            if self.detector != "nudenet" and ":" not in self.detector:
+                out.append(("safety.detector", f"{self.detector!r}: use nudenet or package.module:factory"))
+            elif importlib.util.find_spec(module) is None:
+                out.append(("safety.detector", f"module {module} is not installed: pip install nudenet (a "
+                                               f"dependency of wanrender), or set safety.output_screen=false"))
         return out
 
 

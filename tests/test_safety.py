@@ -141,3 +141,12 @@ def test_held_shot_is_not_rendered_again_and_the_report_says_held(tmp_path):
     entry = read_json(json_path)["shots"][0]
     assert entry["status"] == "released" and entry["release"]["released_by"] == "QA"
     assert "released by <b>QA</b>" in html_path.read_text()
+
+
+def test_bad_safety_settings_are_refused_before_loading(tmp_path, capsys):
+    rc = main(["generate", "model=tiny_t2v", "prompt=a kite", f"out={tmp_path / 'o'}", "safety.threshold=1.5",
+               "safety.sample_frames=0", "safety.detector=no_such_module:make", f"safety.terms_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not (tmp_path / "o").exists()
+    for field in ("safety.threshold", "safety.sample_frames", "safety.detector", "safety.terms_dir"):
+        assert f"shot shot: {field}:" in err, field
