@@ -1,4 +1,5 @@
-"""Test detectors for the content-safety gate (safety.detector=tests.safety_helpers:<factory>)."""
+"""Test detectors for the content-safety gate (safety.detector=tests.safety_helpers:<factory>) and a fixture
+that refuses network access."""
 
 
 def flag_everything():
@@ -16,3 +17,20 @@ def flag_weakly():
     def detect(frame):
         return [{"class": "BUTTOCKS_EXPOSED", "score": 0.3, "box": [0, 0, 2, 2]}]
     return detect
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection from this process fails the test (proves a step runs offline)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] if len(args) > 1 else args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

@@ -6,6 +6,7 @@ from renderer.cli import main
 from renderer.provenance import DIGITAL_SOURCE_TYPE, make_test_chain, mp4_tags, verify_mp4
 from renderer.prompts import prompt_hash
 from renderer.video_io import read_json, read_mp4_metadata
+from tests.safety_helpers import no_network  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,18 @@ def test_a_key_that_does_not_match_the_certificate_is_refused_before_rendering(c
     assert rc == 2 and "provenance.cert" in err and "does not belong" in err and not (tmp_path / "o").exists()
     rc = main(["generate", "model=tiny_t2v", "prompt=a kite", f"out={tmp_path / 'o'}", "provenance.sign=true"])
     assert rc == 2 and "provenance.cert" in capsys.readouterr().err
+
+
+def test_signing_and_verifying_run_offline(chain, tmp_path, no_network):
+    import numpy as np
+
+    from renderer.provenance import SigningSettings, build_record, sign_mp4
+    from renderer.video_io import write_mp4
+
+    src = write_mp4(np.full((3, 32, 32, 3), 120, np.uint8), tmp_path / "src.mp4", fps=8)
+    record = build_record(shot_id="x", preset_name="t2v_a14b", checkpoint_fingerprint="abc", prompt="p",
+                          negative_prompt=None, seed=1, tier="exact", code_version="0")
+    dest = sign_mp4(src, tmp_path / "signed.mp4", record, SigningSettings(cert=str(chain["chain"]),
+                                                                             key=str(chain["key"])))
+    v = verify_mp4(dest, trust=chain["root"])
+    assert v.ok and v.record["model"] == "Wan2.2-T2V-A14B" and v.record["model_version"] == "2.2"

@@ -8,6 +8,7 @@ import pytest
 from renderer.cli import main
 from renderer.safety import OutputScreen, SafetySettings, load_terms, sample_indices, screen_prompt
 from renderer.video_io import read_json
+from tests.safety_helpers import no_network  # noqa: F401  (fixture)
 
 
 def terms(tmp_path, en="nude\nrape\nexplicit sex\n", zh="裸体\n血腥\n"):
@@ -64,7 +65,7 @@ def test_farm_refuses_a_blocked_prompt_naming_the_shot(tmp_path):
     assert [(p.shot, p.field) for p in e.value.problems] == [("bad1", "prompt")] and "'gory'" in str(e.value)
 
 
-def test_nudenet_loads_offline_and_finds_nothing_on_benign_frames():
+def test_nudenet_loads_offline_and_finds_nothing_on_benign_frames(no_network):
     screen = OutputScreen.from_settings(SafetySettings())
     assert screen.detector.name == "nudenet-320n"
     rng = np.random.default_rng(0)
