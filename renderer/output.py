@@ -126,7 +126,10 @@ def write_shot(pipe: Pipeline, result: RenderResult, out_dir: str | Path, name: 
             "description": f"AI-generated with wanrender {code_version()} ({pipe.preset.name})"}
     signed = write_delivered(result.frames, mp4, pipe.preset.fps, meta, record, delivery, labelled=label)
     result.timings["mp4_write"] = time.perf_counter() - t0
+    from renderer.safety import prompt_screen_record
+
     provenance = {"prompt_fields": prompt_fields, "provenance": record, "c2pa_signed": signed, "safety": safety,
+                  "prompt_screen": prompt_screen_record(shot.prompt, delivery.safety),
                   "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint,
                                              delivery.label if label else None)}
     side = write_json_atomic(sidecar_path(mp4), sidecar(pipe, result, {**(extra or {}), **provenance}))

@@ -127,6 +127,19 @@ def screen_prompt(text: str, lists: list[TermList]) -> list[TermMatch]:
     return [TermMatch(t, tl.language, str(tl.path)) for tl in lists for t in tl.find(text or "")]
 
 
+def prompt_screen_record(prompt: str, settings: SafetySettings) -> dict[str, Any] | None:
+    """What the sidecar keeps about the prompt screen: which lists (file and SHA-256) and the result."""
+    import hashlib
+
+    if not settings.prompt_screen:
+        return None
+    lists = load_terms(settings.terms_dir)
+    matches = screen_prompt(prompt, lists)
+    return {"passed": not matches, "matched": [m.term for m in matches],
+            "lists": {tl.language: {"path": str(tl.path), "sha256": hashlib.sha256(tl.path.read_bytes()).hexdigest()}
+                      for tl in lists}}
+
+
 # -- output screening -------------------------------------------------------------------------------------------
 class NudeNetDetector:
     """NudeNet's detector from the ONNX model inside its wheel (onnxruntime, CPU)."""

@@ -74,6 +74,8 @@ def test_one_record_everywhere(signed):
     tags = read_mp4_metadata(signed)
     assert {k: tags[k] for k in mp4_tags(record)} == mp4_tags(record)  # the container tags
     assert side["prompt_fields"] == {"character": "a keeper", "action": "climbs", "scene": "a tower"}
+    screen = side["prompt_screen"]  # which term lists screened the prompt, by content hash
+    assert screen["passed"] is True and set(screen["lists"]) >= {"en", "zh"} and len(screen["lists"]["zh"]["sha256"]) == 64
 
 
 def test_report_carries_the_same_record(signed):
