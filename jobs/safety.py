@@ -35,6 +35,8 @@ def release(out_dir: str | Path, shot: str, by: str, reason: str) -> dict[str, A
         raise ReleaseError("--by must name the person releasing the shot")
     if not reason.strip():
         raise ReleaseError("--reason must say why the shot may be delivered")
+    if not shot or Path(shot).name != shot or shot.startswith("."):
+        raise ReleaseError(f"shot {shot!r} must be the held MP4's name without folder or .mp4 (e.g. sh010)")
     qdir = out / QUARANTINE_DIR
     q_mp4, q_side = qdir / f"{shot}.mp4", qdir / f"{shot}.json"
     if not q_mp4.is_file() or not q_side.is_file():

@@ -106,6 +106,12 @@ def test_a_key_that_does_not_match_the_certificate_is_refused_before_rendering(c
     assert rc == 2 and "provenance.cert" in err and "does not belong" in err and not (tmp_path / "o").exists()
     rc = main(["generate", "model=tiny_t2v", "prompt=a kite", f"out={tmp_path / 'o'}", "provenance.sign=true"])
     assert rc == 2 and "provenance.cert" in capsys.readouterr().err
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    rc = main(["generate", "model=tiny_t2v", "prompt=a kite", f"out={tmp_path / 'o'}", f"provenance.cert={junk}",
+               f"provenance.key={chain['key']}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a PEM certificate chain" in err and "Traceback" not in err
 
 
 def test_signing_and_verifying_run_offline(chain, tmp_path, no_network):

@@ -105,6 +105,8 @@ def test_flagged_shot_is_held_in_quarantine_and_released_by_a_person(tmp_path, c
     assert main(["release", str(out), "kite", "--by", "Mei Chen"]) == 2  # --reason is required
     assert main(["release", str(out), "nothere", "--by", "x", "--reason", "y"]) == 2
     assert "not held" in capsys.readouterr().err
+    assert main(["release", str(out), "../kite", "--by", "x", "--reason", "y"]) == 2
+    assert "without folder" in capsys.readouterr().err
     assert main(["release", str(out), "kite", "--by", "Mei Chen", "--reason", "false positive: a kite"]) == 0
     assert (out / "kite.mp4").read_bytes() == held_bytes  # the very file, moved
     side = read_json(out / "kite.json")
