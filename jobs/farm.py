@@ -122,6 +122,11 @@ def _gate_problems(cfg: DictConfig, manifest) -> list[Problem]:
         lists = load_terms(delivery.safety.terms_dir)
         problems += [Problem(s.id, f, m) for s in manifest.shots for f, m in prompt_problems(s.spec.prompt, delivery,
                                                                                              lists)]
+    if manifest is not None and not any(f.startswith("safety.") for f, _ in found):
+        from renderer.gate import image_problems
+
+        problems += [Problem(sid, "image", m) for sid, m in image_problems([(s.id, s.spec.image)
+                                                                            for s in manifest.shots], delivery)]
     return problems
 
 

@@ -19,6 +19,18 @@ def prompt_problems(prompt: str, delivery: DeliverySettings, lists=None) -> list
     return [("prompt", m.message()) for m in screen_prompt(prompt, lists)]
 
 
+def image_problems(images: list[tuple[str, str]], delivery: DeliverySettings, screen=None) -> list[tuple[str, str]]:
+    """(key, message) for every conditioning image the output screen's detector flags; `images` holds (key, path)
+    pairs (key: the shot id for the farm). Loads the detector only when there is an image to look at."""
+    from renderer.safety import OutputScreen, image_problem
+
+    images = [(k, p) for k, p in images if p]
+    if not images or not delivery.safety.output_screen:
+        return []
+    screen = screen or OutputScreen.from_settings(delivery.safety)
+    return [(k, msg) for k, p in images if (msg := image_problem(p, screen)) is not None]
+
+
 def check_request(cfg) -> tuple[str, dict | None, DeliverySettings, list[tuple[str, str]]]:
     """One shot from the config: (composed prompt, its fields or None, delivery settings, problems).
     A structured prompt that cannot be composed raises renderer.prompts.PromptError (a ValueError)."""
@@ -35,6 +47,8 @@ def check_request(cfg) -> tuple[str, dict | None, DeliverySettings, list[tuple[s
     problems = delivery.problems(labelled=bool(cfg.label))
     if not any(f == "safety.terms_dir" for f, _ in problems):
         problems += prompt_problems(prompt, delivery)
+    if not any(f.startswith("safety.") for f, _ in problems):
+        problems += [("image", m) for _, m in image_problems([("image", cfg.image)], delivery)]
     return prompt, fields, delivery, problems
 
 

@@ -203,6 +203,23 @@ class OutputScreen:
                 "score": worst["score"] if worst else 0.0, "detection": worst if held else None}
 
 
+def image_problem(path: str, screen: "OutputScreen") -> str | None:
+    """The detector's verdict on a conditioning image (i2v / ti2v input) before any GPU; None when it passes or
+    the file is not readable (the shot checks report that)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            frame = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))  # [H, W, 3] uint8
+    except (OSError, ValueError):
+        return None
+    verdict = screen.check(frame[None])
+    if not verdict["held"]:
+        return None
+    return (f"input image {path} blocked by the content-safety gate: {verdict['reason']}; use another image, or "
+            f"set safety.output_screen=false only with the safety lead's approval")
+
+
 def held_sidecar(out_dir: str | Path, output: str) -> dict[str, Any] | None:
     """The quarantined sidecar of `output`, or None when it is not held."""
     from renderer.video_io import read_json

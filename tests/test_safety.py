@@ -153,3 +153,15 @@ def test_bad_safety_settings_are_refused_before_loading(tmp_path, capsys):
     assert rc == 2 and not (tmp_path / "o").exists()
     for field in ("safety.threshold", "safety.sample_frames", "safety.detector", "safety.terms_dir"):
         assert f"shot shot: {field}:" in err, field
+
+
+def test_a_flagged_input_image_is_refused_before_any_model_loads(tmp_path, capsys):
+    from PIL import Image
+
+    img = tmp_path / "in.png"
+    Image.fromarray(np.full((48, 64, 3), 128, np.uint8)).save(img)
+    args = ["generate", "model=tiny_i2v", "prompt=a kite", f"image={img}", f"out={tmp_path / 'o'}", "name=k"]
+    rc = main(args + ["safety.detector=tests.safety_helpers:flag_everything"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "shot k: image:" in err and "FEMALE_BREAST_EXPOSED" in err and not (tmp_path / "o").exists()
+    assert main(args + ["safety.detector=tests.safety_helpers:flag_weakly", "steps=1", "render.progress=false"]) == 0
