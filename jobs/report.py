@@ -192,7 +192,7 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
     file_line = f'<b>{e(s["mp4"])}</b>' if s["mp4"] else "-"
     from jobs.report_safety import provenance_html
 
-    error += provenance_html(s)
+    notes = provenance_html(s)  # prompt fields, held / released, provenance and signature
     return f"""
 <section class="shot st-{e(status)}" id="shot-{e(s['id'])}">
   <h2>{e(s['id'])} <span class="badge {e(status)}">{e(status)}</span></h2>
@@ -202,7 +202,7 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
    · <b>{s['frames']}</b> frames · <b>{s['steps']}</b> steps {e(s['sampler'])} · guidance <b>{e(str(s['guidance']))}</b></div>
   <div class="kv">attempts: <b>{e(attempts)}</b> · render {_fmt_s(s['seconds'])}{' · ' + e(timing) if timing else ''}</div>
   <div class="kv">file {file_line}{' · tags ' + e(tags_txt) if tags_txt else ''}</div>
-  {error}
+  {error}{notes}
 </section>"""
 
 

@@ -81,6 +81,11 @@ def _update_report(out: Path, shot: str, record: dict[str, Any]) -> None:
         if s.get("output", s.get("id")) == shot or s.get("id") == shot:
             s["status"], s["release"] = "released", record
             s["mp4"] = f"{shot}.mp4"
+    counts: dict[str, int] = {}
+    for s in report.get("shots", []):
+        counts[s["status"]] = counts.get(s["status"], 0) + 1
+    report["counts"] = counts
+    report["ok"] = all(s["status"] in ("done", "skipped", "released") for s in report.get("shots", []))
     write_json_atomic(path, report)
     from jobs.report import render_html, thumbnails
 

@@ -143,6 +143,7 @@ def test_held_shot_is_not_rendered_again_and_the_report_says_held(tmp_path):
     assert main(["release", str(out), "sh1", "--by", "QA", "--reason", "reviewed"]) == 0
     entry = read_json(json_path)["shots"][0]
     assert entry["status"] == "released" and entry["release"]["released_by"] == "QA"
+    assert read_json(json_path)["ok"] is True and read_json(json_path)["counts"] == {"released": 1}
     assert "released by <b>QA</b>" in html_path.read_text()
 
 
