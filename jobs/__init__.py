@@ -9,6 +9,8 @@ The render farm (`wanrender render manifest=FILE`), data flowing one way:
     group.py      a render group: placement group of G bundles + G actors (one torch.distributed group)
     progress.py   live progress in the terminal
     report.py     out/report.json and the self-contained out/report.html contact sheet
+    report_safety.py  the contact sheet's prompt fields, held/released notes and provenance line
+    safety.py     the quarantine's farm side: `wanrender release` (who, when, why; report updated)
 
 On a multi-node cluster (cluster=ray cluster.address=HOST:6379) every node needs wanrender installed and the
 output folder (out=...) on a file system all nodes share: rank 0 of each group writes there directly.
