@@ -203,7 +203,10 @@ class Verification:
 
     @property
     def ok(self) -> bool:
-        return self.signed and self.signature_valid and self.content_hash_valid and self.trusted is not False
+        """Signed, signature and content hash valid, the chain accepted (when a root was given), and no other
+        validation failure (an assertion changed after signing fails here, not in the two hashes)."""
+        return (self.signed and self.signature_valid and self.content_hash_valid and self.trusted is not False
+                and not self.failures)
 
     def lines(self) -> list[str]:
         yes = lambda b: "valid" if b else "INVALID"  # noqa: E731
@@ -222,6 +225,8 @@ class Verification:
             out.append(f"  model {r.get('model')} {r.get('model_version')} ({r.get('checkpoint_fingerprint')}), "
                        f"seed {r.get('seed')}, tier {r.get('tier')}, prompt sha256 {str(r.get('prompt_sha256'))[:16]}"
                        f"…, wanrender {r.get('code_version')}")
+        if self.failures and self.signature_valid and self.content_hash_valid:
+            out.append("  manifest:      INVALID (its contents do not match what was signed)")
         out += [f"  failure: {f}" for f in self.failures]
         return out
 
@@ -240,7 +245,8 @@ def verify_mp4(path: str | Path, trust: str | Path | None = None) -> Verificatio
     try:
         reader = c2pa.Reader.try_create(str(path), context=ctx)
     except c2pa.C2paError as e:  # not a media type C2PA knows, or a file too damaged to parse
-        return Verification(str(path), signed=False, state="Invalid", error=f"{e} (not a readable MP4?)")
+        return Verification(str(path), signed=False, state="Invalid",
+                            error=f"the file or its C2PA manifest cannot be parsed ({e})")
     if reader is None:
         return Verification(str(path), signed=False)
     with reader:

@@ -46,6 +46,25 @@ def test_a_modified_file_fails(signed, chain, tmp_path, capsys):
     assert "content hash:  INVALID" in capsys.readouterr().out
 
 
+def test_a_changed_provenance_record_or_signature_fails(signed, chain, tmp_path):
+    data = signed.read_bytes()
+    record_at = data.find(b"random-seed0")  # the checkpoint fingerprint inside the signed record assertion
+    assert record_at > 0
+    forged = bytearray(data)
+    forged[record_at] = ord("R")
+    (tmp_path / "forged.mp4").write_bytes(bytes(forged))
+    v = verify_mp4(tmp_path / "forged.mp4", trust=chain["root"])
+    assert not v.ok and any("mismatch" in f for f in v.failures)
+    assert main(["verify", str(tmp_path / "forged.mp4")]) == 1
+    sig_at = data.find(b"c2pa.signature")
+    assert sig_at > 0
+    broken = [bytearray(data) for _ in range(3)]
+    for k, off in enumerate((200, 400, 600)):  # somewhere in the signature box: never a pass
+        broken[k][sig_at + off] ^= 0xFF
+        (tmp_path / f"sig{k}.mp4").write_bytes(bytes(broken[k]))
+        assert not verify_mp4(tmp_path / f"sig{k}.mp4", trust=chain["root"]).ok
+
+
 def test_unsigned_and_foreign_root_fail(signed, tmp_path, capsys):
     from renderer.video_io import write_mp4
     import numpy as np
