@@ -70,7 +70,7 @@ def cmd_verify(argv: list[str]) -> int:
     for f in args.files:
         try:
             v = verify_mp4(f, trust=args.trust)
-        except (FileNotFoundError, OSError) as e:
+        except (OSError, ValueError) as e:  # a missing file, an unreadable or non-PEM --trust
             print(f"error: {e}", file=sys.stderr)
             return 2
         ok = ok and v.ok

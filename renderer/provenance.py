@@ -240,7 +240,15 @@ def verify_mp4(path: str | Path, trust: str | Path | None = None) -> Verificatio
         raise FileNotFoundError(f"no such file: {path}")
     settings: dict[str, Any] = {"verify": {"verify_trust": trust is not None}}
     if trust is not None:
-        settings["trust"] = {"trust_anchors": Path(trust).read_text()}
+        from cryptography import x509
+
+        pem = Path(trust).read_bytes()
+        try:
+            x509.load_pem_x509_certificates(pem)
+        except ValueError as e:
+            raise ValueError(f"--trust {trust} is not a PEM certificate file ({e}): give the studio's root "
+                             f"certificate(s)") from e
+        settings["trust"] = {"trust_anchors": pem.decode()}
     ctx = c2pa.Context(settings=c2pa.Settings.from_dict(settings))
     try:
         reader = c2pa.Reader.try_create(str(path), context=ctx)

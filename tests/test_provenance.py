@@ -75,6 +75,9 @@ def test_unsigned_and_foreign_root_fail(signed, tmp_path, capsys):
     v = verify_mp4(signed, trust=other["root"])
     assert v.trusted is False and not v.ok
     assert main(["verify", str(tmp_path / "missing.mp4")]) == 2
+    (tmp_path / "notpem.txt").write_text("hello")
+    assert main(["verify", str(signed), "--trust", str(tmp_path / "notpem.txt")]) == 2
+    assert "not a PEM certificate" in capsys.readouterr().err
     truncated = tmp_path / "cut.mp4"
     truncated.write_bytes(signed.read_bytes()[:3000])
     assert main(["verify", str(truncated)]) == 1 and "cannot be checked" in capsys.readouterr().out
