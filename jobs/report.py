@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.plan import format_duration
+from jobs.report_safety import c2pa_check
 
 THUMB_WIDTH = 192
 
@@ -96,6 +97,7 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
         "id": p.id, "output": p.request.output, "status": status, "reason": p.reason,
         "prompt_fields": side.get("prompt_fields"), "provenance": side.get("provenance"),
         "c2pa_signed": side.get("c2pa_signed"), "safety": side.get("safety"), "release": side.get("release"),
+        "c2pa_check": c2pa_check(p.mp4) if side.get("c2pa_signed") and p.mp4.is_file() else None,
         "priority": p.priority, "tags": p.request.tags, "task": spec.task, "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt, "seed": spec.seed, "size": spec.size, "frames": spec.frames,
         "steps": spec.steps, "sampler": spec.sampler, "guidance": list(spec.guidance), "render_hash": p.render_hash,

@@ -14,6 +14,18 @@ border-radius:4px;margin-top:6px} .prov{color:#9aa0a6;font-size:11px;margin-top:
 """
 
 
+def c2pa_check(mp4) -> dict[str, Any]:
+    """The delivered file's C2PA manifest read back (signature, content hash), as the report keeps it."""
+    from renderer.provenance import verify_mp4
+
+    try:
+        v = verify_mp4(mp4)
+    except (OSError, ValueError) as e:
+        return {"ok": False, "error": str(e)}
+    return {"ok": v.ok, "signature_valid": v.signature_valid, "content_hash_valid": v.content_hash_valid,
+            "failures": v.failures, "error": v.error}
+
+
 def provenance_html(s: dict[str, Any]) -> str:
     e = html.escape
     parts = []
@@ -33,7 +45,10 @@ def provenance_html(s: dict[str, Any]) -> str:
                      f'{e(str(rel.get("released_at")))}: {e(str(rel.get("reason")))}</div>')
     rec = s.get("provenance")
     if rec:
-        signed = "C2PA signed" if s.get("c2pa_signed") else "not signed (no provenance.cert/key)"
+        check = s.get("c2pa_check") or {}
+        signed = ("not signed (no provenance.cert/key)" if not s.get("c2pa_signed") else
+                  "C2PA signed, read back: signature and content hash valid" if check.get("ok") else
+                  f"C2PA signed, read back: INVALID {check.get('failures') or check.get('error') or ''}")
         screened = (f"screened {len(safety.get('frames_checked', []))} frames, top score {safety.get('score')}"
                     if safety else "output not screened")
         parts.append(f'<div class="prov">{e(signed)} · {e(str(rec.get("model")))} {e(str(rec.get("model_version")))}'

@@ -117,7 +117,8 @@ def test_report_carries_the_same_record(signed):
     assert entry["provenance"] == read_json(signed.with_suffix(".json"))["provenance"]
     assert entry["prompt_fields"]["action"] == "climbs"
     page = html_path.read_text()
-    assert "C2PA signed" in page and "人物 character" in page
+    assert entry["c2pa_check"]["ok"] is True and entry["c2pa_check"]["content_hash_valid"] is True
+    assert "signature and content hash valid" in page and "人物 character" in page
 
 
 def test_a_key_that_does_not_match_the_certificate_is_refused_before_rendering(chain, tmp_path, capsys):
