@@ -96,15 +96,17 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
     if problems:
         raise ManifestError(problems, str(path))
     out = Path(str(_node(job, "output_root") or cfg.out))
-    from renderer.delivery import DeliverySettings
-
-    delivery = DeliverySettings.from_config(cfg)
+    try:
+        settings = job_settings(cfg)
+    except ValueError as e:  # renderer.settings.SettingsError: bad kernel / render values
+        raise ManifestError([Problem("config", "kernels", str(e))], str(path))
+    kernels, delivery = settings.kernels, settings.delivery
     if delivery.label_all:  # the config's label=true labels every shot of the job
         from dataclasses import replace
 
         manifest.shots = [replace(s, label=True) for s in manifest.shots]
     plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force),
-                      label_style=delivery.label)
+                      kernels=kernels, label_style=delivery.label)
     return plan, preset
 
 
@@ -207,16 +209,19 @@ def save_config(cfg: DictConfig, out: Path) -> Path:
 
 
 def worker_spec(cfg: DictConfig, preset) -> dict[str, Any]:
-    from renderer.cli import options_from
-
-    options = asdict(options_from(cfg))
+    options = asdict(job_settings(cfg).render)  # RenderOptions with its KernelSettings, as plain data for Ray
     options["progress"] = False  # a progress bar per actor would only clutter the shot logs
     _, parallel = gpus_per_group(cfg)
     preset_dict = OmegaConf.to_container(cfg.model, resolve=True) if preset.name == cfg.model.name else preset.name
-    from renderer.delivery import DeliverySettings
+    return {"preset": preset_dict, "options": options, "parallel": parallel, "cpu_threads": 1,
+            "delivery": job_settings(cfg).delivery.to_dict()}
 
-    return {"preset": preset_dict, "options": options, "parallel": parallel, "attention": cfg.render.attention,
-            "cpu_threads": 1, "delivery": DeliverySettings.from_config(cfg).to_dict()}
+
+def job_settings(cfg: DictConfig):
+    """The typed settings of the job (renderer/settings.py: the one conversion of the config)."""
+    from renderer.settings import Settings
+
+    return Settings.from_config(cfg)
 
 
 def run_job(cfg: DictConfig) -> int:

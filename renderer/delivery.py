@@ -34,17 +34,17 @@ class DeliverySettings:
                    label_all=bool(d.get("label_all", False)))
 
     @classmethod
+    def from_plain(cls, d: dict[str, Any]) -> "DeliverySettings":
+        """From the whole config as plain data (nodes label_style, provenance, safety; keys label, tier)."""
+        return cls.from_dict({"label": d.get("label_style"), "signing": d.get("provenance"), "safety": d.get("safety"),
+                              "tier": d.get("tier"), "label_all": bool(d.get("label", False))})
+
+    @classmethod
     def from_config(cls, cfg) -> "DeliverySettings":
-        """From the composed Hydra config (nodes label_style, provenance, safety; keys label, tier)."""
+        """From the composed Hydra config (renderer.settings.Settings carries the same object as `delivery`)."""
         from omegaconf import OmegaConf
 
-        def node(key: str) -> dict:
-            n = OmegaConf.select(cfg, key, default=None)
-            return OmegaConf.to_container(n, resolve=True) if n is not None else {}
-
-        return cls.from_dict({"label": node("label_style"), "signing": node("provenance"), "safety": node("safety"),
-                              "tier": OmegaConf.select(cfg, "tier", default=None),
-                              "label_all": bool(OmegaConf.select(cfg, "label", default=False))})
+        return cls.from_plain(OmegaConf.to_container(cfg, resolve=True))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
-
 from renderer.delivery import DeliverySettings
-from renderer.prompts import resolve_prompt
 from renderer.safety import load_terms, screen_prompt
 
 
@@ -31,25 +28,16 @@ def image_problems(images: list[tuple[str, str]], delivery: DeliverySettings, sc
     return [(k, msg) for k, p in images if (msg := image_problem(p, screen)) is not None]
 
 
-def check_request(cfg) -> tuple[str, dict | None, DeliverySettings, list[tuple[str, str]]]:
-    """One shot from the config: (composed prompt, its fields or None, delivery settings, problems).
-    A structured prompt that cannot be composed raises renderer.prompts.PromptError (a ValueError)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    raw: Any = cfg.prompt
-    if isinstance(raw, DictConfig):
-        raw = OmegaConf.to_container(raw, resolve=True)
-    try:
-        prompt, fields = resolve_prompt(raw)
-    except ValueError as e:
-        raise ValueError(f"prompt.{getattr(e, 'field', '?')}: {e}") from e
-    delivery = DeliverySettings.from_config(cfg)
-    problems = delivery.problems(labelled=bool(cfg.label))
+def gate_problems(settings) -> list[tuple[str, str]]:
+    """One shot (renderer.settings.Settings): (field, message) for the label, signing and safety settings, the
+    composed prompt against the term lists and the conditioning image against the detector."""
+    delivery = settings.delivery
+    problems = delivery.problems(labelled=bool(settings.label))
     if not any(f == "safety.terms_dir" for f, _ in problems):
-        problems += prompt_problems(prompt, delivery)
+        problems += prompt_problems(settings.shot.prompt, delivery)
     if not any(f.startswith("safety.") for f, _ in problems):
-        problems += [("image", m) for _, m in image_problems([("image", cfg.image)], delivery)]
-    return prompt, fields, delivery, problems
+        problems += [("image", m) for _, m in image_problems([("image", settings.shot.image)], delivery)]
+    return problems
 
 
 def cmd_verify(argv: list[str]) -> int:
