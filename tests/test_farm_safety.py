@@ -10,7 +10,7 @@ import ray
 import yaml
 
 from jobs.farm import run_job
-from renderer.cli import compose
+from renderer.conf import compose
 from renderer.provenance import make_test_chain, verify_mp4
 from renderer.video_io import read_json
 

@@ -86,10 +86,13 @@ def test_the_label_is_part_of_the_render_hash_only_when_burned():
     from renderer.presets import load_preset
 
     spec = ShotSpec(prompt="a kite", seed=1).resolve(load_preset("tiny_t2v"))
-    plain = render_hash(spec, "tiny_t2v", "fp")
-    assert render_hash(spec, "tiny_t2v", "fp", None) == plain  # unlabelled outputs keep their hash
-    labelled = render_hash(spec, "tiny_t2v", "fp", LabelStyle())
-    assert labelled != plain and render_hash(spec, "tiny_t2v", "fp", LabelStyle(text="预演")) != labelled
+    from kernels.settings import KernelSettings
+
+    k = KernelSettings()
+    plain = render_hash(spec, "tiny_t2v", "fp", k)
+    assert render_hash(spec, "tiny_t2v", "fp", k, None) == plain  # unlabelled outputs keep their hash
+    labelled = render_hash(spec, "tiny_t2v", "fp", k, LabelStyle())
+    assert labelled != plain and render_hash(spec, "tiny_t2v", "fp", k, LabelStyle(text="预演")) != labelled
 
 
 def test_the_whole_label_fits_a_narrow_portrait_frame():

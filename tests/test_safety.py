@@ -54,7 +54,7 @@ def test_generate_refuses_a_blocked_prompt_before_loading_anything(tmp_path, cap
 def test_farm_refuses_a_blocked_prompt_naming_the_shot(tmp_path):
     from jobs.farm import prepare
     from jobs.manifest import ManifestError
-    from renderer.cli import compose
+    from renderer.conf import compose
 
     (tmp_path / "m.yaml").write_text(json.dumps({"defaults": {"size": "64*48", "frames": 9, "steps": 2},
                                                  "shots": [{"id": "ok1", "prompt": "a kite"},
