@@ -176,7 +176,9 @@ def ray_session(cfg: DictConfig):
     cluster = cfg.cluster
     common = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
     if cluster.kind == "local":
-        ctx = ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+        # address="local": always a new embedded cluster; without it ray.init joins whatever Ray instance another
+        # user of the machine started last
+        ctx = ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                        include_dashboard=bool(cluster.dashboard), **common)
     else:
         ctx = ray.init(address=str(cluster.address), **common)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def ray_cluster():
     assert not ray.is_initialized()
     # the workers import the test detector from tests/, so they get the checkout on their path
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield
     ray.shutdown()
