@@ -144,10 +144,21 @@ def prompt_screen_record(prompt: str, settings: SafetySettings) -> dict[str, Any
 class NudeNetDetector:
     """NudeNet's detector from the ONNX model inside its wheel (onnxruntime, CPU)."""
 
-    def __init__(self):
+    def __init__(self, threads: int = 1):
+        import os
+
+        import nudenet
+        import onnxruntime
         from nudenet import NudeDetector
 
         self.model = NudeDetector()
+        # the same model file, on the CPU provider with one thread: it runs beside the renderer in the same process
+        # (a render group's rank 0), where ONNX Runtime's default of one thread per core only contends with torch
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        model_file = os.path.join(os.path.dirname(nudenet.__file__), "320n.onnx")
+        self.model.onnx_session = onnxruntime.InferenceSession(model_file, sess_options=opts,
+                                                               providers=["CPUExecutionProvider"])
         self.name = "nudenet-320n"
 
     def __call__(self, frame: np.ndarray) -> list:
