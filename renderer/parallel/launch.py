@@ -5,7 +5,8 @@
         --dtype bfloat16 --grid 21 90 160 --steps 2 --repeat 2          # a 720p A14B timing, random weights
 
 --check also renders the shot on rank 0 alone (no parallelism) and reports max|Δ| / max|ref| of the final latents;
-only sensible for models that fit one device.  Rank 0 prints one JSON line.  Also runs without torchrun as a
+only sensible for models that fit one device. The reference runs like the group did (eager vs eager, compiled vs
+compiled; `compared` in the JSON says which), so the figure is the layout's error, not compile's.  Rank 0 prints one JSON line.  Also runs without torchrun as a
 single process (then the layout must be `single`).
 """
 from __future__ import annotations
@@ -17,10 +18,13 @@ from pathlib import Path
 
 import torch
 
+from kernels.attention import resolved_backend
+from kernels.compile import blocks_compiled
 from renderer.parallel.config import ParallelConfig
 from renderer.parallel.group import init_group
 from renderer.parallel.parallelize import is_sharded
 from renderer.parallel.selftest import run_shot, tiny_shot
+from renderer.provenance import code_version
 
 PARALLEL_CONF = Path(__file__).resolve().parents[2] / "conf" / "parallel"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--attention", default=None, help="kernels.attention backend (default: sdpa)")
     ap.add_argument("--repeat", type=int, default=1, help="time this many renders (the first one warms up)")
     ap.add_argument("--check", action="store_true", help="compare with a single-process render on rank 0")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="the group's experts' compile_mode; --check runs the reference the same way (eager vs "
+                         "eager, compiled vs compiled)")
     ap.add_argument("--backend", default=None, help="nccl or gloo (default: nccl on CUDA)")
     return ap.parse_args(argv)
 
@@ -79,6 +86,8 @@ def main(argv=None) -> dict:
         shot = tiny_shot(args.task, tuple(args.grid), args.steps, args.sampler, preset=args.model)
         group.pcfg.validate(group.world_size, shot.dit.num_heads)
         experts = shot.experts(dtype, group.device)
+        for m in experts:
+            m.compile_mode = args.compile
         if group.distributed:
             experts = group.parallelize_experts(experts)
         seconds = []
@@ -93,17 +102,36 @@ def main(argv=None) -> dict:
                   "device": str(group.device), "task": args.task, "model": args.model or f"tiny_{args.task}",
                   "grid": args.grid, "steps": args.steps, "dtype": args.dtype, "seconds": seconds,
                   "fsdp": any(is_sharded(m) for m in experts)}
+        report["compiled"] = any(blocks_compiled(m) for m in experts)
+        report["attention_backend"] = resolved_backend()
+        report["code_version"] = code_version()
         if group.device.type == "cuda":
             report["peak_gb"] = torch.cuda.max_memory_allocated(group.device) / 1e9
         if args.check and group.is_main:
-            ref = run_shot(shot, _local(group), dtype)
-            report["max_rel_err"] = ((latent - ref).abs().max() / ref.abs().max()).item()
+            report.update(_check_against_one_process(shot, group, dtype, latent, report["compiled"]))
         if group.is_main:
             print(json.dumps(report, ensure_ascii=False), flush=True)
         group.barrier()
         return report
     finally:
         group.close()
+
+
+def _check_against_one_process(shot, group, dtype, latent: torch.Tensor, group_compiled: bool) -> dict:
+    """The same shot on rank 0 alone, run like the group ran: compiled if the group's blocks compiled (FSDP-sharded
+    experts stay eager under compile=auto, so their reference is eager too), with the same attention default.
+    A comparison of unlike paths would measure compile's or a kernel's rounding, not the layout's."""
+    experts = shot.experts(dtype, group.device)
+    for m in experts:
+        m.compile_mode = "on" if group_compiled else "off"
+    ref = run_shot(shot, _local(group), dtype, experts=experts)  # final latent [1, C, F, H, W]
+    ref_compiled = any(blocks_compiled(m) for m in experts)
+    if ref_compiled != group_compiled:
+        raise RuntimeError(f"--check compared unlike paths: group compiled={group_compiled}, "
+                           f"reference compiled={ref_compiled}")
+    return {"max_rel_err": ((latent - ref).abs().max() / ref.abs().max()).item(),
+            "compared": "compiled vs compiled" if group_compiled else "eager vs eager",
+            "reference_attention_backend": resolved_backend()}
 
 
 def _local(group):
