@@ -33,7 +33,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "diffusers>=0.35", "accelerate"],
+        # triton: the Triton kernels run in CI through Triton's interpreter (TRITON_INTERPRET=1, tests/conftest.py)
+        "test": ["pytest>=8", "hypothesis>=6", "diffusers>=0.35", "accelerate",
+                 "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "gpu": ["flash-attn", "xformers"],
         # DeepSpeed builds against the installed torch: pip install --no-build-isolation -e .[deepspeed]
         "deepspeed": ["deepspeed>=0.16"],
