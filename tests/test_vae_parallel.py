@@ -142,3 +142,28 @@ def test_encode_refuses_a_split_stream():
     video = torch.zeros(1, 3, 1, 16, 16)  # [B, 3, F, H, W]
     with pytest.raises(NotImplementedError, match="can only decode"):
         vae.encoder(video, StreamState(split=HaloSplit(0, [2], 3)))
+
+
+def test_decode_benchmark_one_and_two_ranks(tmp_path):
+    """benchmarks.vae_decode (the GPU timing of this decode) on CPU: one process, then 2 gloo ranks with --check."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks.vae_decode import main
+
+    root = Path(__file__).resolve().parents[1]
+    common = ["--tiny", "--version", "2.2", "--size", "64*48", "--frames", "5", "--device", "cpu", "--repeat", "1"]
+    one = main([*common, "--out", str(tmp_path / "one.json")])
+    assert one["gpus"] == 1 and one["method"] == "one process, untiled" and one["video_shape"] == [1, 3, 5, 48, 64]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "benchmarks.vae_decode", *common, "--check", "--out", str(tmp_path / "two.json")],
+                         env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["gpus"] == 2 and two["method"].startswith("halo-exchange") and len(two["seconds"]) == 1
+    assert two["max_abs_err_vs_one_process"] <= TOL and two["video_shape"] == one["video_shape"]
+    assert two["provenance"]["digest"] and two["code_version"].startswith("0.1.0+")
