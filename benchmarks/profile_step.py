@@ -3,12 +3,13 @@
     python -m benchmarks.profile_step --model t2v_a14b --size 1280*720 --frames 81 --mode both --out out/step.json
     python -m benchmarks.profile_step --model tiny_t2v --size 64*48 --frames 9        # CPU smoke test
 
-Random bf16 weights (renderer.model.build_dit, DiTConfig from conf/model/<model>.yaml's `dit` block). Prints
-the achieved TFLOP/s; from one more forward under torch.profiler, the raw kernel times of that profiled
-forward grouped into attention / matmul / other / idle beside its own wall time (not rescaled into the
+Random bf16 weights (renderer.families.wan22.model.build_dit, DiTConfig from conf/model/<model>.yaml's `dit`
+block). Prints the achieved TFLOP/s; from one more forward under torch.profiler, the raw kernel times of that
+profiled forward grouped into attention / matmul / other / idle beside its own wall time (not rescaled into the
 unprofiled or depth-scaled time); and the floor: this forward's FLOPs over ceilings measured in the same run
-(a large bf16 matmul, and every attention backend at the real shape). --mode both runs the plain path (SDPA default kernel,
-no fused kernels, no compile) and then the fast path (auto attention + Triton fused ops + compiled blocks).
+(a large bf16 matmul, and every attention backend at the real shape). --mode both runs the plain path (SDPA
+default kernel, no fused kernels, no compile) and then the fast path (auto attention + Triton fused ops +
+compiled blocks).
 --layers N builds and times N blocks and scales the block part to the full depth (the embeddings and the head
 are timed once, separately); the report says so.
 """
@@ -29,7 +30,7 @@ import yaml
 from kernels import autotune
 from kernels.attention import attention, resolved_backend, set_default_backend
 from kernels.fused import fused_active, set_fused, triton_failure
-from renderer.model import DiTConfig, build_dit
+from renderer.families.wan22.model import DiTConfig, build_dit
 from renderer.provenance import code_version, provenance
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from renderer.parallel.config import ParallelConfig
-from renderer.parallel.denoise import select_expert
+from renderer.denoise import select_expert
 from renderer.provenance import code_version, provenance
 from renderer.sampling import FlowEuler, build_schedule
 
