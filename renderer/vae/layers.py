@@ -120,8 +120,8 @@ class CausalConv3d(nn.Conv3d):
             if state is not None:
                 # clone so the cache does not pin the whole concatenated buffer
                 state.frames[self.cache_key] = x[:, :, -self.history:].clone()  # [B,C,2p,H,W]
-        if padding is not self.padding:
-            return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)  # [B,Cout,T',h,w]
+        if padding is not self.padding:  # split: no zero padding along the split axis, the halo is there
+            return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)  # [B,Co,T',h,w]
         return super().forward(x)  # [B,Cout,T',H',W']
 
 
