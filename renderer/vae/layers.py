@@ -121,7 +121,7 @@ class CausalConv3d(nn.Conv3d):
                 # clone so the cache does not pin the whole concatenated buffer
                 state.frames[self.cache_key] = x[:, :, -self.history:].clone()  # [B,C,2p,H,W]
         if padding is not self.padding:  # split: no zero padding along the split axis, the halo is there
-            return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)  # [B,Co,T',h,w]
+            return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)  # [B,O,T,h,w]
         return super().forward(x)  # [B,Cout,T',H',W']
 
 
