@@ -9,7 +9,7 @@ Random weights in the official configuration (or --checkpoint Wan2.1_VAE.pth / W
 normalised latent drawn on the CPU from --seed (the same on every rank). Each rank times `decode_distributed`
 (with one process: `vae.decode(tile=False)`) --repeat times after one warm-up decode, between barriers and device
 syncs, and reports its peak memory. --check: rank 0 then decodes the same latent alone, untiled, and reports
-max |group - one process| (fp32: expect <= 1e-5; bf16: the kernels' rounding). Rank 0 prints one JSON line and
+max |group - one process| (fp32, TF32 off: expect <= 1e-5; bf16: the kernels' rounding). Rank 0 prints one JSON line and
 writes --out, with the code version it ran at (renderer/provenance.py).
 """
 from __future__ import annotations
@@ -73,6 +73,9 @@ def main(argv=None) -> dict | None:
     rank, world = (group.rank, group.world_size) if group else (0, 1)
     device = group.device if group else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype == torch.float32:  # fp32 means fp32: cuDNN's default TF32 convs would round per algorithm and shape
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if args.checkpoint:
         vae = load_vae(args.checkpoint, dtype=dtype, device=device)
     else:
@@ -113,7 +116,7 @@ def main(argv=None) -> dict | None:
     if rank == 0:
         report = {"benchmark": "vae_decode", "vae": f"Wan{args.version}", "checkpoint": args.checkpoint,
                   "tiny": args.tiny, "size": args.size, "frames": args.frames, "latent": list(shape),
-                  "dtype": str(dtype).removeprefix("torch."), "gpus": world,
+                  "dtype": str(dtype).removeprefix("torch."), "tf32": torch.backends.cudnn.allow_tf32, "gpus": world,
                   "method": "halo-exchange split (decode_distributed)" if group else "one process, untiled",
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   "torch": torch.__version__, "seconds": seconds, "median_s": statistics.median(seconds),
