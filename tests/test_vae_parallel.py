@@ -68,14 +68,25 @@ def _worker(rank: int, world: int, port: int, out_path: str) -> None:
         video = decode_distributed(vaes[version], _latent(version, shape), group, tile_size=size,
                                    tile_overlap=overlap)
         results[name] = (video, [s[3:] for s in seen[version]])
+    try:  # rank 1 passes a different latent: every rank must refuse, none may wait for the others
+        decode_distributed(vaes["2.1"], _latent("2.1", (2, 4 + (rank == 1), 4)), group)
+        results["mismatch"] = "decoded"
+    except ValueError as e:
+        results["mismatch"] = str(e)
     torch.save(results, f"{out_path}.rank{rank}")
     group.close()
 
 
+_RUNS: dict[int, list[dict]] = {}
+
+
 def _run_world(world: int, tmp_path) -> list[dict]:
-    out = tmp_path / f"world{world}"
-    mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
-    return [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(world)]  # tensors and plain values only
+    """Every rank's results for all cases, spawned once per world size (tests share them)."""
+    if world not in _RUNS:
+        out = tmp_path / f"world{world}"
+        mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
+        _RUNS[world] = [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(world)]  # tensors, values
+    return _RUNS[world]
 
 
 _VAES: dict = {}
@@ -115,6 +126,15 @@ def test_group_decode_equals_the_untiled_decode(world, tmp_path):
             band = [h, w]
             band[axis] = bands[r]
             assert fed == [band] * shape[0], (name, world, r, fed)
+
+
+@pytest.mark.parametrize("world", [2])
+def test_ranks_with_different_latents_all_refuse(world, tmp_path):
+    ranks = _run_world(world, tmp_path)
+    for r in range(world):
+        msg = ranks[r]["mismatch"]
+        assert "the ranks hold latents of different shapes" in msg and "every rank must pass the same latent" in msg
+        assert "(1, 16, 2, 4, 4) and (1, 16, 2, 5, 4)" in msg, msg
 
 
 def test_split_sizes():

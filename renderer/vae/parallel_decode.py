@@ -2,9 +2,10 @@
 
 Why a spatial split with halo exchange (and not time, channels or tiles):
 * Time: the decoders are causal and stream one latent frame at a time through
-  a per-layer cache (StreamState).  Frame i depends on every earlier frame
-  through that cache, so a rank that starts mid-video must first replay the
-  whole receptive field (many latent frames) or be wrong; the ranks serialise.
+  a per-layer cache (StreamState).  Through ~30 stacked causal convs, frame i
+  depends on many earlier latent frames, so a rank that starts mid-video must
+  first replay that whole receptive field (most of a 21-frame latent) or be
+  wrong: little work is left to split.
 * Channels: every 3x3 conv needs all input channels, so a channel split
   all-gathers full-resolution activations at every layer: exact, but the
   traffic is the whole activation volume and grows with the rank count.
@@ -108,14 +109,17 @@ def _run(ops: list) -> None:
 
 
 def _check_same_latent(latent: Tensor, group) -> None:
-    """Every rank must decode the same latent: compare shapes (a collective over the whole group, which
-    also lets the later P2P calls involve only some ranks, as NCCL's batched P2P requires)."""
+    """Every rank must decode the same latent: compare shapes on every rank, so that all of them refuse together
+    rather than some waiting forever for the others. This collective over the whole group also lets the later
+    P2P calls involve only some ranks, as NCCL's batched P2P requires."""
     shape = torch.tensor(list(latent.shape), dtype=torch.int64, device=group.device)  # [5]
-    top = shape.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX)
-    if not torch.equal(top, shape):
-        raise ValueError(f"decode_distributed: rank {group.rank} has a latent of shape {tuple(latent.shape)}, "
-                         f"another rank {tuple(top.tolist())}; every rank must pass the same latent")
+    both = torch.cat([shape, -shape])  # [10]: one MAX gives the largest and (negated) the smallest of each dim
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    largest, smallest = both[:5], -both[5:]
+    if not torch.equal(largest, smallest):
+        raise ValueError(f"decode_distributed: the ranks hold latents of different shapes (between "
+                         f"{tuple(smallest.tolist())} and {tuple(largest.tolist())}; rank {group.rank}: "
+                         f"{tuple(latent.shape)}); every rank must pass the same latent")
 
 
 @torch.no_grad()
