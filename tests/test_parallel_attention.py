@@ -1,5 +1,6 @@
 """Single-process pieces of sequence parallelism: the LSE attention, the online-softmax merge, the token sharder;
 ring attention's Triton step against its plain twin (interpreted on the CPU), also inside a 2-rank ring."""
+import json
 import os
 
 import pytest
@@ -185,3 +186,15 @@ def test_ring_attention_with_the_triton_step_on_two_ranks(tmp_path):
 def test_unknown_ring_step_is_refused():
     with pytest.raises(ValueError, match="unknown ring step 'fast': choose plain or triton"):
         ring_step_fn("fast")
+
+
+@interpret
+def test_ring_step_benchmark_smoke(tmp_path):
+    """benchmarks.ring_step (the GPU timing of the two steps) on the CPU: both steps run, agree, and it reports."""
+    from benchmarks.ring_step import main
+
+    report = main(["--lq", "20", "--lk", "40", "--heads", "2", "--dim", "16", "--blocks", "3", "--device", "cpu",
+                   "--iters", "1", "--out", str(tmp_path / "ring.json")])
+    saved = json.loads((tmp_path / "ring.json").read_text())
+    assert saved["max_rel_diff"] <= 1e-5 and set(saved["results"]) == {"plain", "triton"}
+    assert report["results"]["triton"]["median_s"] > 0 and saved["code_version"].startswith("0.1.0+")
