@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from kernels.attention import resolved_backend
 from kernels.compile import blocks_compiled
+from kernels.settings import KernelSettings
 from renderer.parallel.config import ParallelConfig
 from renderer.parallel.group import init_group
 from renderer.parallel.parallelize import is_sharded
@@ -54,11 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--sampler", default="unipc")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    ap.add_argument("--attention", default=None, help="kernels.attention backend (default: sdpa)")
+    ap.add_argument("--attention", default=None, help="attention backend (default: auto)")
     ap.add_argument("--repeat", type=int, default=1, help="time this many renders (the first one warms up)")
     ap.add_argument("--check", action="store_true", help="compare with a single-process render on rank 0")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                    help="the group's experts' compile_mode; --check runs the reference the same way (eager vs "
+                    help="kernels.compile of the group's experts; --check runs the reference the same way (eager vs "
                          "eager, compiled vs compiled)")
     ap.add_argument("--backend", default=None, help="nccl or gloo (default: nccl on CUDA)")
     return ap.parse_args(argv)
@@ -77,17 +79,12 @@ def main(argv=None) -> dict:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     group = init_group(layout_from_args(args, world), args.backend)
-    if args.attention:
-        from kernels.attention import set_default_backend
-
-        set_default_backend(args.attention)
+    kernels = KernelSettings(attention=args.attention or "auto", compile=args.compile)
     try:
         dtype = DTYPES[args.dtype]
         shot = tiny_shot(args.task, tuple(args.grid), args.steps, args.sampler, preset=args.model)
         group.pcfg.validate(group.world_size, shot.dit.num_heads)
-        experts = shot.experts(dtype, group.device)
-        for m in experts:
-            m.compile_mode = args.compile
+        experts = shot.experts(dtype, group.device, kernels)
         if group.distributed:
             experts = group.parallelize_experts(experts)
         seconds = []
@@ -103,12 +100,12 @@ def main(argv=None) -> dict:
                   "grid": args.grid, "steps": args.steps, "dtype": args.dtype, "seconds": seconds,
                   "fsdp": any(is_sharded(m) for m in experts)}
         report["compiled"] = any(blocks_compiled(m) for m in experts)
-        report["attention_backend"] = resolved_backend()
+        report["attention_backend"] = resolved_backend(kernels.attention)
         report["code_version"] = code_version()
         if group.device.type == "cuda":
             report["peak_gb"] = torch.cuda.max_memory_allocated(group.device) / 1e9
         if args.check and group.is_main:
-            report.update(_check_against_one_process(shot, group, dtype, latent, report["compiled"]))
+            report.update(_check_against_one_process(shot, group, dtype, latent, kernels, report["compiled"]))
         if group.is_main:
             print(json.dumps(report, ensure_ascii=False), flush=True)
         group.barrier()
@@ -117,21 +114,21 @@ def main(argv=None) -> dict:
         group.close()
 
 
-def _check_against_one_process(shot, group, dtype, latent: torch.Tensor, group_compiled: bool) -> dict:
+def _check_against_one_process(shot, group, dtype, latent: torch.Tensor, kernels: KernelSettings,
+                               group_compiled: bool) -> dict:
     """The same shot on rank 0 alone, run like the group ran: compiled if the group's blocks compiled (FSDP-sharded
-    experts stay eager under compile=auto, so their reference is eager too), with the same attention default.
-    A comparison of unlike paths would measure compile's or a kernel's rounding, not the layout's."""
-    experts = shot.experts(dtype, group.device)
-    for m in experts:
-        m.compile_mode = "on" if group_compiled else "off"
-    ref = run_shot(shot, _local(group), dtype, experts=experts)  # final latent [1, C, F, H, W]
+    experts stay eager under compile=auto, so their reference is eager too), with the same kernel settings
+    otherwise. A comparison of unlike paths would measure compile's or a kernel's rounding, not the layout's."""
+    ref_kernels = replace(kernels, compile="on" if group_compiled else "off")
+    experts = shot.experts(dtype, group.device, ref_kernels)
+    ref = run_shot(shot, _local(group), dtype, experts=experts, kernels=ref_kernels)  # final latent [1, C, F, H, W]
     ref_compiled = any(blocks_compiled(m) for m in experts)
     if ref_compiled != group_compiled:
         raise RuntimeError(f"--check compared unlike paths: group compiled={group_compiled}, "
                            f"reference compiled={ref_compiled}")
     return {"max_rel_err": ((latent - ref).abs().max() / ref.abs().max()).item(),
             "compared": "compiled vs compiled" if group_compiled else "eager vs eager",
-            "reference_attention_backend": resolved_backend()}
+            "reference_attention_backend": resolved_backend(ref_kernels.attention)}
 
 
 def _local(group):

@@ -1,7 +1,7 @@
 """The nightly benchmark: a fixed manifest of scaling benchmarks, a history file, a trend plot, regression flags.
 
-    python -m jobs.nightly                                        # jobs/nightly_manifest.yaml, embedded Ray
-    python -m jobs.nightly manifest=my.yaml margin=0.05 address=10.0.0.5:6379
+    python -m benchmarks.nightly                                        # benchmarks/nightly_manifest.yaml, embedded Ray
+    python -m benchmarks.nightly manifest=my.yaml margin=0.05 address=10.0.0.5:6379
 
 Every benchmark of the manifest is one `python -m benchmarks.scaling bench=NAME <overrides>` run inside a Ray task
 (the embedded local cluster by default, like the render farm; `address=` joins a running one), one after another:
@@ -28,8 +28,10 @@ from typing import Any
 
 import yaml
 
+from renderer.provenance import code_version, provenance
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MANIFEST = ROOT / "jobs" / "nightly_manifest.yaml"
+DEFAULT_MANIFEST = ROOT / "benchmarks" / "nightly_manifest.yaml"
 # figure -> direction: +1 lower is better (seconds, memory), -1 higher is better (throughput)
 FIGURES = {"total_s": 1, "step_median_s": 1, "denoise_s": 1, "text_encode_s": 1, "vae_decode_s": 1,
            "peak_gpu_gb": 1, "tflops_per_gpu": -1}
@@ -127,7 +129,8 @@ def record(bench_name: str, row: dict, run: dict) -> dict:
     return {"run_id": run["run_id"], "date": run["date"], "commit": run["commit"], "benchmark": bench_name,
             "key": row_key(bench_name, row), "device": row["device_name"], "gpus": row["gpus"],
             "layout": row["layout"], "scaled": row.get("scaled"),
-            "inject_step_sleep_s": row.get("inject_step_sleep_s") or 0, "figures": figures}
+            "inject_step_sleep_s": row.get("inject_step_sleep_s") or 0, "sampler_ran": row.get("sampler_ran"),
+            "code_version": run.get("code_version"), "figures": figures}
 
 
 def read_history(path: Path) -> list[dict]:
@@ -211,21 +214,20 @@ def plot_trend(history: list[dict], figures: list[str], path: Path, flagged: lis
 
 # -- the job ------------------------------------------------------------------------------------------------------
 def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The commit the code ran at, "-dirty" when tracked files differ from it (renderer/provenance.py: git, or the
+    stamp on a machine without .git); "src.<digest>" of the source files when neither says which commit."""
+    p = provenance()
+    if p["commit"] is None:
+        return f"src.{p['digest']}"
+    return p["commit"] + ("-dirty" if p["dirty"] else "")
 
 
 def run_nightly(s: dict) -> int:
     import ray
 
     run = {"run_id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}",
-           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": _commit()}
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": _commit(),
+           "code_version": code_version()}
     history_path, out_root = Path(s["history"]), Path(s["out"]) / run["run_id"]
     history = read_history(history_path)
     started = not ray.is_initialized()  # reuse a Ray already up in this process (tests); else start or join one
