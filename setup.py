@@ -31,6 +31,8 @@ setup(
         "tqdm",
         "rich",
         "matplotlib",
+        "fastapi>=0.110",  # `wanrender serve`: the HTTP submission service
+        "uvicorn>=0.29",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "diffusers>=0.35", "accelerate"],

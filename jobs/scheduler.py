@@ -252,6 +252,7 @@ class Farm:
             rec.attempts.append({"attempt": attempt, "group": g.gid, "node_id": g.node_id, "gpus": g.size,
                                  "started_at": time.time(), "log": task["log"]})
             self._event(f"{shot.id}: attempt {attempt} on group {g.gid}")
+            self._update_progress()  # watchers see the shot running even when it ends within one wait
 
     # -- results --------------------------------------------------------------------------------------------------
     def handle(self, ref) -> None:
