@@ -104,13 +104,17 @@ class RssSampler(threading.Thread):
         self.stop = threading.Event()
         self.t0 = time.perf_counter()
 
+    def sample(self) -> None:
+        farm = self.farm_ref[0] if self.farm_ref else None
+        done = sum(1 for r in list(farm.records.values()) if r.status == "done") if farm else 0
+        self.samples.append({"t_s": round(time.perf_counter() - self.t0, 3), "done": done,
+                             "rss_mb": round(self.proc.memory_info().rss / 2**20, 2)})
+
     def run(self) -> None:
         while not self.stop.is_set():
-            farm = self.farm_ref[0] if self.farm_ref else None
-            done = sum(1 for r in farm.records.values() if r.status == "done") if farm else 0
-            self.samples.append({"t_s": round(time.perf_counter() - self.t0, 3), "done": done,
-                                 "rss_mb": round(self.proc.memory_info().rss / 2**20, 2)})
+            self.sample()
             self.stop.wait(self.every_s)
+        self.sample()  # the end of the run
 
 
 def memory_summary(samples: list[dict], shots: int) -> dict:
