@@ -46,3 +46,35 @@ def test_over_burst_waits_for_own_jobs_and_priority_orders_the_rest():
 def test_bad_quota_config(g, b):
     with pytest.raises(ValueError, match="guaranteed_gpus <= burst_gpus"):
         ProjectQuota.from_dict("x", {"guaranteed_gpus": g, "burst_gpus": b})
+
+
+def test_one_service_per_state_folder(tmp_path):
+    from jobs.service.store import JobStore
+
+    first = JobStore(tmp_path)
+    with pytest.raises(RuntimeError, match="in use by another wanrender service \\(pid"):
+        JobStore(tmp_path)
+    first.close()
+    JobStore(tmp_path).close()  # free again once the first one is gone
+
+
+@pytest.mark.parametrize("env, args, message", [
+    ({}, [], "no service token: set WANRENDER_SERVICE_TOKEN"),
+    ({"WANRENDER_SERVICE_TOKEN": "short"}, [], "use at least 16"),
+    ({"WANRENDER_SERVICE_TOKEN": "x" * 20}, ["service.projects_file=/nonexistent/q.yaml"],
+     "service.projects_file: cannot read /nonexistent/q.yaml"),
+    ({"WANRENDER_SERVICE_TOKEN": "x" * 20}, ["service.ray_address=http://127.0.0.1:1"],
+     "service.cluster_gpus is needed with service.ray_address"),
+])
+def test_serve_refuses_bad_settings_before_starting_anything(tmp_path, monkeypatch, capsys, env, args, message):
+    import ray
+
+    from renderer.cli import main
+
+    monkeypatch.delenv("WANRENDER_SERVICE_TOKEN", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["serve", f"out={tmp_path}", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "service").exists() and not ray.is_initialized()  # no state folder, no cluster
