@@ -18,7 +18,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 
 TOKEN = "test-token-0123456789abcdef"
@@ -75,12 +74,44 @@ class Api:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    assert not ray.is_initialized()
-    ctx = ray.init(num_cpus=4, num_gpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-                   dashboard_port=free_port(), log_to_driver=False, logging_level="WARNING")
-    yield f"http://{ctx.dashboard_url}"
-    ray.shutdown()
+def cluster(tmp_path_factory):
+    """Our own Ray head (`ray start --head --block`, ended by its pid) with every port chosen free: the node's job
+    agent otherwise takes the fixed port 52365, which another Ray on a shared machine may hold."""
+    ports = {flag: free_port() for flag in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port", "metrics-export-port",
+                                            "runtime-env-agent-port", "node-manager-port", "object-manager-port",
+                                            "ray-client-server-port")}
+    log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")
+    ray_bin = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--num-cpus=4", "--num-gpus=2",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+                             *(f"--{flag}={port}" for flag, port in ports.items())],
+                            # a loopback-only test cluster: no Ray token (the service's own bearer token is tested)
+                            env={**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"},
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        # the job agent comes up after the dashboard (slowly on a busy machine): wait until it takes a job
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.monotonic() + 180
+        while True:
+            assert head.poll() is None, Path(log.name).read_text()[-3000:]
+            try:
+                JobSubmissionClient(url).submit_job(entrypoint="true", submission_id=f"warmup-{time.time_ns()}")
+                break
+            except (RuntimeError, ConnectionError) as e:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"Ray's job agent did not start in 180s: {e}")
+                time.sleep(2.0)
+        yield url
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: the head ends the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
 
 
 def start_service(cluster: str, base: Path, port: int) -> subprocess.Popen:
@@ -183,6 +214,9 @@ def test_submit_quota_queue_cancel_and_report(service):
     assert code == 200 and "wanrender report: first" in html
     code, csv_text = api("GET", f"/v1/jobs/{a['id']}/accounting.csv")
     assert code == 200 and csv_text.splitlines()[-1].startswith("TOTAL,")
+    code, logs = api("GET", f"/v1/jobs/{a['id']}/logs")
+    assert code == 200 and "job first: 0 rendered" not in logs and "job first: 2 rendered" in logs, logs[-2000:]
+    assert "has not started (cancelled" in api("GET", f"/v1/jobs/{b['id']}/logs")[1]
     assert api("GET", "/v1/jobs/nope/report")[0] == 404
 
 

@@ -9,7 +9,7 @@ in constant time. There is no anonymous access.
     GET  /v1/jobs[?project=P]         the jobs, oldest first
     GET  /v1/jobs/{id}                state, reason, per-shot status / attempts / GPU-seconds / ETA, job ETA
     POST /v1/jobs/{id}/cancel         queued: cancelled at once; running: Ray stops the driver (report written)
-    GET  /v1/jobs/{id}/report         report.json   (also /report.html, /accounting.csv)
+    GET  /v1/jobs/{id}/report         report.json   (also /report.html, /accounting.csv; /logs: the driver's output)
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
@@ -101,6 +101,10 @@ def create_app(service: JobService, token: str, poll_s: float = 2.0) -> FastAPI:
     @app.get("/v1/jobs/{job_id}/report.html", dependencies=[Depends(authorized)])
     def report_html(job_id: str):
         return FileResponse(service.report_file(job_id, "report.html"), media_type="text/html")
+
+    @app.get("/v1/jobs/{job_id}/logs", dependencies=[Depends(authorized)], response_class=PlainTextResponse)
+    def logs(job_id: str):
+        return service.logs(job_id)
 
     @app.get("/v1/jobs/{job_id}/accounting.csv", dependencies=[Depends(authorized)])
     def accounting_csv(job_id: str):

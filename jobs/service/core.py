@@ -33,6 +33,7 @@ FORMATS = {"yaml": ".yaml", "json": ".json", "csv": ".csv"}
 FORBIDDEN_OVERRIDES = ("manifest", "out", "cluster", "dry_run", "job.output_root", "job.max_groups", "service",
                        "hydra")
 STOP_WAIT_S = 60
+HISTORY_KEPT = 50
 RAY_STATES = {"PENDING": PENDING, "RUNNING": RUNNING, "SUCCEEDED": SUCCEEDED, "FAILED": FAILED, "STOPPED": STOPPED}
 
 
@@ -182,6 +183,7 @@ class JobService:
     def _set(self, rec: JobRecord, state: str, reason: str | None) -> None:
         if rec.state != state or rec.reason != reason or rec.id not in self.store.jobs:
             rec.history.append({"at": round(time.time(), 3), "state": state, "reason": reason})
+            del rec.history[:-HISTORY_KEPT]  # a job retried against a sick job server must not grow forever
             rec.state, rec.reason = state, reason
             if state in TERMINAL and rec.ended_at is None:
                 rec.ended_at = time.time()
@@ -214,9 +216,15 @@ class JobService:
             self.client.submit_job(entrypoint=shlex.join(argv), submission_id=rec.id,
                                    runtime_env={"env_vars": env},
                                    metadata={"wanrender_project": rec.project, "wanrender_name": rec.name})
-        except Exception as e:  # Ray refused (or the job server is down): the job fails with Ray's reason
-            if "already exists" not in str(e):
-                self._set(rec, FAILED, f"Ray job submission failed: {' '.join(str(e).split())[:400]}")
+        except Exception as e:
+            text = " ".join(str(e).split())[:400]
+            if "already exists" in text:  # submitted before a restart: Ray has it, follow it
+                pass
+            elif "status code 4" in text:  # Ray refused the request itself: retrying would not help
+                self._set(rec, FAILED, f"Ray job submission refused it: {text}")
+                return
+            else:  # the job server is unreachable or failing: keep the job queued, the poller tries again
+                self._set(rec, QUEUED, f"Ray's job server did not take it ({text}); trying again")
                 return
         rec.started_at = time.time()
         self._set(rec, PENDING, None)
@@ -298,6 +306,16 @@ class JobService:
             raise ServiceError(404, f"job {job_id} has no {name} yet (state {rec.state}); the farm writes it when "
                                     f"the job ends")
         return path
+
+    def logs(self, job_id: str, tail_chars: int = 100_000) -> str:
+        """The job driver's output (plan, events, progress lines), as Ray kept it."""
+        rec = self.get(job_id)
+        if rec.state in (QUEUED, CANCELLED, SUBMITTING):
+            return f"job {job_id} has not started ({rec.state}: {rec.reason or '-'})\n"
+        try:
+            return self.client.get_job_logs(rec.id)[-tail_chars:]
+        except Exception as e:
+            raise ServiceError(502, f"Ray has no logs for job {job_id}: {' '.join(str(e).split())[:300]}")
 
     # -- cancel -----------------------------------------------------------------------------------------------------
     def cancel(self, job_id: str) -> JobRecord:
