@@ -135,7 +135,7 @@ def run(shots: int, gpus: int, gpus_per_group: int, cpus: int | None, workdir: P
     from jobs.progress import JobProgress
     from jobs.report import write_report
     from jobs.scheduler import Farm, FarmSettings
-    from renderer.cli import compose
+    from renderer.conf import compose
 
     manifest = write_manifest(workdir / "manifest.yaml", shots)
     out = workdir / "out"

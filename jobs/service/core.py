@@ -158,7 +158,7 @@ class JobService:
         """Exactly `wanrender render`'s checks (jobs.farm.prepare): every problem at once, nothing reserved."""
         from jobs.farm import prepare
         from jobs.manifest import ManifestError
-        from renderer.cli import compose
+        from renderer.conf import compose
 
         with self._validate_lock:
             try:
