@@ -164,7 +164,8 @@ def ray_session(cfg: DictConfig):
     cluster = cfg.cluster
     common = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
     if cluster.kind == "local":
-        ctx = ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+        # address="local": always a fresh cluster of our own, never one someone else started on this machine
+        ctx = ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                        include_dashboard=bool(cluster.dashboard), **common)
     else:
         ctx = ray.init(address=str(cluster.address), **common)

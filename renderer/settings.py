@@ -118,7 +118,11 @@ class Settings:
         except (ValueError, TypeError) as e:
             problems.append(("kernels", str(e)))
             kernels = KernelSettings()
-        render = render_options(d.get("render") or {}, kernels)
+        try:
+            render = render_options(d.get("render") or {}, kernels)
+        except (ValueError, TypeError) as e:
+            problems.append(("render", str(e)))
+            render = RenderOptions(kernels=kernels)
         parallel = None
         if d.get("parallel") is not None:
             try:
