@@ -146,8 +146,8 @@ def run(shots: int, gpus: int, gpus_per_group: int, cpus: int | None, workdir: P
     assert plan.gpus_per_group == 1 and len(plan.todo) == shots
     plan.gpus_per_group = gpus_per_group
     groups = gpus // gpus_per_group
-    ray.init(num_cpus=cpus or gpus + 2, num_gpus=gpus, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING")
+    ray.init(address="local", num_cpus=cpus or gpus + 2, num_gpus=gpus, include_dashboard=False,
+             log_to_driver=False, logging_level="WARNING")
     try:
         settings = FarmSettings(gpus_per_group=gpus_per_group, use_gpus=True, max_retries=2,
                                 shot_timeout_s=600, group_start_timeout_s=600,

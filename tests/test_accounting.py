@@ -21,7 +21,8 @@ from renderer.video_io import read_json, sidecar_path
 @pytest.fixture(scope="module")
 def ray_cluster():
     assert not ray.is_initialized()
-    ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -141,8 +141,9 @@ def serve_from_config(cfg) -> int:
         return 2
     address, gpus = settings.ray_address, settings.cluster_gpus
     if address is None:  # our own embedded cluster (cluster.num_gpus can fake GPUs for tests)
-        ctx = ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, include_dashboard=True,
-                       dashboard_host="127.0.0.1", log_to_driver=False, logging_level="WARNING")
+        ctx = ray.init(address="local", num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus,
+                       include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                       logging_level="WARNING")
         address = f"http://{ctx.dashboard_url}"
         res = ray.cluster_resources()
         gpus = gpus or int(res.get("GPU", 0)) or int(res.get("CPU", 0))  # CPU-only: one slot a rank, as the farm
