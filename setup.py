@@ -31,6 +31,8 @@ setup(
         "tqdm",
         "rich",
         "matplotlib",
+        "fastapi>=0.110",  # `wanrender serve`: the HTTP submission service
+        "uvicorn>=0.29",
     ],
     extras_require={
         # triton: the Triton kernels run in CI through Triton's interpreter (TRITON_INTERPRET=1, tests/conftest.py)
