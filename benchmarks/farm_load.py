@@ -10,8 +10,8 @@ placeholder MP4 + sidecar atomically and returns at once, so every second measur
 Measured: scheduler overhead per shot (steady-state wall time per shot once groups are up, and the driver
 process's CPU time per shot), validation + plan time, report time, and the driver's RSS over the run (sampled
 with the number of shots done, to see that memory is flat). Target: <= 20 ms per shot, flat memory.
-The raw JSON (commit + dirty flag from renderer/provenance.py, also without .git) goes to benchmarks/results/; --record also adds a
-row to benchmarks/RESULTS.md.
+The raw JSON (commit + dirty flag from renderer/provenance.py, also without .git) goes to benchmarks/results/;
+--record also adds a row to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
