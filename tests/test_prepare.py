@@ -209,24 +209,26 @@ def test_missing_or_wrong_checkpoint_fails_before_any_frame(tmp_path, tiny_ckpt,
     assert not any((tmp_path / x).exists() for x in "abcde")
 
 
-def test_cli_prepare(tmp_path, tiny_ckpt, plate, character):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "renderer.cli", "prepare", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
+def test_cli_prepare(tmp_path, tiny_ckpt, plate, character, capsys):
+    from renderer.cli import main
 
     common = [f"plate={plate}", f"image={character}", f"prepare.checkpoint={tiny_ckpt}", "prepare.area=[160,96]",
               "prepare.device=cpu"]
-    res = cli(*common, "mode=animate", f"out={tmp_path / 'p'}")
+    # one real process: the console command's exit code and output
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "renderer.cli", "prepare", *common, "mode=animate",
+                          f"out={tmp_path / 'p'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "15 frames 96x160 at 30 fps" in res.stdout and (tmp_path / "p/preview.png").is_file()
-    res = cli(*common, "mode=animate", f"out={tmp_path / 'p'}")
-    assert res.returncode == 0 and "reused" in res.stdout
-    res = cli(*common, "mode=dance", f"out={tmp_path / 'q'}")
-    assert res.returncode == 2 and "mode='dance'" in res.stderr and "Traceback" not in res.stderr
-    res = cli(f"image={character}", f"out={tmp_path / 'q'}")
-    assert res.returncode == 2 and "plate=" in res.stderr and "Traceback" not in res.stderr
-    res = cli(f"plate={tmp_path / 'none.mp4'}", f"image={character}", f"out={tmp_path / 'q'}")
-    assert res.returncode == 2 and "plate not found" in res.stderr
+    # the rest in this process (same entry point, no interpreter start-up per case)
+    assert main(["prepare", *common, "mode=animate", f"out={tmp_path / 'p'}"]) == 0
+    assert "reused" in capsys.readouterr().out
+    assert main(["prepare", *common, "mode=dance", f"out={tmp_path / 'q'}"]) == 2
+    assert "mode='dance'" in capsys.readouterr().err
+    assert main(["prepare", f"image={character}", f"out={tmp_path / 'q'}"]) == 2
+    assert "plate=" in capsys.readouterr().err
+    assert main(["prepare", f"plate={tmp_path / 'none.mp4'}", f"image={character}", f"out={tmp_path / 'q'}"]) == 2
+    assert "plate not found" in capsys.readouterr().err
+    assert main(["prepare", *common, "mode=replace", f"prepare.checkpoint={tmp_path}", f"out={tmp_path / 'q'}"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
