@@ -14,7 +14,11 @@ install: $(STAMP)
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,prepare]"
+	@# sam2 (Animate replacement masks): no deps (its torchvision pin would replace torch), no CUDA build, built
+	@# against the installed torch (its build requirements would pull a second torch into an isolated env)
+	$(PY) -m pip install -q setuptools wheel
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-deps --no-build-isolation "sam2==1.1.0"
 	@touch $(STAMP)
 
 test: install
