@@ -1,0 +1,79 @@
+"""Animate/replace shots: clip plan and estimate, input checks from headers, manifests, cached preprocessing."""
+import shutil
+
+import pytest
+
+from tests.prepare_helpers import character, plate, tiny_ckpt  # noqa: F401
+
+from renderer.prepare import PrepareSettings, prepare
+from renderer.prepare.shots import check_animate_shot, clip_plan, prepared_folder
+
+
+def test_clip_plan_follows_the_official_clip_rule():
+    p = clip_plan(300, 1280, 720)  # the design note's example: 300 frames = 4 clips at refert_num 1
+    assert (p.clips, p.padded_frames, p.tokens) == (4, 4 * 76 + 1, 75_600)
+    assert abs(p.pflop_per_forward - 6.60) < 1e-9 and p.forwards == 80
+    assert abs(clip_plan(10, 832, 480).pflop_per_forward - 1.71) < 1e-9
+    assert clip_plan(77, 1280, 720).clips == 1 and clip_plan(78, 1280, 720).clips == 2
+    assert clip_plan(300, 1280, 720, refert_num=5).clips == 5  # ceil(295 / 72)
+    assert clip_plan(77, 1280, 720, guidance=2.0).forwards == 40  # guidance > 1: two forwards a step
+    assert "4 clip(s)" in p.describe() and "H200" in p.describe()
+
+
+def test_check_animate_shot_reads_headers_and_reports_every_problem(tmp_path, plate, character):
+    plan, problems = check_animate_shot("replace", str(plate), str(character), area=(160, 96))
+    assert problems == [] and plan.frames == 15 and plan.clips == 1
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 100)
+    plan, problems = check_animate_shot("animate", str(bad), str(tmp_path / "none.png"), mask=str(plate),
+                                        refert_num=3)
+    fields = sorted(f for f, _ in problems)
+    assert plan is None and fields == ["image", "mask", "refert_num", "video"]
+    assert any("not a readable video" in m for _, m in problems)
+    _, problems = check_animate_shot("replace", None, str(character), mask=str(tmp_path / "m.mp4"))
+    assert sorted(f for f, _ in problems) == ["mask", "video"]
+
+
+def test_a_prepared_folder_stands_in_for_the_plate(tmp_path, tiny_ckpt, plate, character):
+    folder = tmp_path / "prep"
+    prepare(plate, character, folder, PrepareSettings(area=(160, 96)), checkpoint_root=tiny_ckpt, progress=False)
+    plan, problems = check_animate_shot("animate", str(folder), str(character))
+    assert problems == [] and plan.frames == 15
+    _, problems = check_animate_shot("replace", str(folder), str(character))  # animate folder lacks bg/mask
+    assert {m.split(" has no ")[1].split(" ")[0] for _, m in problems} == {"src_bg.mp4", "src_mask.mp4"}
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    shutil.copy(damaged / "src_pose.mp4", damaged / "src_face.mp4")  # wrong size
+    _, problems = check_animate_shot("animate", str(damaged), str(character))
+    assert any("512x512" in m for _, m in problems)
+    _, problems = check_animate_shot("animate", str(tmp_path), str(character))
+    assert "not a preprocessed one" in problems[0][1]
+
+
+def test_manifest_checks_animate_shots_up_front(tmp_path, plate, character):
+    from omegaconf import OmegaConf
+
+    from jobs.manifest import ManifestError, validate_manifest
+    from renderer.presets import CONF_DIR, load_preset
+
+    preset = load_preset(OmegaConf.load(CONF_DIR / "model" / "tiny_t2v.yaml"))
+    raw = {"shots": [{"id": "a1", "task": "replace", "video": str(plate), "image": str(character),
+                      "refert_num": 3, "loras": "relight.safetensors", "mask": "nomask.mp4"}]}
+    with pytest.raises(ManifestError) as e:
+        validate_manifest(raw, preset, base_dir=tmp_path)
+    fields = {p.field for p in e.value.problems}
+    # ours (refert_num, loras, mask) and the model's (tiny_t2v renders no replace shots), all in one report
+    assert {"refert_num", "loras", "mask", "task"} <= fields
+    assert all(p.shot == "a1" for p in e.value.problems)
+
+
+def test_shot_preprocessing_is_cached_by_content(tmp_path, tiny_ckpt, plate, character):
+    s = PrepareSettings(area=(160, 96))
+    first = prepared_folder(str(plate), str(character), "animate", tmp_path / "prep", s, tiny_ckpt)
+    stamp = (first / "src_pose.mp4").stat().st_mtime_ns
+    again = prepared_folder(str(plate), str(character), "animate", tmp_path / "prep", s, tiny_ckpt)
+    assert again == first and (again / "src_pose.mp4").stat().st_mtime_ns == stamp
+    other = prepared_folder(str(plate), str(character), "animate", tmp_path / "prep",
+                            PrepareSettings(area=(160, 96), face_scale=1.4), tiny_ckpt)
+    assert other != first and other.parent == first.parent
+    assert prepared_folder(str(first), str(character), "animate", tmp_path / "x", s, tiny_ckpt) == first
