@@ -77,3 +77,43 @@ def test_shot_preprocessing_is_cached_by_content(tmp_path, tiny_ckpt, plate, cha
                             PrepareSettings(area=(160, 96), face_scale=1.4), tiny_ckpt)
     assert other != first and other.parent == first.parent
     assert prepared_folder(str(first), str(character), "animate", tmp_path / "x", s, tiny_ckpt) == first
+
+
+def _fake_plan(tmp_path, shots):
+    from types import SimpleNamespace
+
+    from jobs.manifest import ShotRequest
+    from renderer.pipeline import ShotSpec
+
+    planned = []
+    for i, (sid, video, image) in enumerate(shots):
+        plan, _ = check_animate_shot("animate", str(video), str(image), area=(160, 96))
+        req = ShotRequest(id=sid, output=sid, spec=ShotSpec(prompt="", task="animate", image=str(image)), priority=0,
+                          index=i, video=str(video), clip_plan=plan or clip_plan(15, 96, 160))
+        planned.append(SimpleNamespace(request=req, id=sid, done=False))
+    return SimpleNamespace(out_dir=tmp_path / "job", shots=planned, todo=planned)
+
+
+@pytest.mark.parametrize("use_ray", [False, True])
+def test_farm_prepare_stage(tmp_path, tiny_ckpt, plate, character, use_ray):
+    from jobs.prepare_stage import run_prepare_stage
+
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    plan = _fake_plan(tmp_path, [("a1", plate, character), ("a2", bad, character)])
+    if use_ray:
+        ray = pytest.importorskip("ray")
+        ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        failures = run_prepare_stage(plan, PrepareSettings(area=(160, 96)), str(tiny_ckpt), use_ray=use_ray)
+    finally:
+        if use_ray:
+            ray.shutdown()
+    assert list(failures) == ["a2"] and "not a readable video" in failures["a2"]
+    assert [p.id for p in plan.shots] == ["a1"]  # the failed shot is out, the good one goes on
+    folder = plan.shots[0].request.video
+    assert folder.startswith(str(tmp_path / "job" / "prep")) and (tmp_path / "job/prep").is_dir()
+    from pathlib import Path
+
+    assert (Path(folder) / "src_pose.mp4").is_file() and (Path(folder) / "meta.json").is_file()
