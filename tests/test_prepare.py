@@ -232,3 +232,26 @@ def test_cli_prepare(tmp_path, tiny_ckpt, plate, character, capsys):
     assert main(["prepare", *common, "mode=replace", f"prepare.checkpoint={tmp_path}", f"out={tmp_path / 'q'}"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_prepared_folder_reads_back_as_renderer_inputs(tmp_path, tiny_ckpt, plate, character):
+    from renderer.prepare.folder import load_prepared
+
+    out = tmp_path / "prep"
+    prepare(plate, character, out, settings("replace", sam2_config=TINY_SAM2(tiny_ckpt)), checkpoint_root=tiny_ckpt,
+            progress=False)
+    inp = load_prepared(out)
+    assert inp["mode"] == "replace"
+    assert inp["pose"].shape == (3, 15, 96, 160) and inp["face"].shape == (3, 15, 512, 512)
+    assert inp["reference"].shape == (3, 96, 160) and inp["background"].shape == (3, 15, 96, 160)
+    assert inp["mask"].shape == (15, 96, 160) and set(inp["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert inp["pose"].min() >= -1 and inp["pose"].max() <= 1
+    assert inp["background"][:, inp["mask"] > 0].mean() < -0.9  # blacked out under the mask
+    from renderer.prepare.folder import provenance
+
+    side = provenance(out)
+    assert side["plate"]["sha256"] == json.loads((out / "meta.json").read_text())["plate"]["sha256"]
+    assert side["models"]["sam2"].endswith("sam2_hiera_large.pt") and side["settings"]["mask_kernel"] == 7
+    with pytest.raises(PrepareError, match="src_bg.mp4"):
+        (out / "src_bg.mp4").unlink()
+        load_prepared(out)
