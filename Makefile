@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test render bench clean
+.PHONY: install test render render-animate bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,13 @@ test: install
 
 render: install
 	$(VENV)/bin/wanrender render manifest=examples/previs.yaml out=out/previs
+
+# Animate shots from a synthetic plate (needs the Animate model family, issue 12, for the render step)
+render-animate: install
+	$(PY) -m renderer.prepare.synthetic examples/animate
+	$(VENV)/bin/wanrender render manifest=examples/animate.yaml out=out/animate \
+	    prepare.checkpoint=examples/animate/process_checkpoint \
+	    prepare.sam2_config=examples/animate/process_checkpoint/sam2/tiny_sam2.yaml "prepare.area=[160,96]"
 
 bench: install
 	$(PY) -m benchmarks.scaling bench=smoke out=out/bench

@@ -177,3 +177,22 @@ def write_tiny_sam2(folder) -> Path:
     torch.save({"model": model.state_dict()}, folder / "sam2_hiera_large.pt")
     OmegaConf.save(OmegaConf.create({"model": cfg}), folder / "tiny_sam2.yaml")
     return folder / "tiny_sam2.yaml"
+
+
+def write_example(folder) -> Path:
+    """The CPU Animate example's inputs: plate.mp4 (stick figure, 2 s at 24 fps, sine audio), character.png, and
+    process_checkpoint/ with the tiny stand-ins (sam2/tiny_sam2.yaml is their SAM2 config)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stick_figure_plate(folder / "plate.mp4", frames=48, fps=24.0, size=(160, 96), audio_hz=440.0)
+    Image.fromarray(draw_figure(96, 160, (48, 80), 120)).save(folder / "character.png")
+    export_tiny_checkpoints(folder / "process_checkpoint")
+    return folder
+
+
+if __name__ == "__main__":  # python -m renderer.prepare.synthetic examples/animate
+    import sys
+
+    print(f"wrote {write_example(sys.argv[1] if len(sys.argv) > 1 else 'examples/animate')}")
