@@ -252,6 +252,13 @@ def test_prepared_folder_reads_back_as_renderer_inputs(tmp_path, tiny_ckpt, plat
     side = provenance(out)
     assert side["plate"]["sha256"] == json.loads((out / "meta.json").read_text())["plate"]["sha256"]
     assert side["models"]["sam2"].endswith("sam2_hiera_large.pt") and side["settings"]["mask_kernel"] == 7
+    # the rendered shot gets the plate's length and sound (a render 2 frames long here)
+    from renderer.prepare.audio import audio_duration
+    from renderer.prepare.folder import write_shot_from_plate
+
+    rendered = np.zeros((17, 96, 160, 3), np.uint8)
+    mp4 = write_shot_from_plate(rendered, out, tmp_path / "shot.mp4", metadata={"title": "replace"})
+    assert video_info(mp4)["frames"] == 15 and abs(audio_duration(mp4) - 0.5) < 0.025
     with pytest.raises(PrepareError, match="src_bg.mp4"):
         (out / "src_bg.mp4").unlink()
         load_prepared(out)

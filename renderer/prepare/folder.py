@@ -50,3 +50,16 @@ def provenance(folder) -> dict:
     return {"folder": str(Path(folder).resolve()), "cache_key": meta["cache_key"], "mode": meta["mode"],
             "plate": meta["plate"], "image": meta["image"], "models": meta["models"], "settings": meta["settings"],
             "frames": meta["frames"], "fps": meta["fps"], "code_version": meta.get("code_version")}
+
+
+def write_shot_from_plate(frames: np.ndarray, folder, out, metadata: dict | None = None):
+    """The Animate shot's final MP4: `frames` [F,H,W,3] uint8 conformed to the plate's frame count at the render fps
+    and muxed with the plate's audio (renderer.prepare.audio). The plate is the one meta.json names."""
+    from renderer.prepare.audio import write_with_plate
+
+    meta = json.loads((Path(folder) / META).read_text())
+    plate = Path(meta["plate"]["path"])
+    if not plate.is_file():
+        raise PrepareError(f"the plate {plate} that {folder} was prepared from is gone: the output needs its audio "
+                           "track and length; restore it or prepare again")
+    return write_with_plate(frames, plate, out, int(meta["fps"]), metadata=metadata)
