@@ -91,6 +91,10 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
                                      priorities=priorities, source=str(path))
     except ManifestError as e:
         problems += e.problems
+    else:
+        from jobs.prepare_stage import check_prepare_config  # Animate plates: preprocessing config and weights
+
+        problems += [Problem("manifest", f, m) for f, m in check_prepare_config(cfg, manifest.shots)]
     if problems:
         raise ManifestError(problems, str(path))
     out = Path(str(_node(job, "output_root") or cfg.out))

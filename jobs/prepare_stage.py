@@ -77,3 +77,22 @@ def run_prepare_stage(plan, settings, checkpoint, use_ray: bool) -> dict[str, st
     plan.shots = [p for p in plan.shots if p.id not in failures]
     print(f"preprocessing done in {time.time() - t0:.1f}s ({len(failures)} failed)", flush=True)
     return failures
+
+
+def check_prepare_config(cfg, shots) -> list[tuple[str, str]]:
+    """(field, problem) of the preprocessing config for the shots that need it — checked with the manifest, before
+    Ray starts: the settings, and that every checkpoint file the shots' tasks need is there."""
+    from renderer.prepare.checkpoints import CheckpointPaths
+    from renderer.prepare.errors import PrepareError
+
+    need = [s for s in shots if getattr(s, "clip_plan", None) is not None and s.video and not Path(s.video).is_dir()]
+    if not need:
+        return []
+    try:
+        settings_from(cfg)
+        paths = CheckpointPaths.under(cfg.prepare.get("checkpoint"), any(s.spec.task == "replace" for s in need))
+    except PrepareError as e:
+        return [("prepare", str(e))]
+    return [("prepare.checkpoint", f"{p} not found: the plates of {len(need)} Animate shot(s) need it "
+                                   "(the official process_checkpoint/ folder)")
+            for p in (paths.detector, paths.pose, paths.sam2) if p is not None and not p.is_file()]

@@ -145,3 +145,25 @@ def test_example_manifest_inputs_are_valid(tmp_path):
 
     m = load_manifest(tmp_path / "animate.yaml", load_preset(OmegaConf.load(CONF_DIR / "model/tiny_animate.yaml")))
     assert [s.clip_plan.clips for s in m.shots] == [1, 1]
+
+
+def test_farm_checks_the_preprocessing_config_up_front(tmp_path, tiny_ckpt, plate, character):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from jobs.prepare_stage import check_prepare_config
+
+    plan, _ = check_animate_shot("replace", str(plate), str(character))
+    shot = SimpleNamespace(clip_plan=plan, video=str(plate), spec=SimpleNamespace(task="replace"))
+    cfg = lambda **p: OmegaConf.create({"prepare": {"checkpoint": None, "device": "auto", **p}})  # noqa: E731
+    assert "prepare.checkpoint is not set" in check_prepare_config(cfg(), [shot])[0][1]
+    assert check_prepare_config(cfg(checkpoint=str(tiny_ckpt)), [shot]) == []
+    partial = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, partial)
+    (partial / "sam2/sam2_hiera_large.pt").unlink()
+    problems = check_prepare_config(cfg(checkpoint=str(partial)), [shot])
+    assert [f for f, _ in problems] == ["prepare.checkpoint"] and "sam2_hiera_large.pt" in problems[0][1]
+    assert "mode='x'" in check_prepare_config(cfg(checkpoint=str(tiny_ckpt), mode="x"), [shot])[0][1]
+    folder_shot = SimpleNamespace(clip_plan=plan, video=str(tmp_path), spec=shot.spec)  # prepared: nothing to check
+    assert check_prepare_config(cfg(), [folder_shot]) == []
