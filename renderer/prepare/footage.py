@@ -9,6 +9,7 @@ area / height, each floored to a multiple of 16, the frame letterboxed into that
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 
 from renderer.prepare.errors import PrepareError
 
+log = logging.getLogger("wanrender.prepare")
 
 @dataclass(frozen=True)
 class PlateInfo:
@@ -42,6 +44,11 @@ def probe_plate(path) -> PlateInfo:
         vr = decord.VideoReader(str(path), ctx=decord.cpu(0))
         n, fps = len(vr), float(vr.get_avg_fps())
         h, w = vr[0].shape[:2]
+        # variable-frame-rate plates can report a count far from duration x fps; trust the clock then (official)
+        expected = int(float(vr.get_frame_timestamp(n - 1)[-1]) * fps + 0.5) if n else 0
+        if n and expected and abs(n - expected) / n > 0.1:
+            log.warning("plate %s: %d frames but %.2f s at %.3f fps; using %d", path, n, expected / fps, fps, expected)
+            n = min(n, expected)
     except Exception as e:  # decord's DECORDError on anything it cannot demux
         raise PrepareError(f"plate {path} is not a readable video: {str(e)[:200]}") from e
     if n < 1 or not math.isfinite(fps) or fps <= 0:

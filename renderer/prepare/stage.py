@@ -125,6 +125,8 @@ def prepare(plate, image, out, settings: PrepareSettings, checkpoint_root=None, 
     if meta is not None:
         log.info("prepare: %s already holds this preprocessing (key %s): reused", out, key)
         return {**meta, "cached": True}
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"out={out} is a file: the preprocessed output is a folder, choose another out=")
     if out.exists() and any(out.iterdir()) and not force:
         raise PrepareError(f"out={out} already holds something else (other inputs or an incomplete folder): choose "
                            "another out= or pass force=true (the old folder is kept beside it as .prev-*)")
