@@ -118,8 +118,12 @@ class RenderRank:
             if getattr(self.pipe, "is_main", self.rank == 0):  # rank 0 decoded the frames: it writes
                 from renderer.output import write_shot
 
-                mp4, side = write_shot(self.pipe, result, task["out_dir"], name=task["output"],
-                                       extra={"job": task["job"]})
+                extra = {"job": task["job"]}
+                if task.get("video") and (Path(task["video"]) / "meta.json").is_file():
+                    from renderer.prepare.folder import provenance
+
+                    extra["preprocessing"] = provenance(task["video"])  # plate hash, models, settings
+                mp4, side = write_shot(self.pipe, result, task["out_dir"], name=task["output"], extra=extra)
                 out.update(mp4=str(mp4), sidecar=str(side))
             out.update(seconds=round(time.perf_counter() - t0, 3),
                        timings={k: round(v, 4) for k, v in (getattr(result, "timings", None) or {}).items()},

@@ -1,4 +1,5 @@
 """Animate/replace shots: clip plan and estimate, input checks from headers, manifests, cached preprocessing."""
+import json
 import shutil
 from pathlib import Path
 
@@ -167,3 +168,33 @@ def test_farm_checks_the_preprocessing_config_up_front(tmp_path, tiny_ckpt, plat
     assert "mode='x'" in check_prepare_config(cfg(checkpoint=str(tiny_ckpt), mode="x"), [shot])[0][1]
     folder_shot = SimpleNamespace(clip_plan=plan, video=str(tmp_path), spec=shot.spec)  # prepared: nothing to check
     assert check_prepare_config(cfg(), [folder_shot]) == []
+
+
+def test_report_shows_the_preprocessing_preview_beside_the_result(tmp_path, tiny_ckpt, plate, character):
+    """An Animate shot whose request points at a prepared folder: the report card carries its preview.png."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from jobs.manifest import validate_manifest
+    from jobs.plan import build_plan
+    from jobs.report import write_report
+    from jobs.scheduler import ShotRecord
+    from renderer.presets import load_preset
+    from renderer.video_io import write_mp4
+
+    folder = tmp_path / "prep"
+    prepare(plate, character, folder, PrepareSettings(area=(160, 96)), checkpoint_root=tiny_ckpt, progress=False)
+    preset = load_preset("tiny_t2v")
+    plan = build_plan(validate_manifest({"shots": [{"id": "a1", "prompt": "x"}, {"id": "t1", "prompt": "y"}]},
+                                        preset), preset, tmp_path / "out")
+    for p in plan.shots:
+        write_mp4(np.zeros((5, 48, 64, 3), np.uint8), p.mp4, fps=16)
+    plan.shots[0].request = replace(plan.shots[0].request, video=str(folder))  # as the prepare stage leaves it
+    records = {p.id: ShotRecord(p, "done") for p in plan.shots}
+    json_path, html_path = write_report(tmp_path / "out", {"name": "animate"}, records, 1.0)
+    shots = {s["id"]: s for s in json.loads(json_path.read_text())["shots"]}
+    assert shots["a1"]["preview"] == str(folder / "preview.png") and shots["t1"]["preview"] is None
+    page = html_path.read_text()
+    assert page.count('data-which="preview"') == 1 and 'data-shot="a1" data-which="preview"' in page
+    assert page.count('data-which="first"') == 2  # the results' frames are still there for both shots
