@@ -5,6 +5,7 @@
     src_ref.png    the character image
     src_bg.mp4     replace only: the plate with the character blacked out
     src_mask.mp4   replace only: the character mask (white = character)
+    keypoints.npz  per-frame person boxes [T,5] and whole-body keypoints [T,133,3] (x, y, score), plate pixels
     meta.json      fps, frames, size, models and settings, plate/image hashes, the cache key
     preview.png    sampled frames with keypoints, boxes and mask, beside pose and face
 
