@@ -198,3 +198,10 @@ def test_report_shows_the_preprocessing_preview_beside_the_result(tmp_path, tiny
     page = html_path.read_text()
     assert page.count('data-which="preview"') == 1 and 'data-shot="a1" data-which="preview"' in page
     assert page.count('data-which="first"') == 2  # the results' frames are still there for both shots
+
+
+def test_sam2_benchmark_cpu_path():
+    from benchmarks.prepare_sam2 import main
+
+    row = main(["--tiny", "--frames", "3", "--size", "160x96", "--device", "cpu"])
+    assert row["frames"] == 3 and row["config"] == "tiny" and row["seconds"] > 0
