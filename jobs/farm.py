@@ -98,7 +98,12 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
     if problems:
         raise ManifestError(problems, str(path))
     out = Path(str(_node(job, "output_root") or cfg.out))
-    plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force))
+    try:
+        kernels = job_settings(cfg).kernels
+    except ValueError as e:  # renderer.settings.SettingsError: bad kernel / render values
+        raise ManifestError([Problem("config", "kernels", str(e))], str(path))
+    plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force),
+                      kernels=kernels)
     return plan, preset
 
 
@@ -179,14 +184,18 @@ def save_config(cfg: DictConfig, out: Path) -> Path:
 
 
 def worker_spec(cfg: DictConfig, preset) -> dict[str, Any]:
-    from renderer.cli import options_from
-
-    options = asdict(options_from(cfg))
+    options = asdict(job_settings(cfg).render)  # RenderOptions with its KernelSettings, as plain data for Ray
     options["progress"] = False  # a progress bar per actor would only clutter the shot logs
     _, parallel = gpus_per_group(cfg)
     preset_dict = OmegaConf.to_container(cfg.model, resolve=True) if preset.name == cfg.model.name else preset.name
-    return {"preset": preset_dict, "options": options, "parallel": parallel, "attention": cfg.render.attention,
-            "cpu_threads": 1}
+    return {"preset": preset_dict, "options": options, "parallel": parallel, "cpu_threads": 1}
+
+
+def job_settings(cfg: DictConfig):
+    """The typed settings of the job (renderer/settings.py: the one conversion of the config)."""
+    from renderer.settings import Settings
+
+    return Settings.from_config(cfg)
 
 
 def run_job(cfg: DictConfig) -> int:

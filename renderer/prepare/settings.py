@@ -1,7 +1,7 @@
 """Preprocessing settings: one typed object built from the Hydra `prepare` config, checked before any work."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from renderer.prepare.errors import PrepareError
 
@@ -21,7 +21,7 @@ class PrepareSettings:
     mask_grid: tuple = (1, 1)      # (w_len, h_len) grid fill over the mask's box; (1, 1) = the whole box
     sam_chunk: int = 400           # frames tracked per SAM2 session
     preview_frames: int = 6        # frames on the preview sheet
-    device: str = "cpu"            # onnxruntime / SAM2 device: cpu | cuda | cuda:N
+    device: str = "cpu"            # onnxruntime / SAM2 device: cpu | cuda | cuda:N | auto (cuda when present)
     sam2_config: str | None = field(default=None)  # a SAM2 model yaml; None = the package's hiera-large
 
     @classmethod
@@ -34,6 +34,14 @@ class PrepareSettings:
         s = cls(**known)
         s.validate()
         return s
+
+    def resolved_device(self) -> "PrepareSettings":
+        """`auto` made concrete: cuda when torch sees one, else cpu."""
+        if self.device != "auto":
+            return self
+        import torch
+
+        return replace(self, device="cuda" if torch.cuda.is_available() else "cpu")
 
     def validate(self) -> None:
         problems = []
