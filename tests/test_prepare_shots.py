@@ -103,8 +103,9 @@ def test_farm_prepare_stage(tmp_path, tiny_ckpt, plate, character, use_ray):
     plan = _fake_plan(tmp_path, [("a1", plate, character), ("a2", bad, character)])
     if use_ray:
         ray = pytest.importorskip("ray")
-        ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        # address="local": always a fresh cluster of our own, never one another process left on this machine
+        ray.init(address="local", num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False,
+                 logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         failures = run_prepare_stage(plan, PrepareSettings(area=(160, 96)), str(tiny_ckpt), use_ray=use_ray)
     finally:
