@@ -31,6 +31,8 @@ setup(
         "tqdm",
         "rich",
         "matplotlib",
+        "fastapi>=0.110",  # `wanrender serve`: the HTTP submission service
+        "uvicorn>=0.29",
     ],
     extras_require={
         # onnx + onnxscript: the preprocessing tests export tiny stand-ins of the official ONNX checkpoints

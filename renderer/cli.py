@@ -4,6 +4,7 @@
     wanrender render manifest=FILE     render a manifest of shots on the render farm (Ray)
     wanrender prepare plate=F image=F mode=animate|replace out=DIR prepare.checkpoint=DIR
                                        preprocess a plate for an Animate shot (pose, face, [mask, background])
+    wanrender serve [overrides]        the HTTP submission service (token in WANRENDER_SERVICE_TOKEN)
     wanrender config [overrides]       print the resolved config
 
 Overrides are Hydra's: model=t2v_a14b model.checkpoint=/ckpt/Wan2.2-T2V-A14B prompt="..." seed=7
@@ -119,6 +120,12 @@ def cmd_prepare(cfg: DictConfig) -> int:
 PREPARE_SHORT = ("plate", "mode", "force", "retarget", "checkpoint")
 
 
+def cmd_serve(cfg: DictConfig) -> int:
+    from jobs.service.api import serve_from_config  # the HTTP submission service (FastAPI + Ray job submission)
+
+    return serve_from_config(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if command == "prepare":
         overrides = [f"prepare.{o}" if o.split("=", 1)[0] in PREPARE_SHORT else o for o in overrides]
-    commands = {"generate": cmd_generate, "render": cmd_render, "prepare": cmd_prepare,
+    commands = {"generate": cmd_generate, "render": cmd_render, "prepare": cmd_prepare, "serve": cmd_serve,
                 "config": lambda c: print(OmegaConf.to_yaml(c)) or 0}
     if command not in commands:
         print(f"unknown command {command!r}: use {', '.join(commands)}\n{__doc__}", file=sys.stderr)
