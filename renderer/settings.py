@@ -150,7 +150,8 @@ class Settings:
                 problems.append(("prepare", str(e)))
         if problems:
             raise SettingsError(problems)
-        return cls(model=model, shot=shot, prepare=prepare, render=render, parallel=parallel, job=job, cluster=cluster,
+        return cls(model=model, shot=shot, prepare=prepare, render=render, parallel=parallel, job=job,
+                   cluster=cluster,
                    out=str(d.get("out") or "out"), name=d.get("name"), label=bool(d.get("label", False)),
                    manifest=d.get("manifest"), dry_run=bool(d.get("dry_run", False)), resolved=d)
 
