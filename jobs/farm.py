@@ -85,6 +85,7 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
         v = _node(job, key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low:
             problems.append(Problem("manifest", f"job.{key}", f"must be a number >= {low:g}, got {v!r}"))
+    problems += accounting_problems(job)
     defaults = OmegaConf.to_container(job.shot_defaults, resolve=True) if _node(job, "shot_defaults") is not None else {}
     priorities = OmegaConf.to_container(job.priorities, resolve=True) if _node(job, "priorities") else None
     try:
@@ -92,6 +93,10 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
                                      priorities=priorities, source=str(path))
     except ManifestError as e:
         problems += e.problems
+    else:
+        from jobs.prepare_stage import check_prepare_config  # Animate plates: preprocessing config and weights
+
+        problems += [Problem("manifest", f, m) for f, m in check_prepare_config(cfg, manifest.shots)]
     problems += _gate_problems(cfg, manifest if not problems else None)
     if problems:
         raise ManifestError(problems, str(path))
@@ -129,6 +134,22 @@ def _gate_problems(cfg: DictConfig, manifest) -> list[Problem]:
 
         problems += [Problem(sid, "image", m) for sid, m in image_problems([(s.id, s.spec.image)
                                                                             for s in manifest.shots], delivery)]
+    return problems
+
+
+def accounting_problems(job: DictConfig) -> list[Problem]:
+    """job.gpu_hour_cost (>= 0) and job.budget_gpu_hours (> 0): finite numbers or null."""
+    import math
+
+    problems = []
+    for key, low, fix in (("gpu_hour_cost", 0.0, "job.gpu_hour_cost=2.5 (money per GPU-hour) or null"),
+                          ("budget_gpu_hours", 1e-9, "job.budget_gpu_hours=10 (GPU-hours) or null for no cap")):
+        v = _node(job, key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+            problems.append(Problem("manifest", f"job.{key}", f"must be a finite number "
+                                                              f"{'>= 0' if low == 0 else '> 0'}, got {v!r}: {fix}"))
     return problems
 
 
@@ -176,8 +197,7 @@ def ray_session(cfg: DictConfig):
     cluster = cfg.cluster
     common = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
     if cluster.kind == "local":
-        # address="local": always a new embedded cluster; without it ray.init joins whatever Ray instance another
-        # user of the machine started last
+        # address="local": always a fresh cluster of our own, never one someone else started on this machine
         ctx = ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                        include_dashboard=bool(cluster.dashboard), **common)
     else:
@@ -245,7 +265,8 @@ def run_job(cfg: DictConfig) -> int:
     job_info = {"name": plan.manifest.name, "manifest": str(Path(cfg.manifest).resolve()), "model": plan.model,
                 "fingerprint": plan.fingerprint, "gpus_per_group": plan.gpus_per_group,
                 "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
-                "config": str(out / "config.yaml")}
+                "config": str(out / "config.yaml"), "gpu_hour_cost": _node(cfg, "job.gpu_hour_cost"),
+                "budget_gpu_hours": _node(cfg, "job.budget_gpu_hours")}
     if not plan.todo:
         records = _records_without_render(plan)
         json_path, html_path = write_report(out, job_info, records, time.time() - t_start)
@@ -256,11 +277,15 @@ def run_job(cfg: DictConfig) -> int:
     records, interrupted = _render(cfg, plan, preset, job_info)
     wall = time.time() - t_start
     json_path, html_path = write_report(out, {**job_info, "dashboard": job_info.get("dashboard")}, records, wall)
-    failed = [r for r in records.values() if r.status != "done" and r.status != "skipped"]
-
+    not_started = [r.shot.id for r in records.values() if r.status == "not_started"]
+    failed = [r for r in records.values() if r.status not in ("done", "skipped", "not_started")]
     done = sum(1 for r in records.values() if r.status == "done")
+    gpu_s = sum(r.gpu_seconds for r in records.values())
     print(f"\njob {plan.manifest.name}: {done} rendered, {len(plan.done)} already done, {len(failed)} failed "
-          f"in {format_duration(wall)}")
+          f"in {format_duration(wall)}; {gpu_s:.1f} GPU-seconds" + _money(cfg, gpu_s))
+    if not_started:
+        print(f"  budget job.budget_gpu_hours={cfg.job.budget_gpu_hours} reached: {len(not_started)} shot(s) not "
+              f"started: {', '.join(not_started)}")
     for r in failed:
         last = r.attempts[-1]["log"] if r.attempts else "-"
         print(f"  FAILED {r.shot.id}: {r.error or r.status} (attempts {len(r.attempts)}, log {last})")
@@ -268,7 +293,7 @@ def run_job(cfg: DictConfig) -> int:
     print(f"report: {html_path}\n        {json_path}")
     if interrupted:
         return 130
-    return 1 if failed or held else 0
+    return 1 if failed or not_started or held else 0
 
 
 def _print_held(out: Path, records: dict) -> list:
@@ -281,6 +306,11 @@ def _print_held(out: Path, records: dict) -> list:
             print(f"  HELD {r.shot.id} in {out / 'quarantine'}: {(side.get('safety') or {}).get('reason')}; after "
                   f"review: wanrender release {out} {r.shot.request.output} --by NAME --reason ...")
     return held
+
+
+def _money(cfg: DictConfig, gpu_s: float) -> str:
+    rate = _node(cfg, "job.gpu_hour_cost")
+    return "" if rate is None else f", cost {gpu_s / 3600 * rate:.2f} at {rate:g} per GPU-hour"
 
 
 def _mark_unfinished(records: dict, status: str, why: str) -> dict:
@@ -308,12 +338,17 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
         job_info["dashboard"] = dashboard
         print(f"Ray dashboard: {dashboard}" if dashboard else "Ray dashboard: not running", flush=True)
         use_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        from jobs.prepare_stage import run_prepare_stage, settings_from, shots_needing_prepare
+
+        if shots_needing_prepare(plan):  # Animate plates become preprocessed folders before any group starts
+            job_info["prepare_failures"] = run_prepare_stage(plan, settings_from(cfg), _node(cfg, "prepare.checkpoint"),
+                                                             use_ray=True)
         settings = FarmSettings(
             gpus_per_group=plan.gpus_per_group, use_gpus=use_gpus, max_groups=_node(job, "max_groups"),
             max_retries=int(job.max_retries), shot_timeout_s=float(job.shot_timeout_s),
             group_start_timeout_s=float(_node(job, "group_start_timeout_s", 900)),
             node_failure_limit=int(job.node_failure_limit), worker_spec=worker_spec(cfg, preset),
-            faults=parse_faults(os.environ.get(FAULTS_ENV)),
+            faults=parse_faults(os.environ.get(FAULTS_ENV)), budget_gpu_hours=_node(job, "budget_gpu_hours"),
             job_meta={"name": plan.manifest.name, "manifest": job_info["manifest"]})
         progress = JobProgress(len(plan.todo), len(plan.done), live=_node(job, "live_progress"))
         farm = Farm(plan, settings, progress)

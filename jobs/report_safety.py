@@ -16,7 +16,7 @@ border-radius:4px;margin-top:6px} .prov{color:#9aa0a6;font-size:11px;margin-top:
 
 def c2pa_check(mp4) -> dict[str, Any]:
     """The delivered file's C2PA manifest read back (signature, content hash), as the report keeps it."""
-    from renderer.provenance import verify_mp4
+    from renderer.media_provenance import verify_mp4
 
     try:
         v = verify_mp4(mp4)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from renderer.label import LabelStyle, make_stamper
-from renderer.provenance import SigningSettings, sign_mp4
+from renderer.media_provenance import SigningSettings, sign_mp4
 from renderer.safety import QUARANTINE_DIR, SafetySettings
 
 

@@ -43,7 +43,7 @@ def gate_problems(settings) -> list[tuple[str, str]]:
 def cmd_verify(argv: list[str]) -> int:
     """wanrender verify FILE [FILE ...] [--trust ROOT.pem]: exit 0 when every file's signature and content hash
     are valid (and, with --trust, its certificate chains to the root), 1 otherwise, 2 for bad arguments."""
-    from renderer.provenance import verify_mp4
+    from renderer.media_provenance import verify_mp4
 
     ap = argparse.ArgumentParser(prog="wanrender verify", description=cmd_verify.__doc__)
     ap.add_argument("files", nargs="+")

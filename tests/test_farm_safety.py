@@ -11,7 +11,7 @@ import yaml
 
 from jobs.farm import run_job
 from renderer.conf import compose
-from renderer.provenance import make_test_chain, verify_mp4
+from renderer.media_provenance import make_test_chain, verify_mp4
 from renderer.video_io import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
