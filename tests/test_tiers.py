@@ -62,25 +62,29 @@ def test_tier_apply_and_override():
 
 def test_draft_loras_per_expert(tmp_path):
     draft = load_tier("draft", {"lora_dir": str(tmp_path)})
+    with pytest.raises(TierError, match="LoRA file.s. not found: .*high_noise_model.safetensors"):
+        draft.loras_per_expert(2, random_weights=False)
+    for name in ("high_noise_model.safetensors", "low_noise_model.safetensors"):
+        (tmp_path / name).write_bytes(b"")
     per = draft.loras_per_expert(2, random_weights=False)
     assert per == [[(tmp_path / "high_noise_model.safetensors", 1.0)], [(tmp_path / "low_noise_model.safetensors", 1.0)]]
     with pytest.raises(TierError, match="model has one expert: give it expert: all"):
         draft.loras_per_expert(1, random_weights=False)
-    with pytest.raises(TierError, match="tier.lora_dir is not set"):
+    with pytest.raises(TierError, match="quality.lora_dir is not set"):
         load_tier("draft").loras_per_expert(2, random_weights=False)
     assert load_tier("draft").loras_per_expert(2, random_weights=True) == [[], []]
 
 
 @pytest.mark.parametrize("name, overrides, message", [
     ("turbo", None, "quality 'turbo': use one of exact, fast, draft"),
-    ("draft", {"steps": 0}, "tier.steps: 0 is not a positive"),
-    ("draft", {"sampler": "ddim"}, "tier.sampler: unknown sampler 'ddim'"),
-    ("fast", {"cache": {"method": "teacache"}}, "tier.cache.method: 'teacache'"),
-    ("fast", {"cache": {"thresh": 0.1}}, "tier.cache: unknown field"),
-    ("fast", {"allow_lossy": False}, "tier.allow_lossy: tier fast uses lossy settings"),
+    ("draft", {"steps": 0}, "quality.steps: 0 is not a positive"),
+    ("draft", {"sampler": "ddim"}, "quality.sampler: unknown sampler 'ddim'"),
+    ("fast", {"cache": {"method": "teacache"}}, "quality.cache.method: 'teacache'"),
+    ("fast", {"cache": {"thresh": 0.1}}, "quality.cache: unknown field"),
+    ("fast", {"allow_lossy": False}, "quality.allow_lossy: tier fast uses lossy settings"),
     ("exact", {"linear": "fp8", "allow_lossy": True}, "the exact tier cannot change"),
-    ("fast", {"cache": {"method": "schedule"}}, "tier.cache.schedule: method schedule needs a schedule file"),
-    ("draft", {"loras": [{"file": "a.safetensors", "expert": "middle"}]}, r"tier.loras\[0\].expert: 'middle'"),
+    ("fast", {"cache": {"method": "schedule"}}, "quality.cache.schedule: method schedule needs a schedule file"),
+    ("draft", {"loras": [{"file": "a.safetensors", "expert": "middle"}]}, r"quality.loras\[0\].expert: 'middle'"),
 ])
 def test_bad_tier_settings_name_the_field(name, overrides, message):
     with pytest.raises(TierError, match=message):
@@ -92,3 +96,27 @@ def test_order_by_tier_puts_all_drafts_first():
                                                             ("b", "exact")]
     with pytest.raises(TierError, match="job.tiers: 'final'"):
         order_by_tier(["a"], ["final"])
+
+
+def test_cli_draft_then_exact_are_two_outputs(tmp_path, capsys):
+    """`quality=draft` writes <name>.draft.mp4 with the tier in the sidecar and hash; the exact render of the same
+    shot is a different output and the draft stays."""
+    from renderer.cli import main
+    from renderer.video_io import read_json
+
+    out = tmp_path / "out"
+    common = ["generate", "prompt=a red kite", "seed=3", f"out={out}", "name=kite", "render.progress=false"]
+    assert main(common + ["quality=draft"]) == 0
+    assert main(common + ["steps=2"]) == 0
+    draft, exact = read_json(out / "kite.draft.json"), read_json(out / "kite.json")
+    assert (out / "kite.draft.mp4").is_file() and (out / "kite.mp4").is_file()
+    assert draft["quality"]["name"] == "draft" and draft["final"] is False
+    assert (draft["steps"], draft["sampler"], draft["shift"]) == (4, "euler_lightning", 5.0)
+    assert draft["experts_used_per_step"] == [0, 0, 1, 1]
+    assert exact["quality"]["name"] == "exact" and exact["final"] is True
+    assert draft["render_hash"] != exact["render_hash"]
+    # a bad tier field: exit 2, one line naming the shot and the field, nothing written
+    assert main(common + ["name=bad", "quality=fast", "quality.linear=int4"]) == 2
+    err = capsys.readouterr().err
+    assert "error: shot bad: quality.linear: 'int4': use one of bf16, fp8" in err and "Traceback" not in err
+    assert not list(out.glob("bad*"))
