@@ -166,10 +166,10 @@ def load_schedule(path: str | Path) -> dict:
     """A calibrated schedule: {"experts": [[bool per step of expert 0], [... expert 1]], "threshold": ..., ...}."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"tier.cache.schedule: {p} does not exist: run python -m benchmarks.calibrate_cache first")
+        raise ValueError(f"quality.cache.schedule: {p} does not exist: run python -m benchmarks.calibrate_cache first")
     data = json.loads(p.read_text())
     if not isinstance(data.get("experts"), list):
-        raise ValueError(f"tier.cache.schedule: {p} is not a schedule written by benchmarks.calibrate_cache")
+        raise ValueError(f"quality.cache.schedule: {p} is not a schedule written by benchmarks.calibrate_cache")
     return data
 
 
