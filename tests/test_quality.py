@@ -93,3 +93,16 @@ def test_calibrated_schedule_drives_the_fast_tier(tmp_path):
     cached = [c["cached"] for c in report["tier"]["step_cache"]]
     assert cached == [2 * n for n in data["cached_steps"]]  # cond and uncond follow the schedule together
     assert 0 < report["latent_rel_err"] < 0.5
+
+
+def test_fp8_microbenchmark_cpu_smoke(tmp_path):
+    from benchmarks.fp8_micro import main
+
+    out = tmp_path / "fp8.json"
+    assert main(["smoke=true", f"out={out}"]) == 0
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    lin = rows["linear"]
+    assert lin["fp8_path"] == "cpu reference" and lin["bf16_s"] > 0 and lin["fp8_s"] > 0
+    assert 1e-4 < lin["rel_rms_err"] <= 0.05  # the FP8 linear bound of tests/test_fp8.py
+    assert "skipped" in rows["attention"]
+    assert main(["tokens"]) == 2
