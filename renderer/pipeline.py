@@ -160,6 +160,9 @@ class Pipeline:
         self.group = group
         self.is_main = group is None or group.is_main
         self.placement = self._choose_placement()
+        if self.tier.linear == "fp8" and self.placement == "stream":  # streaming moves parameters, not FP8 buffers
+            raise ValueError(f"quality {self.tier.name} (quality.linear=fp8) cannot run with placement=stream: use "
+                             f"placement=offload or resident, or quality.linear=bf16")
         expert_device = self.device if self.placement == "resident" else torch.device("cpu")
         t0 = time.perf_counter()
         if components is None:

@@ -120,3 +120,10 @@ def test_cli_draft_then_exact_are_two_outputs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: shot bad: quality.linear: 'int4': use one of bf16, fp8" in err and "Traceback" not in err
     assert not list(out.glob("bad*"))
+
+
+def test_contact_sheet_badge_for_non_final_tiers():
+    from jobs.report import tier_badge
+
+    assert tier_badge("exact") == "" and tier_badge(None) == ""
+    assert 'class="badge tier"' in tier_badge("draft") and ">draft<" in tier_badge("draft")
