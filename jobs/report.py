@@ -89,7 +89,7 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
         seconds = rec.result.get("seconds")
         timings = {**timings, **(rec.result.get("timings") or {})}
     return {
-        "id": p.id, "output": p.request.output, "status": rec.status, "reason": p.reason,
+        "id": p.id, "output": p.output, "status": rec.status, "reason": p.reason,
         "priority": p.priority, "tags": p.request.tags, "task": spec.task, "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt, "seed": spec.seed, "size": spec.size, "frames": spec.frames,
         "steps": spec.steps, "sampler": spec.sampler, "guidance": list(spec.guidance), "render_hash": p.render_hash,
