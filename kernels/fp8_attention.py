@@ -92,6 +92,7 @@ if HAVE_TRITON:
         tl.store(o_ptr + bh * out_stride_bh + rm[:, None] * out_stride_l + rd[None, :], out)
 
 
+@torch.compiler.disable  # run eagerly inside compiled blocks: a graph break here, never a trace of the launch
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int | None = None,
                   block_n: int | None = None, upcast: bool | None = None) -> torch.Tensor:
     """Softmax attention with FP8 operands. q: [B, Lq, H, D], k and v: [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype.
