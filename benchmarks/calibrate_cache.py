@@ -35,7 +35,10 @@ def calibrate(opts: dict) -> dict:
     preset = load_preset(opts["model"])
     if opts["checkpoint"]:
         preset = replace(preset, checkpoint=str(opts["checkpoint"]))
-    options = RenderOptions(device=opts["device"], dtype=opts["dtype"], random_weights=bool(opts["random_weights"]))
+    from kernels.settings import KernelSettings
+
+    options = RenderOptions(device=opts["device"], kernels=KernelSettings(precision=str(opts["dtype"])),
+                            random_weights=bool(opts["random_weights"]))
     pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options)
     recorders = [StepCache(m, "fbcache", threshold=0.0).install() for m in pipe.experts]
     shot = ShotSpec(prompt=str(opts["prompt"]), seed=int(opts["seed"]), size=opts["size"], frames=opts["frames"],

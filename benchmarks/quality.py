@@ -53,11 +53,12 @@ def parse_args(argv: list[str]) -> tuple[dict, dict]:
 
 def render_once(preset, tier, opts: dict):
     """One render with a fresh Pipeline (weights from the checkpoint, or drawn from the preset's seed)."""
-    from kernels.attention import set_default_backend
+    from kernels.settings import KernelSettings
     from renderer.pipeline import Pipeline, RenderOptions, ShotSpec
 
-    set_default_backend(tier.attention or opts["attention"] or "auto")
-    options = RenderOptions(device=opts["device"], dtype=opts["dtype"], progress=True,
+    precision = {"auto": "auto", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[str(opts["dtype"])]
+    kernels = KernelSettings(attention=opts["attention"] or "auto", precision=precision)  # the tier adds its own
+    options = RenderOptions(device=opts["device"], kernels=kernels, progress=True,
                             random_weights=bool(opts["random_weights"]))
     pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, tier=tier)
     shot = ShotSpec(prompt=opts["prompt"], seed=int(opts["seed"]), size=opts["size"], frames=opts["frames"],

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from jobs.manifest import Manifest, ShotRequest
+from kernels.settings import KernelSettings
 from renderer.output import render_hash
 from renderer.pipeline import ShotSpec
 from renderer.presets import ModelPreset, parse_size
@@ -155,11 +156,14 @@ def measured_rate(out_dir: Path, model: str) -> float | None:
 
 
 def build_plan(manifest: Manifest, preset: ModelPreset, out_dir: str | Path, *, gpus_per_group: int = 1,
-               force: bool = False, tiers: list[str] | None = None, tier_overrides: dict | None = None) -> Plan:
-    """tiers (job.tiers, e.g. [draft, exact]): every shot in each tier, all of the first tier before any of the
+               force: bool = False, kernels: KernelSettings | None = None, tiers: list[str] | None = None,
+               tier_overrides: dict | None = None) -> Plan:
+    """kernels: the job's KernelSettings (part of every render hash; default: the defaults).
+    tiers (job.tiers, e.g. [draft, exact]): every shot in each tier, all of the first tier before any of the
     next; None: each shot in its own `quality`. tier_overrides: {tier name: {field: value}} (conf/quality fields)."""
     from renderer.tiers import load_tier
 
+    kernels = kernels or KernelSettings()
     out = Path(out_dir)
     fingerprint = model_fingerprint(preset)
     rate = measured_rate(out, preset.name) if out.is_dir() else None
@@ -171,7 +175,7 @@ def build_plan(manifest: Manifest, preset: ModelPreset, out_dir: str | Path, *, 
         spec = tier.apply(req.spec).resolve(preset)
         if not tier.is_final:  # the draft of s010 is shot "s010.draft" everywhere: queue, logs, sidecar
             spec = replace(spec, shot_id=f"{req.id}.{tier.name}")
-        h = render_hash(spec, preset.name, fingerprint, tier.describe())
+        h = render_hash(spec, preset.name, fingerprint, tier.kernel_settings(kernels), tier.describe())
         mp4 = out / f"{tier.output_stem(req.output)}.mp4"
         done, reason = output_status(mp4, h, spec)
         if force and done:

