@@ -85,6 +85,7 @@ def test_draft_loras_per_expert(tmp_path):
     ("exact", {"linear": "fp8", "allow_lossy": True}, "the exact tier cannot change"),
     ("fast", {"cache": {"method": "schedule"}}, "quality.cache.schedule: method schedule needs a schedule file"),
     ("draft", {"loras": [{"file": "a.safetensors", "expert": "middle"}]}, r"quality.loras\[0\].expert: 'middle'"),
+    ("draft", {"linear": "fp8", "lora_mode": "unmerged"}, "unmerged LoRAs cannot be combined with quality.linear=fp8"),
 ])
 def test_bad_tier_settings_name_the_field(name, overrides, message):
     with pytest.raises(TierError, match=message):
