@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test render bench clean
+.PHONY: install test render bench stamp clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ render: install
 
 bench: install
 	$(PY) -m benchmarks.scaling bench=smoke out=out/bench
+
+# before sending the working tree (no .git) to a GPU machine: results there then name this commit
+stamp:
+	$(PYTHON) -m renderer.provenance stamp
 
 clean:
 	rm -rf $(VENV) out

@@ -31,11 +31,13 @@ setup(
         "tqdm",
         "rich",
         "matplotlib",
+        "fastapi>=0.110",  # `wanrender serve`: the HTTP submission service
+        "uvicorn>=0.29",
     ],
     extras_require={
-        # peft: the reference for PEFT-format LoRA loading; triton: the FP8 attention kernel under TRITON_INTERPRET=1
+        # peft: the reference for PEFT-format LoRA files; triton: the Triton kernels run in CI through Triton's interpreter (TRITON_INTERPRET=1, tests/conftest.py)
         "test": ["pytest>=8", "hypothesis>=6", "diffusers>=0.35", "accelerate", "peft>=0.14",
-                 "triton>=3.0; platform_machine == 'x86_64'"],
+                 "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "gpu": ["flash-attn", "xformers"],
         # DeepSpeed builds against the installed torch: pip install --no-build-isolation -e .[deepspeed]
         "deepspeed": ["deepspeed>=0.16"],
