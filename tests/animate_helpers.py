@@ -55,3 +55,34 @@ def animate_inputs(latent_frames=3, hw=(6, 8), batch=1, seed=1, image_tokens=9):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def tiny_animate_parts(seed: int = 0):
+    """(model, vae, clip encoder, preset dict) of conf/model/tiny_animate.yaml, random fp32 weights."""
+    from renderer.encoders.clip import CLIPVisionConfig, CLIPVisionEncoder
+    from renderer.families.animate.model import build_animate
+    from renderer.parallel.selftest import load_model_preset
+    from renderer.vae import build_vae
+
+    p = load_model_preset("tiny_animate")
+    model = build_animate(AnimateConfig.from_dict(p["dit"]), dtype=torch.float32, seed=seed)
+    vae = build_vae("2.1", tiny=True, dtype=torch.float32)
+    torch.manual_seed(seed + 1)
+    clip = CLIPVisionEncoder(CLIPVisionConfig(**p["clip"])).eval()
+    with torch.no_grad():
+        for prm in clip.parameters():
+            prm.normal_(0, 0.05)
+    return model, vae, clip, p
+
+
+def tiny_animate_inputs(mode: str, frames: int = 15, hw=(48, 64), seed: int = 0, face: int = 16):
+    from renderer.families.animate.conditioning import AnimateInputs
+
+    g = torch.Generator().manual_seed(seed)
+    H, W = hw
+    r = lambda *s: torch.rand(*s, generator=g) * 2 - 1  # noqa: E731
+    inp = AnimateInputs(mode, reference=r(3, H, W), pose=r(3, frames, H, W), face=r(3, frames, face, face))
+    if mode == "replace":
+        inp.background = r(3, frames, H, W)
+        inp.mask = (torch.rand(frames, H, W, generator=g) > 0.5).float()
+    return inp
