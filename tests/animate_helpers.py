@@ -66,7 +66,7 @@ def tiny_animate_parts(seed: int = 0):
 
     p = load_model_preset("tiny_animate")
     model = build_animate(AnimateConfig.from_dict(p["dit"]), dtype=torch.float32, seed=seed)
-    vae = build_vae("2.1", tiny=True, dtype=torch.float32)
+    vae = build_vae("2.1", tiny=True, dtype=torch.float32, seed=seed)
     torch.manual_seed(seed + 1)
     clip = CLIPVisionEncoder(CLIPVisionConfig(**p["clip"])).eval()
     with torch.no_grad():
