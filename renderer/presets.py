@@ -10,10 +10,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from renderer.model import DiTConfig
+from renderer.families import get_family
+from renderer.families.wan22.model import DiTConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-TASKS = ("t2v", "i2v", "ti2v")
+
+
+def all_tasks() -> tuple[str, ...]:
+    """Every task some registered family can do (the families declare them, renderer/families)."""
+    from renderer.families import family_names
+
+    return tuple(dict.fromkeys(t for name in family_names() for t in get_family(name).tasks))
+
+
+def default_task(preset: "ModelPreset", image: str | None) -> str:
+    """A shot without `task`: with an image, the preset's first task that takes one; else its first task."""
+    if image:
+        accepts = get_family(preset.family).accepts_image
+        for task in preset.tasks:
+            if task in accepts:
+                return task
+    return preset.tasks[0]
 
 
 @dataclass(frozen=True)
@@ -27,6 +44,7 @@ class VAESpec:
 @dataclass(frozen=True)
 class ModelPreset:
     name: str
+    family: str  # a package under renderer/families/ (renderer.families.get_family)
     tasks: tuple[str, ...]
     dit: DiTConfig
     experts: tuple[str | None, ...]
@@ -57,16 +75,25 @@ class ModelPreset:
         d = dict(d)
         known = set(cls.__dataclass_fields__) - {"extra"}
         extra = {k: d.pop(k) for k in list(d) if k not in known}
+        family = get_family(str(d.get("family") or _missing("family", d)))
+        unknown = [t for t in d["tasks"] if t not in family.tasks]
+        if unknown:
+            raise ValueError(f"model preset {d['name']}: family {family.name} has no task {', '.join(unknown)} "
+                             f"(it has {', '.join(family.tasks)})")
         g = d.get("guidance", (5.0, 5.0))
         guidance = (float(g), float(g)) if isinstance(g, (int, float)) else (float(g[0]), float(g[1]))
         return cls(
-            name=d["name"], tasks=tuple(d["tasks"]), dit=DiTConfig.from_dict(dict(d["dit"])),
+            name=d["name"], family=family.name, tasks=tuple(d["tasks"]), dit=DiTConfig.from_dict(dict(d["dit"])),
             experts=tuple(d.get("experts") or [None]), boundary=d.get("boundary"), shift=float(d["shift"]),
             steps=int(d["steps"]), guidance=guidance, vae=VAESpec(**{**dict(d["vae"]),
                                                                      "stride": tuple(d["vae"]["stride"])}),
             text_encoder=d.get("text_encoder", "umt5_xxl"), fps=int(d["fps"]), frames=int(d["frames"]),
             size=str(d["size"]), sizes=tuple(str(s) for s in d["sizes"]), checkpoint=d.get("checkpoint"),
             seed_weights=int(d.get("seed_weights", 0)), extra=extra)
+
+
+def _missing(key: str, d: dict[str, Any]) -> Any:
+    raise ValueError(f"model preset {d.get('name', '?')} has no `{key}:`: add it to conf/model/{d.get('name', '?')}.yaml")
 
 
 def preset_names() -> list[str]:
@@ -107,8 +134,9 @@ def check_shot(preset: ModelPreset, task: str, size: str, frames: int, steps: in
 
         if sampler not in SAMPLER_NAMES:
             problems.append(("sampler", f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLER_NAMES)}"))
-    if task not in TASKS:
-        problems.append(("task", f"unknown task {task!r}: use one of {', '.join(TASKS)}"))
+    tasks = all_tasks()
+    if task not in tasks:
+        problems.append(("task", f"unknown task {task!r}: use one of {', '.join(tasks)}"))
     elif task not in preset.tasks:
         problems.append(("task", f"model {preset.name} cannot do {task!r}: it does {', '.join(preset.tasks)}"))
     try:
@@ -125,8 +153,8 @@ def check_shot(preset: ModelPreset, task: str, size: str, frames: int, steps: in
         problems.append(("steps", f"steps must be a positive integer; got {steps!r}"))
     if prompt is None or not str(prompt).strip():
         problems.append(("prompt", "the prompt is empty: write what the shot shows"))
-    if task == "i2v" and not image:
-        problems.append(("image", "task i2v needs an input image: set image to a PNG/JPEG path"))
+    if task in get_family(preset.family).needs_image and not image:
+        problems.append(("image", f"task {task} needs an input image: set image to a PNG/JPEG path"))
     if image:
         p = Path(image)
         if not p.is_file():
