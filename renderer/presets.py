@@ -83,7 +83,7 @@ class ModelPreset:
         g = d.get("guidance", (5.0, 5.0))
         guidance = (float(g), float(g)) if isinstance(g, (int, float)) else (float(g[0]), float(g[1]))
         return cls(
-            name=d["name"], family=family.name, tasks=tuple(d["tasks"]), dit=DiTConfig.from_dict(dict(d["dit"])),
+            name=d["name"], family=family.name, tasks=tuple(d["tasks"]), dit=family.config_from_dict(dict(d["dit"])),
             experts=tuple(d.get("experts") or [None]), boundary=d.get("boundary"), shift=float(d["shift"]),
             steps=int(d["steps"]), guidance=guidance, vae=VAESpec(**{**dict(d["vae"]),
                                                                      "stride": tuple(d["vae"]["stride"])}),

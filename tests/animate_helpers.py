@@ -58,17 +58,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def tiny_animate_parts(seed: int = 0):
-    """(model, vae, clip encoder, preset dict) of conf/model/tiny_animate.yaml, random fp32 weights."""
+    """(model, vae, clip encoder, ModelPreset) of conf/model/tiny_animate.yaml, random fp32 weights."""
     from renderer.encoders.clip import CLIPVisionConfig, CLIPVisionEncoder
     from renderer.families.animate.model import build_animate
-    from renderer.parallel.selftest import load_model_preset
+    from renderer.presets import load_preset
     from renderer.vae import build_vae
 
-    p = load_model_preset("tiny_animate")
-    model = build_animate(AnimateConfig.from_dict(p["dit"]), dtype=torch.float32, seed=seed)
+    p = load_preset("tiny_animate")
+    model = build_animate(p.dit, dtype=torch.float32, seed=seed)
     vae = build_vae("2.1", tiny=True, dtype=torch.float32, seed=seed)
     torch.manual_seed(seed + 1)
-    clip = CLIPVisionEncoder(CLIPVisionConfig(**p["clip"])).eval()
+    clip = CLIPVisionEncoder(CLIPVisionConfig(**p.extra["clip"])).eval()
     with torch.no_grad():
         for prm in clip.parameters():
             prm.normal_(0, 0.05)

@@ -48,7 +48,7 @@ def _diffusers(tmp_path, ref, ours):
 def _forward(model, seed=2):
     x, pose, face, context, clip = animate_inputs(seed=seed)
     with torch.no_grad():
-        return model(x, torch.tensor([600.0]), context, clip_fea=clip, pose=pose, face=face)
+        return model(x, torch.tensor([600.0]), context, image_features=clip, pose=pose, face=face)
 
 
 @pytest.mark.parametrize("layout", ["official", "diffusers"])
@@ -70,7 +70,7 @@ def test_diffusers_fp32_loads_straight_into_bf16(tmp_path):
     assert dtypes["blocks.0.self_attn.q.weight"] == torch.bfloat16
     assert dtypes["face_adapter.fuser_blocks.0.linear1_kv.weight"] == torch.bfloat16
     assert dtypes["blocks.0.modulation"] == torch.float32  # the fp32 set stays fp32
-    assert dtypes["img_emb.proj.0.weight"] == torch.float32
+    assert dtypes["motion_encoder.dec.direction.weight"] == torch.float32  # the motion basis is QR'd in fp32
     assert not any(v.is_meta for v in loaded.state_dict().values())
 
 

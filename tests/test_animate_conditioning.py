@@ -98,6 +98,6 @@ def test_guidance_adds_an_uncond_pass_with_blank_face():
     render_animate(model, vae, clip, tiny_animate_inputs("animate", frames=9), text, null, s,
                    torch.Generator().manual_seed(0))
     assert len(fwd.calls) == 2  # one step: cond + uncond
-    texts = [c[0][2] for c in fwd.calls]
+    texts = [c[1]["context"] for c in fwd.calls]
     assert torch.equal(texts[0], text) and torch.equal(texts[1], null)
     assert any(f.eq(-1).all() for f in seen) and not seen[0].eq(-1).all()

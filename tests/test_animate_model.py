@@ -23,7 +23,7 @@ def test_forward_matches_diffusers(latent_frames, hw):
     x, pose, face, context, clip = animate_inputs(latent_frames, hw, batch=2)
     t = torch.tensor([999.0, 321.0])
     with torch.no_grad():
-        got = ours(x, t, context, clip_fea=clip, pose=pose, face=face)
+        got = ours(x, t, context, image_features=clip, pose=pose, face=face)
     want = _reference(ref, x, t, context, clip, pose, face)
     assert got.shape == want.shape == (2, 16, latent_frames, *hw)
     assert rel_err(got, want) <= TOL
@@ -35,7 +35,7 @@ def test_cached_face_and_image_conditioning_equal_the_full_forward():
     x, pose, face, context, clip = animate_inputs(seed=3)
     t = torch.tensor([500.0])
     with torch.no_grad():
-        full = ours(x, t, context, clip_fea=clip, pose=pose, face=face)
+        full = ours(x, t, context, image_features=clip, pose=pose, face=face)
         cached = ours(x, t, context, pose=pose, motion=ours.encode_face(face), image_context=ours.encode_image(clip))
     assert torch.equal(full, cached)
 
@@ -47,9 +47,9 @@ def test_each_condition_changes_the_output():
     x, pose, face, context, clip = animate_inputs(seed=5)
     t = torch.tensor([700.0])
     with torch.no_grad():
-        base = ours(x, t, context, clip_fea=clip, pose=pose, face=face)
-        for kw in (dict(pose=pose * 0), dict(face=-torch.ones_like(face)), dict(clip_fea=torch.randn_like(clip))):
-            args = dict(clip_fea=clip, pose=pose, face=face) | kw
+        base = ours(x, t, context, image_features=clip, pose=pose, face=face)
+        for kw in (dict(pose=pose * 0), dict(face=-torch.ones_like(face)), dict(image_features=torch.randn_like(clip))):
+            args = dict(image_features=clip, pose=pose, face=face) | kw
             assert rel_err(ours(x, t, context, **args), base) > 1e-4
 
 
@@ -57,9 +57,9 @@ def test_face_steps_must_match_latent_frames():
     ours = ours_from_diffusers(diffusers_animate())
     x, pose, face, context, clip = animate_inputs(latent_frames=3)
     with pytest.raises(ValueError, match=r"the face video needs 4·1\+1 = 5 frames"):
-        ours(x, torch.tensor([1.0]), context, clip_fea=clip, pose=pose, face=face[:, :, :9].repeat(1, 1, 2, 1, 1))
+        ours(x, torch.tensor([1.0]), context, image_features=clip, pose=pose, face=face[:, :, :9].repeat(1, 1, 2, 1, 1))
     with pytest.raises(ValueError, match="pose latents"):
-        ours(x, torch.tensor([1.0]), context, clip_fea=clip, pose=pose[:, :, :1], face=face)
+        ours(x, torch.tensor([1.0]), context, image_features=clip, pose=pose[:, :, :1], face=face)
 
 
 def test_frame_spans_cover_each_token_once():
@@ -83,5 +83,5 @@ def test_layer_count_not_a_multiple_of_face_every():
     assert len(model.face_adapter.fuser_blocks) == 2
     x, pose, face, context, clip = animate_inputs()
     with torch.no_grad():
-        out = model(x, torch.tensor([10.0]), context, clip_fea=clip, pose=pose, face=face)
+        out = model(x, torch.tensor([10.0]), context, image_features=clip, pose=pose, face=face)
     assert out.shape == (1, 16, 3, 6, 8) and torch.isfinite(out).all()

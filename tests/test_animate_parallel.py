@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from renderer.families.animate.conditioning import AnimateSettings, render_animate
 from renderer.parallel import ParallelConfig, init_group
-from renderer.parallel.denoise import denoise
+from renderer.denoise import denoise
 from renderer.parallel.parallelize import is_sharded
 from tests.animate_helpers import tiny_animate_inputs, tiny_animate_parts
 

@@ -1,1 +1,22 @@
-"""Wan2.2-Animate-14B: character animation and replacement (the DiT, its face path, checkpoints, conditioning)."""
+"""Wan2.2-Animate-14B: character animation and replacement (the DiT, its face path, checkpoints, conditioning).
+
+One dense DiT (the Wan2.2 backbone with CLIP image k/v) plus pose, face and CLIP conditioning; a shot is rendered
+clip by clip (conditioning.render_animate), so the family has no single-denoise conditioner in `conditioners`.
+"""
+from renderer.families.animate.model import SP_PLAN, AnimateConfig, AnimateDiT, build_animate, keeps_fp32
+from renderer.families.spec import FamilySpec
+
+
+SPEC = FamilySpec(
+    name="animate",
+    description="Wan2.2-Animate-14B: a reference character driven by pose and face videos (animate / replace)",
+    tasks=("animate",),
+    config_from_dict=AnimateConfig.from_dict,
+    model_cls=AnimateDiT,
+    build_model=build_animate,
+    key_maps={},  # renderer/families/animate/checkpoint.py: diffusers' face k/v are two tensors for one of ours
+    keeps_fp32=keeps_fp32,
+    sp_plan=SP_PLAN,
+    needs_image=("animate",),
+    accepts_image=("animate",),
+)

@@ -27,17 +27,12 @@ from pathlib import Path
 import torch
 
 from renderer.checkpoint import CheckpointError, _describe, _read_headers, _shard_files
-from renderer.checkpoint import official_to_diffusers as wan_official_to_diffusers
+from renderer.families.wan22.keys import official_to_diffusers as wan_official_to_diffusers
 from renderer.families.animate.face import BLUR_KEY, blur_kernel
 from renderer.families.animate.model import AnimateConfig, AnimateDiT, keeps_fp32
 
-_CROSS_IMG = [("cross_attn.k_img.", "attn2.add_k_proj."), ("cross_attn.v_img.", "attn2.add_v_proj."),
-              ("cross_attn.norm_k_img.", "attn2.norm_added_k.")]
-_TOP = [("img_emb.proj.0.", "condition_embedder.image_embedder.norm1."),
-        ("img_emb.proj.1.", "condition_embedder.image_embedder.ff.net.0.proj."),
-        ("img_emb.proj.3.", "condition_embedder.image_embedder.ff.net.2."),
-        ("img_emb.proj.4.", "condition_embedder.image_embedder.norm2."),
-        ("motion_encoder.enc.fc.", "motion_encoder.motion_network."),
+# the backbone's keys (image k/v and img_emb included) map through wan22/keys.py; these are Animate's own
+_TOP = [("motion_encoder.enc.fc.", "motion_encoder.motion_network."),
         ("motion_encoder.dec.direction.weight", "motion_encoder.motion_synthesis_weight"),
         ("face_encoder.conv1_local.conv.", "face_encoder.conv1_local."),
         ("face_encoder.conv2.conv.", "face_encoder.conv2."),
@@ -48,7 +43,6 @@ _RES = {"conv1.0.weight": "conv1.weight", "conv1.1.bias": "conv1.act_fn.bias", "
         "conv2.2.bias": "conv2.act_fn.bias", "skip.1.weight": "conv_skip.weight"}
 _CONVS = re.compile(r"^motion_encoder\.enc\.net_app\.convs\.(\d+)\.(.*)$")
 _FUSER = re.compile(r"^face_adapter\.fuser_blocks\.(\d+)\.(.*)$")
-_BLOCK_IMG = re.compile(r"^(blocks\.\d+\.)(cross_attn\.(?:k_img|v_img|norm_k_img)\..*)$")
 
 
 def _swap(pairs: list[tuple[str, str]], name: str) -> str | None:
@@ -63,9 +57,6 @@ def diffusers_sources(name: str, num_res_blocks: int) -> list[str]:
 
     num_res_blocks: the motion encoder's res blocks (log2(size) − 2; 7 for 512×512 faces), so convs.{R+1} is
     the final 4×4 conv."""
-    m = _BLOCK_IMG.match(name)
-    if m:
-        return [m.group(1) + _swap(_CROSS_IMG, m.group(2))]
     m = _FUSER.match(name)
     if m:
         i, rest = m.groups()

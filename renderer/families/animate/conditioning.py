@@ -23,7 +23,7 @@ Shapes: T latent frames of a clip after the reference (clip_len//4 + 1), h×w la
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -92,32 +92,45 @@ class AnimateInputs:
 # what the denoising loop calls
 
 
-@dataclass
-class AnimateCond:
-    """One branch of guidance: what the DiT needs besides the noisy latent. The guider passes it as the context."""
-    text: Tensor  # [1, Lc, text_dim]
-    image: Tensor  # [1, Li, D] image context (img_emb of the CLIP features)
-    pose: Tensor  # [1, 16, T, h, w]
-    face: Tensor  # [1, 3, Tf, S, S]
-    motion: Tensor | None = None  # [1, T + 1, N+1, D] motion tokens of `face`, when cached
+class AnimateClipConditioner:
+    """One clip's conditioning (renderer.families.spec.Conditioner): the model's keyword inputs per branch.
 
+    cond:   x = cat[latent, y], text, pose latents, motion tokens of the face crops, image context
+    uncond: the negative prompt AND blank face pixels (−1), as the official code; pose, y and image unchanged.
+    Motion tokens (per clip) and the image context (per shot) are computed once here — unless FSDP shards the
+    model's root (its parameters are then only whole inside a forward), where the forward computes them."""
 
-class AnimateVelocity:
-    """(x, t, AnimateCond) -> velocity: adapts the Animate DiT to the generic denoising loop."""
+    branches = ("cond", "uncond")
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, y: Tensor, text: Tensor, text_null: Tensor, pose: Tensor, face: Tensor,
+                 image_features: Tensor, image_context: Tensor | None, *, mode: str, clip_index: int,
+                 refert_num: int, need_uncond: bool):
+        self.y = y  # [1, 20, 1 + T, h, w]
+        self.meta = {"mode": mode, "clip": clip_index, "refert_num": refert_num}
+        blank = torch.full_like(face, -1.0)  # [1, 3, Tf, S, S]
+        cached = image_context is not None
+        branches = {"cond": (text, face), "uncond": (text_null, blank)} if need_uncond else {"cond": (text, face)}
+        self.inputs = {}
+        for name, (txt, faces) in branches.items():
+            kw = {"context": txt, "pose": pose}
+            if cached:
+                kw.update(motion=model.encode_face(faces), image_context=image_context)
+            else:
+                kw.update(face=faces, image_features=image_features)
+            self.inputs[name] = kw
 
-    def __call__(self, x: Tensor, t: Tensor, cond: AnimateCond) -> Tensor:
-        return self.model(x, t, cond.text, pose=cond.pose, face=cond.face, motion=cond.motion,
-                          image_context=cond.image)
+    def prepare(self, latent: Tensor) -> Tensor:
+        return latent
 
+    def after_step(self, latent: Tensor) -> Tensor:
+        return latent
 
-def uncond_of(cond: AnimateCond, text_null: Tensor, model=None) -> AnimateCond:
-    """The uncond branch: the negative prompt AND blank face pixels (−1), as the official code."""
-    blank = torch.full_like(cond.face, -1.0)
-    motion = model.encode_face(blank) if (model is not None and cond.motion is not None) else None
-    return replace(cond, text=text_null, face=blank, motion=motion)
+    def model_inputs(self, latent: Tensor, t: float, branch: str) -> dict[str, Tensor]:
+        x = torch.cat([latent, self.y.to(latent.device, latent.dtype)], dim=1)  # [1, 36, 1 + T, h, w]
+        return {"x": x, "t": torch.full((latent.shape[0],), float(t), device=latent.device), **self.inputs[branch]}
+
+    def describe(self) -> dict:
+        return {"task": "animate", "branches": list(self.inputs), **self.meta}
 
 
 def _cacheable(model) -> bool:
@@ -179,10 +192,13 @@ def render_animate(model, vae, clip_encoder, inp: AnimateInputs, text: Tensor, t
     model: the Animate DiT (parallelised over `group` if any); vae: Wan2.1 VAE (encode/decode, normalised
     latents); clip_encoder: renderer.encoders.clip.CLIPVisionEncoder; text / text_null: [1, Lc, text_dim];
     generator: the shot's CPU generator (noise continues across clips)."""
-    from renderer.parallel.denoise import denoise
+    from renderer.denoise import denoise
+    from renderer.guidance import make_guider
     from renderer.sampling import make_sampler
 
     denoise_fn = denoise_fn or denoise
+    cfg_parallel = group is not None and group.pcfg.cfg == 2
+    guider = make_guider(group, guidance=s.guidance > 1 or cfg_parallel)
     dev = next(model.parameters()).device
     real = inp.pose.shape[1]
     total = padded_length(real, s.clip_len, s.refert_num)
@@ -220,16 +236,12 @@ def render_animate(model, vae, clip_encoder, inp: AnimateInputs, text: Tensor, t
         y = torch.cat([y_ref, y_clip], dim=2)  # [1, 20, 1 + T, h, w]
         pose_lat = vae.encode(pose[None, :, sl].to(dev)).float()  # [1, 16, T, h, w]
         faces = face[None, :, sl].to(dev)  # [1, 3, clip_len, S, S]
-        base = AnimateCond(text.to(dev), image_ctx, pose_lat, faces)
-        if image_ctx is None:  # FSDP-sharded root: the forward computes image context and motion itself
-            cond = _UncachedCond(base, clip_fea.to(dev))
-            null = _UncachedCond(uncond_of(base, text_null.to(dev)), clip_fea.to(dev))
-        else:
-            cond = replace(base, motion=model.encode_face(faces))
-            null = uncond_of(cond, text_null.to(dev), model) if s.guidance > 1 else cond
+        conditioner = AnimateClipConditioner(
+            model, y, text.to(dev), text_null.to(dev), pose_lat, faces, clip_fea.to(dev), image_ctx,
+            mode=inp.mode, clip_index=k, refert_num=s.refert_num, need_uncond=s.guidance > 1 or cfg_parallel)
         sampler = make_sampler(s.sampler, s.steps, s.shift)
-        latent = denoise_fn([_Velocity(model)], None, s.guidance, sampler, noise.to(dev), cond, null,
-                            group=group, x_fn=lambda x, y=y: torch.cat([x, y.to(x.dtype)], dim=1))
+        latent = denoise_fn([model], conditioner, sampler, noise.to(dev), guider=guider, guidances=s.guidance,
+                            group=group)  # [1, 16, 1 + T, h, w]
         video = vae.decode(latent[:, :, 1:].float())[0].float().cpu()  # [3, clip_len, H, W]
         if r:
             video = video[:, r:]
@@ -238,16 +250,3 @@ def render_animate(model, vae, clip_encoder, inp: AnimateInputs, text: Tensor, t
         if on_clip is not None:
             on_clip(k + 1, len(starts))
     return torch.cat(out_clips, dim=1)[:, :real]  # [3, F, H, W]
-
-
-@dataclass
-class _UncachedCond:
-    cond: AnimateCond
-    clip_fea: Tensor
-
-
-class _Velocity(AnimateVelocity):
-    def __call__(self, x: Tensor, t: Tensor, c) -> Tensor:
-        if isinstance(c, _UncachedCond):
-            return self.model(x, t, c.cond.text, clip_fea=c.clip_fea, pose=c.cond.pose, face=c.cond.face)
-        return super().__call__(x, t, c)

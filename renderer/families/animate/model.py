@@ -24,17 +24,16 @@ Tf face frames, T latent frames incl. the reference (T = 1 + (Tf − 1)/4), N+1 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from kernels.attention import attention
 from renderer.families.animate.face import MOTION_CHANNELS, FaceAdapter, FaceEncoder, MotionEncoder, frame_spans
-from renderer.model import DiTConfig, RMSNorm, WanBlock, WanCrossAttention, WanDiT
-from renderer.model import keeps_fp32 as wan_keeps_fp32
+from renderer.families.spec import gather_stream, split_stream
+from renderer.families.wan22.model import SP_PLAN, DiTConfig, WanDiT  # noqa: F401 (SP_PLAN: the same plan)
+from renderer.families.wan22.model import keeps_fp32 as wan_keeps_fp32
 
 # the motion encoder's frames go through it in batches of this many (the official batch; bounds its memory)
 MOTION_BATCH = 8
@@ -43,7 +42,7 @@ MOTION_BATCH = 8
 @dataclass(frozen=True)
 class AnimateConfig(DiTConfig):
     in_dim: int = 36  # 16 noise + 4 mask + 16 condition latent
-    image_dim: int = 1280  # CLIP ViT-H/14 width
+    image_dim: int | None = 1280  # CLIP ViT-H/14 width: the backbone then has img_emb and image k/v
     latent_channels: int = 16  # pose latents (Wan2.1 VAE z)
     motion_size: int = 512  # face crop side
     motion_style_dim: int = 512
@@ -69,8 +68,8 @@ class AnimateConfig(DiTConfig):
         """From our preset dict, the official config.json or diffusers' WanAnimateTransformer3DModel config."""
         if "num_attention_heads" in d:
             base = DiTConfig.from_dict(d).to_dict()
+            base["image_dim"] = d.get("image_dim") or 1280
             extra = {
-                "image_dim": d.get("image_dim") or 1280,
                 "latent_channels": d.get("latent_channels") or (d["in_channels"] - 4) // 2,
                 "motion_size": d.get("motion_encoder_size", 512),
                 "motion_style_dim": d.get("motion_style_dim", 512),
@@ -90,69 +89,15 @@ class AnimateConfig(DiTConfig):
 
 
 def keeps_fp32(name: str) -> bool:
-    """Backbone rule plus the CLIP projection's LayerNorms and the motion basis (QR'd in fp32)."""
-    return (wan_keeps_fp32(name) or name.startswith(("img_emb.proj.0.", "img_emb.proj.4."))
-            or name == "motion_encoder.dec.direction.weight")
-
-
-class AnimateCrossAttention(WanCrossAttention):
-    """Text cross-attention plus image cross-attention with its own k/v; the outputs are summed before `o`."""
-
-    def __init__(self, cfg: AnimateConfig):
-        super().__init__(cfg)
-        self.text_len = cfg.text_len
-        self.k_img = nn.Linear(cfg.dim, cfg.dim)
-        self.v_img = nn.Linear(cfg.dim, cfg.dim)
-        self.norm_k_img = RMSNorm(cfg.dim, cfg.eps)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, D]; context: [B, Li + text_len, D] (image tokens first) -> [B, L, D]."""
-        heads = (self.num_heads, -1)
-        n_img = context.shape[1] - self.text_len
-        img, txt = context[:, :n_img], context[:, n_img:]  # [B, Li, D], [B, Lc, D]
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)  # [B, L, Hn, Dh]
-        k = self.norm_k(self.k(txt)).unflatten(-1, heads)  # [B, Lc, Hn, Dh]
-        v = self.v(txt).unflatten(-1, heads)  # [B, Lc, Hn, Dh]
-        out = attention(q, k, v)  # [B, L, Hn, Dh]
-        if n_img:
-            k_i = self.norm_k_img(self.k_img(img)).unflatten(-1, heads)  # [B, Li, Hn, Dh]
-            v_i = self.v_img(img).unflatten(-1, heads)  # [B, Li, Hn, Dh]
-            out = out + attention(q, k_i, v_i)  # [B, L, Hn, Dh]
-        return self.o(out.flatten(-2))  # [B, L, D]
-
-
-class AnimateBlock(WanBlock):
-    """The Wan block with the image-aware cross-attention; everything else (modulation, FFN, norms) as Wan."""
-
-    def __init__(self, cfg: AnimateConfig):
-        super().__init__(cfg)
-        self.cross_attn = AnimateCrossAttention(cfg)
-
-
-class MLPProj(nn.Module):
-    """CLIP tokens -> model dim: LN (fp32), Linear, GELU (exact), Linear, LN (fp32)."""
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.proj = nn.Sequential(nn.LayerNorm(cin), nn.Linear(cin, cin), nn.GELU(), nn.Linear(cin, cout),
-                                  nn.LayerNorm(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ln0, fc1, act, fc2, ln4 = self.proj
-        dt = fc1.weight.dtype
-        h = F.layer_norm(x.float(), ln0.normalized_shape, ln0.weight.float(), ln0.bias.float(), ln0.eps)  # [B, Li, Ci]
-        h = fc2(act(fc1(h.to(dt))))  # [B, Li, D]
-        return F.layer_norm(h.float(), ln4.normalized_shape, ln4.weight.float(), ln4.bias.float(), ln4.eps)
+    """Backbone rule plus the motion basis (orthonormalised by a QR in fp32)."""
+    return wan_keeps_fp32(name) or name == "motion_encoder.dec.direction.weight"
 
 
 class AnimateDiT(WanDiT):
     def __init__(self, cfg: AnimateConfig):
-        super().__init__(replace(cfg, num_layers=0))  # the backbone's embeddings and head; blocks are ours
-        self.cfg = cfg
+        super().__init__(cfg)  # backbone: embeddings, blocks with image k/v, img_emb (CLIP MLP), head
         d, p = cfg.dim, cfg.patch_size
-        self.blocks = nn.ModuleList(AnimateBlock(cfg) for _ in range(cfg.num_layers))
         self.pose_patch_embedding = nn.Conv3d(cfg.latent_channels, d, kernel_size=p, stride=p)
-        self.img_emb = MLPProj(cfg.image_dim, d)
         self.motion_encoder = MotionEncoder(cfg.motion_size, cfg.motion_style_dim, cfg.motion_dim,
                                             cfg.motion_out_dim, cfg.motion_channels)
         self.face_encoder = FaceEncoder(cfg.motion_out_dim, d, cfg.face_hidden, cfg.face_heads, cfg.eps)
@@ -176,20 +121,21 @@ class AnimateDiT(WanDiT):
     @torch.no_grad()
     def encode_image(self, clip_tokens: torch.Tensor) -> torch.Tensor:
         """CLIP features [B, Li, image_dim] -> image context [B, Li, D] fp32."""
-        return self.img_emb(clip_tokens)
+        return self.embed_image(clip_tokens)
 
     # -- forward ----------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor | None = None,
-                pose: torch.Tensor | None = None, face: torch.Tensor | None = None,
-                motion: torch.Tensor | None = None, image_context: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict the flow velocity.
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                image_features: torch.Tensor | None = None, pose: torch.Tensor | None = None,
+                face: torch.Tensor | None = None, motion: torch.Tensor | None = None,
+                image_context: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the flow velocity (keyword inputs from the Animate conditioner).
 
         x: [B, 36, T, H, W] (noise, 4 mask channels, condition latent); t: [B]; context: [B, Lc, text_dim];
-        clip_fea: [B, Li, image_dim] CLIP tokens (or image_context = encode_image(clip_fea), cached per shot);
+        image_features: [B, Li, image_dim] CLIP features (or image_context = encode_image(...), cached per shot);
         pose: [B, 16, T−1, H, W] pose latents; face: [B, 3, Tf, S, S] face crops in [-1, 1] (or motion =
         encode_face(face), cached per clip). Returns [B, 16, T, H, W] fp32.
         """
-        if pose is None or (face is None and motion is None) or (clip_fea is None and image_context is None):
+        if pose is None or (face is None and motion is None) or (image_features is None and image_context is None):
             raise ValueError("the Animate DiT needs pose latents, face crops (or motion tokens) and CLIP features")
         if x.shape[1] != self.cfg.in_dim:
             raise ValueError(f"latent has {x.shape[1]} channels, the model takes {self.cfg.in_dim}")
@@ -205,7 +151,7 @@ class AnimateDiT(WanDiT):
             raise ValueError(f"{motion.shape[1] - 1} face steps for {x.shape[2] - 1} latent frames after the "
                              f"reference: the face video needs 4·{x.shape[2] - 2}+1 = {4 * x.shape[2] - 7} frames")
         if image_context is None:
-            image_context = self.encode_image(clip_fea)  # [B, Li, D]
+            image_context = self.embed_image(image_features)  # [B, Li, D]
 
         dt = self.dtype
         grid_tokens = self.patch_embedding(x.to(dt))  # [B, D, T, H', W']
@@ -214,26 +160,37 @@ class AnimateDiT(WanDiT):
         tokens = grid_tokens.flatten(2).transpose(1, 2).float()  # [B, L, D]
         num_tokens = tokens.shape[1]
         e, e0 = self.embed_time(t, num_tokens)  # [B, 1, D], [B, 1, 6, D]
-        ctx = torch.cat([image_context.to(dt), self.embed_text(context)], dim=1)  # [B, Li + Lc, D]
+        ctx = self.embed_text(context)  # [B, text_len, D]
         cos, sin = self.rope(grid, tokens.device)  # 2 × [L, Dh/2]
 
-        offset, split = 0, self.token_split
-        if split is not None:  # sequence parallel: this rank keeps tokens [offset, offset + n)
-            tokens, cos, sin = split.split(tokens, 1), split.split(cos, 0), split.split(sin, 0)
-            offset = split.sp_rank * split.local_len(num_tokens)
-        spans = frame_spans(grid[1] * grid[2], grid[0], offset, tokens.shape[1])
-        motion = motion.to(dt)
+        stream = {"tokens": tokens, "rope_cos": cos, "rope_sin": sin, "time": e, "time_mod": e0}
+        offset = 0
+        if self.token_split is not None:  # sequence parallel: this rank keeps tokens [offset, offset + n)
+            stream = split_stream(self.token_split, stream, self.sp_plan.split, num_tokens)
+            offset = self.token_split.sp_rank * self.token_split.local_len(num_tokens)
+        spans = frame_spans(grid[1] * grid[2], grid[0], offset, stream["tokens"].shape[1])
+        tokens = self.run_blocks(stream["tokens"], stream["time_mod"], ctx, (stream["rope_cos"], stream["rope_sin"]),
+                                 image_context.to(dt), face=(motion.to(dt), spans))  # [B, L_local, D]
+        out = {"out": self.head(tokens, stream["time"])}  # [B, L_local, P·C_out]
+        if self.token_split is not None:
+            out = gather_stream(self.token_split, out, self.sp_plan.gather)  # [B, L, P·C_out]
+        return self.unpatchify(out["out"].float(), grid)  # [B, C_out, T, H, W]
 
+    def run_blocks(self, tokens: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor,
+                   rope: tuple[torch.Tensor, torch.Tensor], image_ctx: torch.Tensor | None,
+                   face: tuple[torch.Tensor, list] | None = None) -> torch.Tensor:
+        """The backbone blocks, and after block j·face_every the face block j's residual (see the module doc).
+        face: (motion tokens [B, T, N+1, D], this rank's frame spans)."""
+        if face is None:
+            raise ValueError("the Animate blocks need motion tokens")
+        motion, spans = face
         self._prepare_fast_path(tokens, e0, ctx)
         every = self.cfg.face_every
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, ctx, (cos, sin))  # [B, L_local, D]
+            tokens = block(tokens, e0, ctx, rope, image_ctx)  # [B, L_local, D]
             if i % every == 0:
                 tokens = tokens + self.face_adapter.fuser_blocks[i // every](tokens, motion, spans)  # [B, L_local, D]
-        out = self.head(tokens, e)  # [B, L_local, P·C_out]
-        if split is not None:
-            out = split.gather(out, 1)  # [B, L, P·C_out]
-        return self.unpatchify(out.float(), grid)  # [B, C_out, T, H, W]
+        return tokens
 
 
 def build_animate(cfg: AnimateConfig, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
