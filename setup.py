@@ -33,7 +33,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "diffusers>=0.35", "accelerate"],
+        # peft: the reference for PEFT-format LoRA loading; triton: the FP8 attention kernel under TRITON_INTERPRET=1
+        "test": ["pytest>=8", "hypothesis>=6", "diffusers>=0.35", "accelerate", "peft>=0.14",
+                 "triton>=3.0; platform_machine == 'x86_64'"],
         "gpu": ["flash-attn", "xformers"],
         # DeepSpeed builds against the installed torch: pip install --no-build-isolation -e .[deepspeed]
         "deepspeed": ["deepspeed>=0.16"],

@@ -11,6 +11,8 @@ dispatches to a backend:
   "math"            SDPA math kernel (runs everywhere; the CPU fallback)
   "flash_attn"      the flash-attn package (FlashAttention 3 `flash_attn_interface` if importable, else 2)
   "xformers"        xformers.ops.memory_efficient_attention
+  "fp8_triton"      our FP8 Triton kernel (kernels/fp8_attention.py) — LOSSY: listed by available_backends only
+                    with allow_lossy=True, so "auto" never measures or picks it; the fast tier names it explicitly
   "auto"            the fastest of the above for (GPU name, dtype, head dim, sequence-length bucket), measured once
                     and cached on disk (kernels/autotune.py); a fixed ranking when measuring is off; "sdpa" on CPU
 
@@ -26,7 +28,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math", "flash_attn", "xformers")
+BACKENDS = ("auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math", "flash_attn", "xformers", "fp8_triton")
+# backends whose output differs from exact attention by more than rounding: never chosen by "auto"
+LOSSY_BACKENDS = ("fp8_triton",)
 
 _SDPA_KERNEL = {
     "sdpa_cudnn": "CUDNN_ATTENTION",
@@ -63,8 +67,8 @@ def _has_module(name: str) -> bool:
         return False
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The backends that can run on `device` in this environment."""
+def available_backends(device: torch.device | str = "cpu", allow_lossy: bool = False) -> list[str]:
+    """The backends that can run on `device` in this environment; lossy ones only when `allow_lossy`."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return ["auto", "sdpa", "math"]
@@ -75,6 +79,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
         names.append("flash_attn")
     if _has_module("xformers"):
         names.append("xformers")
+    if allow_lossy and _has_module("triton") and torch.cuda.get_device_capability(dev) >= (8, 9):
+        names.append("fp8_triton")
     return names
 
 
@@ -139,6 +145,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | 
         return _flash_attn(q, k, v)
     if name == "xformers":
         return _xformers(q, k, v)
+    if name == "fp8_triton":
+        from kernels.fp8_attention import fp8_attention
+
+        return fp8_attention(q, k, v)  # [B, Lq, H, D]
     _check_name(name)
     raise AssertionError("unreachable")
 

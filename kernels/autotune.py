@@ -74,8 +74,11 @@ def _load_disk() -> None:
     _disk_loaded = True
     try:
         data = json.loads(cache_path().read_text())
+        from kernels.attention import LOSSY_BACKENDS
+
         for key, entry in data.items():
-            _memory.setdefault(key, entry["backend"])
+            if entry["backend"] not in LOSSY_BACKENDS:  # "auto" is exact: a lossy entry (edited file) is ignored
+                _memory.setdefault(key, entry["backend"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no cache yet, or a damaged one: measure again
 

@@ -80,7 +80,15 @@ def cmd_generate(cfg: DictConfig) -> int:
         for field, msg in problems:
             print(f"error: shot {s.shot_id}: {field}: {msg}", file=sys.stderr)
         return 2
-    set_default_backend(cfg.render.attention)
+    from renderer.tiers import TierError, tier_from_dict
+
+    try:  # the quality tier's settings are checked with the shot, before anything loads
+        tier = tier_from_dict(OmegaConf.to_container(cfg.quality, resolve=True))
+        tier.loras_per_expert(len(preset.experts), random_weights=preset.checkpoint is None)
+    except TierError as e:
+        print(f"error: shot {s.shot_id}: {e}", file=sys.stderr)
+        return 2
+    set_default_backend(tier.attention or cfg.render.attention)
     try:
         group = group_from(cfg, preset)
     except ValueError as e:  # a parallel layout that does not fit the group: the exact message, no traceback
@@ -89,15 +97,17 @@ def cmd_generate(cfg: DictConfig) -> int:
     options = options_from(cfg)
     if group is not None:
         options.device = str(group.device)
-    pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group)
+    pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group, tier=tier)
     if not pipe.is_main:
         pipe.render(shot)  # every rank takes part in the denoising; rank 0 decodes and writes
         group.close()
         return 0
+    s = tier.apply(shot).resolve(preset)
     print(f"wanrender: {preset.name} on {pipe.device} ({pipe.describe()['dtype']}, experts {pipe.placement}), "
-          f"{s.task} {s.size} {s.frames} frames, {s.steps} steps, seed {s.seed}")
+          f"{s.task} {s.size} {s.frames} frames, {s.steps} steps, seed {s.seed}, quality {tier.name}")
     result = pipe.render(shot)
-    mp4, side = write_shot(pipe, result, cfg.out, name=cfg.name, label=bool(cfg.label),
+    mp4, side = write_shot(pipe, result, cfg.out, name=tier.output_stem(cfg.name or result.shot.shot_id),
+                           label=bool(cfg.label),
                            extra={"config": OmegaConf.to_container(cfg, resolve=True)})
     t = result.timings
     print(f"wrote {mp4} and {side.name}: text {t['text_encode']:.1f}s, denoise {t['denoise']:.1f}s, "

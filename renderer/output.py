@@ -43,13 +43,21 @@ def _image_digest(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def render_hash(shot: ShotSpec, model_name: str, fingerprint: str) -> str:
-    """Hash of the resolved render-relevant settings, the model and the checkpoint (and the image's bytes)."""
+def render_hash(shot: ShotSpec, model_name: str, fingerprint: str, tier: dict | None = None) -> str:
+    """Hash of the resolved render-relevant settings, the model and the checkpoint (and the image's bytes).
+    tier: TierSettings.describe() of a non-exact tier (exact renders keep the hash they always had)."""
     d = {k: getattr(shot, k) for k in RENDER_FIELDS}
+    if tier is not None and tier.get("name", "exact") != "exact":
+        d["quality"] = tier
     d["guidance"] = list(d["guidance"]) if isinstance(d["guidance"], tuple) else d["guidance"]
     d["image"] = _image_digest(shot.image)
     d["model"], d["fingerprint"] = model_name, fingerprint
     return hashlib.sha256(json.dumps(d, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
+
+
+def _tier(pipe: Pipeline) -> dict | None:
+    tier = getattr(pipe, "tier", None)
+    return tier.describe() if tier is not None else None
 
 
 def sidecar(pipe: Pipeline, result: RenderResult, extra: dict | None = None) -> dict:
@@ -77,7 +85,10 @@ def sidecar(pipe: Pipeline, result: RenderResult, extra: dict | None = None) -> 
         "model": pipe.preset.name,
         "checkpoint": pipe.checkpoint,
         "checkpoint_fingerprint": pipe.fingerprint,
-        "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint),
+        "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint, _tier(pipe)),
+        "quality": _tier(pipe) or {"name": "exact"},
+        "final": (_tier(pipe) or {"name": "exact"})["name"] == "exact",  # fast and draft renders never are
+        "step_cache": pipe.describe().get("step_cache", []),
         "code_version": code_version(),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
