@@ -70,6 +70,12 @@ def cmd_generate(cfg: DictConfig) -> int:
     from renderer.presets import load_preset
 
     preset = load_preset(cfg.model)
+    from renderer.families import get_family
+
+    family_generate = get_family(preset.family).generate
+    if family_generate is not None:  # a family that renders its own shots (Animate: chained clips)
+        set_default_backend(cfg.render.attention)
+        return family_generate(cfg, preset, options_from(cfg))
     shot: ShotSpec = shot_from(cfg)
     # every check on the request runs before a model is loaded or a GPU touched
     from renderer.presets import check_shot

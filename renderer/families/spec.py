@@ -99,3 +99,6 @@ class FamilySpec:
     # task -> the presets' input rules: does it need / accept an input image
     needs_image: tuple[str, ...] = ()
     accepts_image: tuple[str, ...] = ()
+    # a family whose shots are not one denoise (Animate: chained clips) renders `generate` itself:
+    # (composed config, preset, RenderOptions) -> exit code
+    generate: Callable[..., int] | None = None

@@ -7,6 +7,12 @@ from renderer.families.animate.model import SP_PLAN, AnimateConfig, AnimateDiT, 
 from renderer.families.spec import FamilySpec
 
 
+def _generate(cfg, preset, options) -> int:
+    from renderer.families.animate.generate import generate_animate  # imports video I/O only when rendering
+
+    return generate_animate(cfg, preset, options)
+
+
 SPEC = FamilySpec(
     name="animate",
     description="Wan2.2-Animate-14B: a reference character driven by pose and face videos (animate / replace)",
@@ -19,4 +25,5 @@ SPEC = FamilySpec(
     sp_plan=SP_PLAN,
     needs_image=("animate",),
     accepts_image=("animate",),
+    generate=_generate,
 )
