@@ -186,12 +186,15 @@ def check_inputs(inp: AnimateInputs, s: AnimateSettings, face_size: int, stride:
 @torch.no_grad()
 def render_animate(model, vae, clip_encoder, inp: AnimateInputs, text: Tensor, text_null: Tensor,
                    s: AnimateSettings, generator: torch.Generator, *, group=None,
-                   denoise_fn: Callable | None = None, on_clip: Callable[[int, int], None] | None = None) -> Tensor:
+                   denoise_fn: Callable | None = None, on_clip: Callable[[int, int], None] | None = None,
+                   timings: dict[str, float] | None = None, on_step: Callable[[int, float, int], None] | None = None,
+                   ) -> Tensor:
     """Render a whole shot clip by clip. Returns the video [3, F, H, W] in [-1, 1], F = the input's frames.
 
     model: the Animate DiT (parallelised over `group` if any); vae: Wan2.1 VAE (encode/decode, normalised
     latents); clip_encoder: renderer.encoders.clip.CLIPVisionEncoder; text / text_null: [1, Lc, text_dim];
-    generator: the shot's CPU generator (noise continues across clips)."""
+    generator: the shot's CPU generator (noise continues across clips); timings: seconds per stage are added to
+    it (clip_encode, vae_encode, denoise, vae_decode; device-synchronised); on_step(i, t, expert) after each step."""
     from renderer.denoise import denoise
     from renderer.guidance import make_guider
     from renderer.sampling import make_sampler
@@ -200,6 +203,7 @@ def render_animate(model, vae, clip_encoder, inp: AnimateInputs, text: Tensor, t
     cfg_parallel = group is not None and group.pcfg.cfg == 2
     guider = make_guider(group, guidance=s.guidance > 1 or cfg_parallel)
     dev = next(model.parameters()).device
+    clock = _StageClock(dev, timings)
     real = inp.pose.shape[1]
     total = padded_length(real, s.clip_len, s.refert_num)
     pad = lambda v: ping_pong(v, total, dim=-3)  # noqa: E731 — frames are dim −3 of every video input
@@ -211,9 +215,11 @@ def render_animate(model, vae, clip_encoder, inp: AnimateInputs, text: Tensor, t
     h, w = H // 8, W // 8
 
     # once per shot: CLIP -> image context, VAE(reference) with its all-ones mask
-    clip_fea = clip_encoder.encode(inp.reference[None].to(dev), s.clip_preprocess)  # [1, Li, image_dim]
-    image_ctx = model.encode_image(clip_fea.to(dev)) if _cacheable(model) else None
-    ref_lat = vae.encode(inp.reference[None, :, None].to(dev)).float()  # [1, 16, 1, h, w]
+    with clock("clip_encode"):
+        clip_fea = clip_encoder.encode(inp.reference[None].to(dev), s.clip_preprocess)  # [1, Li, image_dim]
+        image_ctx = model.encode_image(clip_fea.to(dev)) if _cacheable(model) else None
+    with clock("vae_encode"):
+        ref_lat = vae.encode(inp.reference[None, :, None].to(dev)).float()  # [1, 16, 1, h, w]
     y_ref = torch.cat([torch.ones(1, 4, 1, h, w, device=dev), ref_lat], dim=1)  # [1, 20, 1, h, w]
 
     out_clips: list[Tensor] = []
@@ -231,18 +237,21 @@ def render_animate(model, vae, clip_encoder, inp: AnimateInputs, text: Tensor, t
             px_mask = None
         if r:
             cond_video[:, :r] = prev[:, -r:].to(cond_video)
-        y_clip = torch.cat([latent_mask(zt, h, w, r, px_mask).to(dev)[None],
-                            vae.encode(cond_video[None].to(dev)).float()], dim=1)  # [1, 20, T, h, w]
+        with clock("vae_encode"):
+            y_clip = torch.cat([latent_mask(zt, h, w, r, px_mask).to(dev)[None],
+                                vae.encode(cond_video[None].to(dev)).float()], dim=1)  # [1, 20, T, h, w]
+            pose_lat = vae.encode(pose[None, :, sl].to(dev)).float()  # [1, 16, T, h, w]
         y = torch.cat([y_ref, y_clip], dim=2)  # [1, 20, 1 + T, h, w]
-        pose_lat = vae.encode(pose[None, :, sl].to(dev)).float()  # [1, 16, T, h, w]
         faces = face[None, :, sl].to(dev)  # [1, 3, clip_len, S, S]
         conditioner = AnimateClipConditioner(
             model, y, text.to(dev), text_null.to(dev), pose_lat, faces, clip_fea.to(dev), image_ctx,
             mode=inp.mode, clip_index=k, refert_num=s.refert_num, need_uncond=s.guidance > 1 or cfg_parallel)
         sampler = make_sampler(s.sampler, s.steps, s.shift)
-        latent = denoise_fn([model], conditioner, sampler, noise.to(dev), guider=guider, guidances=s.guidance,
-                            group=group)  # [1, 16, 1 + T, h, w]
-        video = vae.decode(latent[:, :, 1:].float())[0].float().cpu()  # [3, clip_len, H, W]
+        with clock("denoise"):
+            latent = denoise_fn([model], conditioner, sampler, noise.to(dev), guider=guider, guidances=s.guidance,
+                                group=group, callback=on_step)  # [1, 16, 1 + T, h, w]
+        with clock("vae_decode"):
+            video = vae.decode(latent[:, :, 1:].to(next(vae.parameters()).dtype))[0].float().cpu()  # [3, L, H, W]
         if r:
             video = video[:, r:]
         out_clips.append(video)
@@ -250,3 +259,26 @@ def render_animate(model, vae, clip_encoder, inp: AnimateInputs, text: Tensor, t
         if on_clip is not None:
             on_clip(k + 1, len(starts))
     return torch.cat(out_clips, dim=1)[:, :real]  # [3, F, H, W]
+
+
+class _StageClock:
+    """`with clock("stage"):` adds the stage's device-synchronised seconds to `timings` (if given)."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float] | None):
+        self.device, self.timings = device, timings
+
+    def __call__(self, stage: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def timed():
+            sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *_: None)
+            sync(self.device)
+            t0 = time.perf_counter()
+            yield
+            sync(self.device)
+            if self.timings is not None:
+                self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+        return timed()
