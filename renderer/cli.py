@@ -75,7 +75,7 @@ def cmd_generate(cfg: DictConfig) -> int:
     family_generate = get_family(preset.family).generate
     if family_generate is not None:  # a family that renders its own shots (Animate: chained clips)
         set_default_backend(cfg.render.attention)
-        return family_generate(cfg, preset, options_from(cfg))
+        return family_generate(cfg, preset, options_from(cfg), lambda: group_from(cfg, preset))
     shot: ShotSpec = shot_from(cfg)
     # every check on the request runs before a model is loaded or a GPU touched
     from renderer.presets import check_shot

@@ -68,6 +68,9 @@ def test_bad_inputs_exit_2_with_field_and_fix(tmp_path):
     assert r.returncode == 2 and "pose_video: /no/such.mp4 does not exist" in r.stderr
     r = _run(args + ["refert_num=3"])
     assert r.returncode == 2 and "refert_num: 3 is not supported: use 1 or 5" in r.stderr
+    (tmp_path / "ckpt").mkdir()
+    r = _run(args + [f"model.checkpoint={tmp_path / 'ckpt'}"])
+    assert r.returncode == 2 and "model.checkpoint: checkpoint" in r.stderr and "neither the official" in r.stderr
 
 
 def test_letterbox_and_lora_specs(tmp_path):

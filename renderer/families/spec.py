@@ -100,5 +100,6 @@ class FamilySpec:
     needs_image: tuple[str, ...] = ()
     accepts_image: tuple[str, ...] = ()
     # a family whose shots are not one denoise (Animate: chained clips) renders `generate` itself:
-    # (composed config, preset, RenderOptions) -> exit code
+    # (composed config, preset, RenderOptions, group_factory) -> exit code; group_factory() forms the torchrun
+    # render group, called only after the shot's inputs passed their checks
     generate: Callable[..., int] | None = None

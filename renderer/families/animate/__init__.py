@@ -7,10 +7,10 @@ from renderer.families.animate.model import SP_PLAN, AnimateConfig, AnimateDiT, 
 from renderer.families.spec import FamilySpec
 
 
-def _generate(cfg, preset, options) -> int:
+def _generate(cfg, preset, options, group_factory=None) -> int:
     from renderer.families.animate.generate import generate_animate  # imports video I/O only when rendering
 
-    return generate_animate(cfg, preset, options)
+    return generate_animate(cfg, preset, options, group_factory)
 
 
 SPEC = FamilySpec(

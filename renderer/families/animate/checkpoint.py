@@ -107,6 +107,27 @@ def animate_folder(root: str | Path) -> tuple[str, Path]:
                           f"*.safetensors at the root) nor a diffusers repository (transformer/config.json)")
 
 
+# what a usable folder holds besides the DiT, per layout (checked by `check_animate_folder` before anything loads)
+OFFICIAL_PARTS = ("models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", "Wan2.1_VAE.pth",
+                  "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl")
+DIFFUSERS_PARTS = ("image_encoder", "vae", "text_encoder", "tokenizer")
+
+
+def check_animate_folder(root: str | Path) -> list[str]:
+    """Every problem with a Wan2.2-Animate-14B folder that can be seen without reading a tensor (empty: usable)."""
+    try:
+        layout, folder = animate_folder(root)
+    except CheckpointError as e:
+        return [str(e)]
+    parts = OFFICIAL_PARTS if layout == "official" else DIFFUSERS_PARTS
+    problems = [f"{Path(root) / p} is missing ({layout} layout)" for p in parts if not (Path(root) / p).exists()]
+    try:
+        _shard_files(folder)
+    except CheckpointError as e:
+        problems.append(str(e))
+    return problems
+
+
 def load_animate(root: str | Path, dtype: torch.dtype = torch.bfloat16,
                  device: str | torch.device = "cpu") -> AnimateDiT:
     """The Animate DiT from either layout, tensor by tensor into `dtype` on `device`."""

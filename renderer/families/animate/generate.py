@@ -122,8 +122,9 @@ def _components(preset, checkpoint: str | None, device: torch.device, dtype: tor
     return text, vae, clip, load_animate(root, dtype=dtype, device=device)
 
 
-def generate_animate(cfg, preset, options) -> int:
-    """The whole `generate` command for the Animate family. Returns the exit code."""
+def generate_animate(cfg, preset, options, group_factory=None) -> int:
+    """The whole `generate` command for the Animate family. Returns the exit code. group_factory: makes the render
+    group under torchrun (called only once every input has passed its checks)."""
     from omegaconf import OmegaConf
 
     from renderer.lora import LoraError, apply_loras, load_lora
@@ -155,20 +156,37 @@ def generate_animate(cfg, preset, options) -> int:
         loras, problems = [], problems + [("loras", str(e))]
     if preset.checkpoint is None and not preset.is_tiny and not options.random_weights:
         problems.append(("model.checkpoint", f"model {preset.name} needs model.checkpoint=<Wan2.2-Animate-14B folder>"))
+    elif preset.checkpoint is not None:
+        from renderer.families.animate.checkpoint import check_animate_folder
+
+        problems += [("model.checkpoint", p) for p in check_animate_folder(preset.checkpoint)]
     if problems:
         for field, msg in problems:
             print(f"error: shot {name}: {field}: {msg}", file=sys.stderr)
         return 2
 
-    device, dtype = options.torch_device(), options.torch_dtype()
-    t0 = time.perf_counter()
-    text_enc, vae, clip, model = _components(preset, preset.checkpoint, device, dtype, options.random_weights)
+    from renderer.checkpoint import CheckpointError
+    from renderer.encoders.clip import CLIPCheckpointError
+
     try:
-        for path, scale in loras:
-            apply_loras(model, [(load_lora(path), scale)], mode=lora_mode)
-    except LoraError as e:
-        print(f"error: shot {name}: loras: {e}", file=sys.stderr)
+        group = group_factory() if group_factory else None  # torchrun: the render group (None: one process)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
+    device = group.device if group is not None else options.torch_device()
+    dtype = options.torch_dtype() if group is None or device.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    try:
+        text_enc, vae, clip, model = _components(preset, preset.checkpoint, device, dtype, options.random_weights)
+        for path, scale in loras:  # before parallelising: FSDP shards whatever weights it is given
+            apply_loras(model, [(load_lora(path), scale)], mode=lora_mode)
+    except (CheckpointError, CLIPCheckpointError, LoraError) as e:
+        print(f"error: shot {name}: {'loras' if isinstance(e, LoraError) else 'model.checkpoint'}: {e}",
+              file=sys.stderr)
+        return 2
+    if group is not None and group.distributed:
+        model = group.parallelize_experts([model])[0]
+    main_rank = group is None or group.is_main
     timings = {"model_load": time.perf_counter() - t0}
 
     from renderer.encoders.text import DEFAULT_NEGATIVE_PROMPT
@@ -179,17 +197,25 @@ def generate_animate(cfg, preset, options) -> int:
     with torch.no_grad():
         both = text_enc.encode([prompt, negative]).to(device, dtype)  # [2, 512, text_dim]
     timings["text_encode"] = time.perf_counter() - t0
-    print(f"wanrender: {preset.name} {inp.mode} on {device}, {inp.pose.shape[1]} frames "
+    if main_rank:
+        print(f"wanrender: {preset.name} {inp.mode} on {device}, {inp.pose.shape[1]} frames "
           f"{inp.pose.shape[3]}×{inp.pose.shape[2]}, clips of {settings.clip_len} (refert {settings.refert_num}), "
-          f"{settings.steps} steps, seed {cfg.seed}")
+              f"{settings.steps} steps, seed {cfg.seed}")
     from renderer.families.animate.conditioning import render_animate
 
     t0 = time.perf_counter()
     clips_done = []
+    stage_s: dict[str, float] = {}
     video = render_animate(model, vae, clip, inp, both[:1], both[1:], settings,
-                           torch.Generator().manual_seed(int(cfg.seed)),
-                           on_clip=lambda k, n: (clips_done.append(k), print(f"  clip {k}/{n} done", flush=True)))
+                           torch.Generator().manual_seed(int(cfg.seed)), group=group, timings=stage_s,
+                           on_clip=lambda k, n: (clips_done.append(k),
+                                                 main_rank and print(f"  clip {k}/{n} done", flush=True)))
     timings["render"] = time.perf_counter() - t0
+    timings.update(stage_s)
+    if group is not None:
+        group.close()
+    if not main_rank:  # every rank denoised; rank 0 writes
+        return 0
     frames = to_uint8_frames(video[None])  # [F, H, W, 3] uint8
 
     out = Path(cfg.out)
