@@ -90,8 +90,11 @@ def read_inputs(cfg, face_size: int) -> tuple[AnimateInputs | None, list[tuple[s
     return AnimateInputs(mode, ref, pose, face, bg, mask), problems
 
 
-def _components(preset, checkpoint: str | None, device: torch.device, dtype: torch.dtype, random_weights: bool):
-    """(text encoder, VAE, CLIP encoder, DiT): from the checkpoint folder (either layout) or random weights."""
+def _components(preset, checkpoint: str | None, device: torch.device, dtype: torch.dtype, random_weights: bool,
+                t5_device: torch.device | None = None):
+    """(text encoder, VAE, CLIP encoder, DiT): from the checkpoint folder (either layout) or random weights.
+    t5_device: where the text encoder lives (render.t5_cpu=true: the CPU, saving 11 GB of GPU memory)."""
+    t5_device = t5_device or device
     from renderer.encoders.clip import CLIPVisionConfig, CLIPVisionEncoder, load_clip
     from renderer.encoders.text import build_random_umt5_xxl, build_tiny_text_encoder, load_text_encoder
     from renderer.families.animate.checkpoint import animate_folder, load_animate
@@ -102,7 +105,7 @@ def _components(preset, checkpoint: str | None, device: torch.device, dtype: tor
     if checkpoint is None:
         seed = preset.seed_weights
         text = (build_tiny_text_encoder(seed=seed, d_model=preset.dit.text_dim) if preset.is_tiny
-                else build_random_umt5_xxl(device, dtype, seed=seed))
+                else build_random_umt5_xxl(t5_device, dtype, seed=seed))
         vae_dtype = torch.float32 if preset.is_tiny or device.type != "cuda" else dtype
         vae = build_vae("2.1", tiny=preset.vae.tiny, dtype=vae_dtype, device=device, seed=seed)
         gen = torch.Generator().manual_seed(seed + 1)
@@ -114,7 +117,7 @@ def _components(preset, checkpoint: str | None, device: torch.device, dtype: tor
         return text, vae, clip, build_animate(preset.dit, dtype=dtype, device=device, seed=seed)
     root = Path(checkpoint)
     layout, _ = animate_folder(root)
-    text = load_text_encoder(root, device=device, dtype=dtype)
+    text = load_text_encoder(root, device=t5_device, dtype=dtype if t5_device.type == "cuda" else torch.float32)
     vae = load_vae(root / "vae" if layout == "diffusers" else root / "Wan2.1_VAE.pth", version="2.1", dtype=dtype,
                    device=device)
     clip = load_clip(root / "image_encoder" if layout == "diffusers" else root / CLIP_PTH,
@@ -177,7 +180,9 @@ def generate_animate(cfg, preset, options, group_factory=None) -> int:
     dtype = options.torch_dtype() if group is None or device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
     try:
-        text_enc, vae, clip, model = _components(preset, preset.checkpoint, device, dtype, options.random_weights)
+        t5_device = torch.device("cpu") if options.t5_cpu else device
+        text_enc, vae, clip, model = _components(preset, preset.checkpoint, device, dtype, options.random_weights,
+                                                 t5_device)
         for path, scale in loras:  # before parallelising: FSDP shards whatever weights it is given
             apply_loras(model, [(load_lora(path), scale)], mode=lora_mode)
     except (CheckpointError, CLIPCheckpointError, LoraError) as e:
@@ -206,10 +211,19 @@ def generate_animate(cfg, preset, options, group_factory=None) -> int:
     t0 = time.perf_counter()
     clips_done = []
     stage_s: dict[str, float] = {}
+    from renderer.families.animate.conditioning import clip_starts, padded_length
+    from tqdm.auto import tqdm
+
+    n_clips = len(clip_starts(padded_length(inp.pose.shape[1], settings.clip_len, settings.refert_num),
+                              settings.clip_len, settings.refert_num))
+    bar = tqdm(total=n_clips * settings.steps, desc=f"{name} denoise ({n_clips} clips)", unit="step",
+               disable=not (main_rank and options.progress), leave=False)
     video = render_animate(model, vae, clip, inp, both[:1], both[1:], settings,
                            torch.Generator().manual_seed(int(cfg.seed)), group=group, timings=stage_s,
+                           on_step=lambda i, t, e: bar.update(1),
                            on_clip=lambda k, n: (clips_done.append(k),
                                                  main_rank and print(f"  clip {k}/{n} done", flush=True)))
+    bar.close()
     timings["render"] = time.perf_counter() - t0
     timings.update(stage_s)
     if group is not None:
