@@ -4,7 +4,9 @@ prompt and the blank face) and a replacement shot.
 
 Where diffusers differs from the official code, its behaviour is selected here (and only here):
   * CLIP preprocessing: resize + centre crop (clip_preprocess="diffusers") instead of the official squash;
-  * the reference image is given at the output size, so diffusers' "fill" resize and the official letterbox agree.
+  * the reference image is given at the output size, so diffusers' "fill" resize and the official letterbox agree,
+    and so do the images CLIP sees (diffusers encodes the image as given, the official code — and ours — the
+    letterboxed reference).
 Segment handling (padding, clip starts, chaining, noise order) is the same in both for these lengths.
 
 Tolerances (fp32, CPU): final latent of the last clip max|Δ| / max|ref| ≤ 1e-5; frames within one uint8 level.

@@ -16,7 +16,9 @@ Facts (official wan/animate.py, checked against it):
     frames per latent frame, pixel frame 0 repeated ×4;
   * decode drops latent frame 0; later clips drop their first r decoded frames;
   * one noise generator for the whole shot, continued from clip to clip.
-Differences from the official code (results unchanged): CLIP features, the image context and the reference latent
+Where diffusers' WanAnimatePipeline differs, we follow the official code: CLIP sees the letterboxed reference
+(diffusers: the image as given) squashed to 224 (diffusers: resize + centre crop; clip_preprocess="diffusers" selects
+it). Differences from the official code (results unchanged): CLIP features, the image context and the reference latent
 are computed once per shot (official: every clip), and motion tokens once per clip (official: every forward).
 
 Shapes: T latent frames of a clip after the reference (clip_len//4 + 1), h×w latent grid, H×W pixels.
