@@ -96,7 +96,7 @@ def _strip(key: str) -> str:
 def _module_name(raw: str) -> str:
     """A module name in any naming -> ours (the official Wan key without .weight)."""
     if any(m in raw for m in _DIFFUSERS_MARKERS):
-        from renderer.checkpoint import diffusers_to_official
+        from renderer.families.wan22.keys import diffusers_to_official
 
         return diffusers_to_official(raw + ".weight")[: -len(".weight")]
     return raw

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from renderer.checkpoint import official_to_diffusers
+from renderer.families.wan22.keys import official_to_diffusers
 from renderer.lora import LoraError, LoraLinear, apply_loras, load_lora, parse_lora_state_dict
 from tests.dit_helpers import diffusers_tiny, ours_from_diffusers, rel_err
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from renderer.parallel.denoise import select_expert
+from renderer.denoise import select_expert
 from renderer.pipeline import ShotSpec
 from renderer.sampling import make_sampler
 from renderer.tiers import TierError, load_tier, order_by_tier

@@ -1,6 +1,6 @@
 """The Wan2.2-Animate-14B DiT: the Wan2.2 DiT backbone plus pose, image and face conditioning, in plain PyTorch.
 
-What Animate adds to the backbone (renderer/model.py, whose blocks, embeddings and head are reused as they are):
+What Animate adds to the backbone (renderer/families/wan22/model.py, whose blocks, embeddings and head are reused as they are):
   * pose_patch_embedding: a Conv3d patch embedding of the pose video's VAE latents, added to latent frames 1..T
     (frame 0 is the reference image and gets no pose);
   * img_emb: the CLIP projection MLP (LN, Linear, GELU, Linear, LN) of the 257 CLIP tokens, placed before the text
@@ -18,7 +18,7 @@ frame g // (H'·W'), and the rank's slice starts at sp_rank·n. The official cod
 sequence instead and needs the padded token count to be a multiple of the frame count (Wan2.2 #178 crashes
 otherwise); here padding tokens simply belong to no frame and get a zero residual.
 
-Module names are the official state-dict keys. Shapes: as renderer/model.py, plus Li image tokens (257),
+Module names are the official state-dict keys. Shapes: as renderer/families/wan22/model.py, plus Li image tokens (257),
 Tf face frames, T latent frames incl. the reference (T = 1 + (Tf − 1)/4), N+1 motion tokens per frame.
 """
 from __future__ import annotations
