@@ -37,3 +37,4 @@ def test_full_size_model_has_the_official_parameter_count():
         model = AnimateDiT(load_preset("animate_14b").dit)
     assert sum(p.numel() for p in model.parameters()) == 17_274_816_884
     assert len(model.face_adapter.fuser_blocks) == 8
+    assert hash(load_preset("animate_14b").dit) == hash(load_preset("animate_14b").dit)  # the config is hashable

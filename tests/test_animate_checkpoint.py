@@ -33,7 +33,7 @@ def _official(tmp_path, ours, blur=True):
                 state[f"motion_encoder.enc.net_app.convs.{i}.{part}.0.kernel"] = blur_kernel()
     _shards(root, state)
     cfg = ours.cfg.to_dict() | {"motion_encoder_dim": ours.cfg.motion_out_dim, "_class_name": "WanAnimateModel"}
-    cfg["motion_channels"] = {str(k): v for k, v in cfg["motion_channels"].items()}
+    cfg["motion_channels"] = {str(k): v for k, v in dict(ours.cfg.motion_channels).items()}
     (root / "config.json").write_text(json.dumps(cfg))
     return root
 

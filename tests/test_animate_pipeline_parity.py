@@ -36,7 +36,7 @@ def _diffusers_animate(p, seed=0):
         num_attention_heads=c.num_heads, attention_head_dim=c.head_dim, in_channels=c.in_dim, latent_channels=16,
         out_channels=c.out_dim, text_dim=c.text_dim, ffn_dim=c.ffn_dim, num_layers=c.num_layers,
         image_dim=c.image_dim, added_kv_proj_dim=c.dim, motion_encoder_size=c.motion_size,
-        motion_encoder_channel_sizes={str(k): v for k, v in c.motion_channels.items()},
+        motion_encoder_channel_sizes={str(k): v for k, v in dict(c.motion_channels).items()},
         motion_style_dim=c.motion_style_dim, motion_dim=c.motion_dim, motion_encoder_dim=c.motion_out_dim,
         face_encoder_hidden_dim=c.face_hidden, face_encoder_num_heads=c.face_heads,
         inject_face_latents_blocks=c.face_every).eval()

@@ -24,7 +24,7 @@ Tf face frames, T latent frames incl. the reference (T = 1 + (Tf − 1)/4), N+1 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -48,14 +48,16 @@ class AnimateConfig(DiTConfig):
     motion_style_dim: int = 512
     motion_dim: int = 20
     motion_out_dim: int = 512
-    motion_channels: dict = field(default_factory=lambda: dict(MOTION_CHANNELS))
+    # LIA channel width per resolution, as sorted (resolution, channels) pairs: the config stays hashable
+    motion_channels: tuple = tuple(sorted(MOTION_CHANNELS.items()))
     face_hidden: int = 1024
     face_heads: int = 4
     face_every: int = 5
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "motion_channels", {int(k): int(v) for k, v in self.motion_channels.items()})
+        pairs = self.motion_channels.items() if isinstance(self.motion_channels, dict) else self.motion_channels
+        object.__setattr__(self, "motion_channels", tuple(sorted((int(k), int(v)) for k, v in pairs)))
         if self.face_every < 1:
             raise ValueError(f"face_every must be ≥ 1, got {self.face_every}")
 
@@ -99,7 +101,7 @@ class AnimateDiT(WanDiT):
         d, p = cfg.dim, cfg.patch_size
         self.pose_patch_embedding = nn.Conv3d(cfg.latent_channels, d, kernel_size=p, stride=p)
         self.motion_encoder = MotionEncoder(cfg.motion_size, cfg.motion_style_dim, cfg.motion_dim,
-                                            cfg.motion_out_dim, cfg.motion_channels)
+                                            cfg.motion_out_dim, dict(cfg.motion_channels))
         self.face_encoder = FaceEncoder(cfg.motion_out_dim, d, cfg.face_hidden, cfg.face_heads, cfg.eps)
         self.face_adapter = FaceAdapter(d, cfg.num_heads, cfg.num_face_blocks, cfg.eps)
 
