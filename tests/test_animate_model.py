@@ -1,4 +1,6 @@
 """The Animate DiT against diffusers' WanAnimateTransformer3DModel: same random weights through the key map, fp32."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,3 +87,23 @@ def test_layer_count_not_a_multiple_of_face_every():
     with torch.no_grad():
         out = model(x, torch.tensor([10.0]), context, image_features=clip, pose=pose, face=face)
     assert out.shape == (1, 16, 3, 6, 8) and torch.isfinite(out).all()
+
+
+def test_bf16_render_dtype_runs_and_stays_close():
+    """The real render dtype: bf16 weights with the fp32 set (modulation, time embedding, norm3, motion basis) kept
+    fp32; every input path casts itself. Close to fp32 at bf16's precision."""
+    from renderer.families.animate.model import AnimateConfig, build_animate
+
+    cfg = AnimateConfig(dim=64, num_heads=4, ffn_dim=96, num_layers=2, text_dim=24, image_dim=40, motion_size=16,
+                        motion_channels={4: 16, 8: 16, 16: 8}, motion_style_dim=32, motion_dim=6, motion_out_dim=24,
+                        face_hidden=16, face_heads=2, face_every=2)
+    fp32 = build_animate(cfg, dtype=torch.float32, seed=1)
+    bf16 = copy.deepcopy(fp32).set_dtype(torch.bfloat16)  # the same weights, rounded
+    assert bf16.blocks[0].modulation.dtype == torch.float32 and bf16.blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    assert bf16.motion_encoder.dec.direction.weight.dtype == torch.float32
+    x, pose, face, context, clip = animate_inputs()
+    with torch.no_grad():
+        want = fp32(x, torch.tensor([500.0]), context, image_features=clip, pose=pose, face=face)
+        got = bf16(x, torch.tensor([500.0]), context, image_features=clip, pose=pose, face=face)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert rel_err(got, want) < 5e-2
