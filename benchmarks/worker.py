@@ -65,8 +65,11 @@ class SubsetSchedule(FlowEuler):
         self.reset()
 
 
-def expected_experts(preset, full_steps: int, shift: float, indices: list[int], guidance) -> list[int]:
-    _, ts = build_schedule(full_steps, shift)
+def expected_experts(preset, full_steps: int, shift: float, indices: list[int], guidance,
+                     sampler: str = "unipc") -> list[int]:
+    from renderer.sampling import make_sampler
+
+    ts = make_sampler(sampler, full_steps, shift).timesteps  # the sampler's own grid (euler_lightning: its own)
     return [select_expert(float(ts[i]), preset.boundary, len(preset.experts), guidance)[0] for i in indices]
 
 
@@ -133,7 +136,8 @@ def gather(group, value):
 
 
 def run(spec: dict) -> dict | None:
-    from kernels.attention import get_default_backend, resolved_backend, set_default_backend
+    from kernels.attention import resolved_backend
+    from kernels.settings import KernelSettings
     from renderer.pipeline import Pipeline, RenderOptions, ShotSpec
     from renderer.presets import ModelPreset
 
@@ -143,31 +147,33 @@ def run(spec: dict) -> dict | None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     preset = ModelPreset.from_dict(spec["model"])
     r = spec["render"]
-    set_default_backend(r.get("attention", "auto"))
     group = build_group(spec.get("parallel"), world, preset.dit.num_heads)
+    kernels = KernelSettings.from_dict({"attention": r.get("attention", "auto"), "precision": r.get("dtype", "auto"),
+                                        "compile": r.get("compile", "auto")})
     options = RenderOptions(device=str(group.device) if group else r.get("device", "auto"),
-                            dtype=r.get("dtype", "auto"), placement=r.get("placement", "auto"),
+                            kernels=kernels, placement=r.get("placement", "auto"),
                             t5_cpu=bool(r.get("t5_cpu", False)), vae_tile=r.get("vae_tile"),
                             random_weights=bool(r.get("random_weights", True)), progress=False)
     device = options.torch_device()
     if r.get("cpu_threads"):
         torch.set_num_threads(int(r["cpu_threads"]))
     s = spec["shot"]
+    from renderer.tiers import load_tier
+
+    tier = load_tier(spec.get("quality") or "exact", spec.get("quality_overrides") if spec.get("quality") not in
+                     (None, "exact") else None)
     full = ShotSpec(prompt=s.get("prompt") or "a red kite over a beach at dusk", task=s.get("task"),
                     size=s.get("size"), frames=s.get("frames"), steps=s.get("steps"), seed=int(s.get("seed", 0)),
-                    sampler=s.get("sampler", "unipc"), shot_id=spec.get("name", "bench")).resolve(preset)
+                    sampler=s.get("sampler", "unipc"), shot_id=spec.get("name", "bench"))
+    full = tier.apply(full).resolve(preset)  # the tier's steps / sampler / shift / guidance
     full_steps = full.steps
-    k = min(int(spec.get("timed_steps") or full_steps), full_steps)
+    # a cached step is not a median step: fast and draft rows time every step of their schedule
+    k = min(int(spec.get("timed_steps") or full_steps), full_steps) if tier.is_final else full_steps
     indices = subset_indices(full_steps, k)
 
     t0 = time.perf_counter()
-    pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group)
+    pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group, tier=tier)
     build_s = time.perf_counter() - t0
-    compile_mode = {True: "on", False: "off"}.get(r.get("compile", "auto"), r.get("compile", "auto"))
-    for m in pipe.experts:
-        m = getattr(m, "module", m)
-        if hasattr(m, "compile_mode"):
-            m.compile_mode = compile_mode
 
     shot = full
     if k < full_steps:  # K steps of the real schedule (see the module docstring)
@@ -190,7 +196,7 @@ def run(spec: dict) -> dict | None:
     result = pipe.render(shot, on_step=on_step)
     render_s = time.perf_counter() - t0
 
-    want = expected_experts(preset, full_steps, full.shift, indices, full.guidance)
+    want = expected_experts(preset, full_steps, full.shift, indices, full.guidance, full.sampler)
     if list(result.experts_used) != want or len(result.step_seconds) != k:
         raise RuntimeError(f"the render did not run the planned steps: experts {result.experts_used}, expected "
                            f"{want} ({len(result.step_seconds)} step times for {k} steps) — has Pipeline.render "
@@ -204,7 +210,7 @@ def run(spec: dict) -> dict | None:
     meta = {"compiled": any(bool(getattr(getattr(m, "module", m), "_blocks_compiled", False)) for m in pipe.experts),
             "compile_s": {f"expert{i}:{key}": v for i, m in enumerate(pipe.experts)
                           for key, v in getattr(getattr(m, "module", m), "compile_seconds", {}).items()},
-            "attention_backend": resolved_backend() if device.type == "cuda" else get_default_backend()}
+            "attention_backend": resolved_backend(kernels.attention)}
     if group is not None:
         group.barrier()
         group.close()
@@ -267,6 +273,8 @@ def _row(spec, preset, pipe, full, result, k, indices, build_s, warmup_s, render
     tflops = per_step / steps["median_s"] / world / 1e12 if steps.get("median_s") else None
     return {
         "name": spec.get("name"), "layout": spec.get("layout"), "gpus": world,
+        "quality": pipe.tier.name, "tier": pipe.tier.describe(), "step_cache": pipe.describe()["step_cache"],
+        "sampler": full.sampler, "guidance": list(full.guidance),
         "parallel": pipe.group.pcfg.describe() if pipe.group else "single process",
         "model": preset.name, "checkpoint": preset.checkpoint, "random_weights": preset.checkpoint is None,
         "task": full.task, "size": full.size, "frames": full.frames, "steps": n, "timed_steps": k,

@@ -30,10 +30,10 @@ from renderer.presets import ModelPreset, check_shot
 
 # what a shot (and `defaults`) may set; the farm's own fields (priority, output, tags, video) are not ShotSpec's
 SHOT_FIELDS = ("id", "task", "prompt", "negative_prompt", "image", "video", "size", "frames", "steps", "seed",
-               "guidance", "sampler", "shift", "priority", "output", "tags")
+               "guidance", "sampler", "shift", "priority", "output", "tags", "quality")
 NOT_DEFAULTABLE = ("id", "output")  # one value per shot: a default would make every shot collide
 TOP_LEVEL_FIELDS = ("name", "model", "description", "defaults", "shots")
-TEXT_FIELDS = ("task", "prompt", "negative_prompt", "sampler")
+TEXT_FIELDS = ("task", "prompt", "negative_prompt", "sampler", "quality")
 PATH_FIELDS = ("image", "video")
 INT_FIELDS = ("frames", "steps", "seed")
 DEFAULT_PRIORITIES = {"urgent": 100, "high": 10, "normal": 0, "low": -10}
@@ -78,6 +78,7 @@ class ShotRequest:
     index: int  # position in the manifest: ties in priority keep manifest order
     tags: dict | list = field(default_factory=dict)
     video: str | None = None
+    quality: str = "exact"  # the shot's tier (renderer/tiers.py); job.tiers renders every shot in several
 
 
 @dataclass
@@ -235,14 +236,19 @@ def _check_value(name: str, value: Any, priorities: dict[str, int]) -> str | Non
             return f"steps must be a positive whole number, got {value}"
         if name == "frames" and value < 1:
             return f"frames must be 4n+1 (e.g. 9 or 13), got {value}"
-        if name == "seed" and not 0 <= value <= SEED_MAX:
-            return f"seed {value} is out of range: use 0 .. 2**63-1"
+        if name == "seed" and not -1 <= value <= SEED_MAX:
+            return f"seed {value} is out of range: use 0 .. 2**63-1, or -1 for a random seed"
     if name == "guidance":
         vals = value if isinstance(value, (list, tuple)) else [value]
         if len(vals) not in (1, 2) or not all(_is_number(v) for v in vals):
             return f"must be a number or [low_noise, high_noise], got {value!r}: e.g. 5.0 or [3.0, 4.0]"
         if any(v < 0 for v in vals):
             return f"guidance scales must be >= 0, got {value!r}"
+    if name == "quality":
+        from renderer.tiers import TIER_NAMES
+
+        if value not in TIER_NAMES:
+            return f"unknown quality {value!r}: {_suggest(value, TIER_NAMES)} (one of {', '.join(TIER_NAMES)})"
     if name == "sampler":
         from renderer.sampling import SAMPLER_NAMES
 
@@ -413,7 +419,7 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
         shot_problems += [p for p in _model_problems(spec, preset, label, values) if p.field not in bad_fields]
         if not shot_problems:
             shots.append(ShotRequest(id=str(sid), output=output, spec=spec, priority=int(priority), index=index,
-                                     tags=values["tags"], video=video))
+                                     tags=values["tags"], video=video, quality=values.get("quality") or "exact"))
         problems += shot_problems
     if problems:
         raise ManifestError(problems, source)

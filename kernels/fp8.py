@@ -70,20 +70,25 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_scale", ws)
         self.bias = linear.bias  # kept in its dtype (bf16): added in the _scaled_mm epilogue
         self.out_dtype = linear.weight.dtype
-        self.use_scaled_mm = use_scaled_mm  # None: where fp8_supported(device)
+        # decided once here, not per call: no device query inside the compiled blocks. None: FP8 tensor cores on
+        # this machine's GPU (layers converted on the CPU for offload still run _scaled_mm once on the GPU)
+        if use_scaled_mm is None:
+            use_scaled_mm = torch.cuda.is_available() and fp8_supported(torch.device("cuda"))
+        self.use_scaled_mm = bool(use_scaled_mm)
+        # what `weight` returns: a meta tensor with the compute dtype and shape (no memory)
+        self._weight_meta = torch.empty(self.out_features, self.in_features, dtype=self.out_dtype, device="meta")
 
     @property
     def weight(self) -> torch.Tensor:
         """A meta tensor with the layer's compute dtype and shape: the DiT reads `ffn[0].weight.dtype` to pick its
         activation dtype. The values live in weight_fp8 × weight_scale; computing with this one fails loudly."""
-        return torch.empty(self.out_features, self.in_features, dtype=self.out_dtype, device="meta")
+        return self._weight_meta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         xq, xs = quantize_rowwise(x2)  # [M, K] e4m3, [M, 1] fp32
-        use = self.use_scaled_mm if self.use_scaled_mm is not None else fp8_supported(x.device)
-        if use:
+        if self.use_scaled_mm:
             out_dtype = self.out_dtype if self.out_dtype != torch.float32 else torch.bfloat16
             bias = self.bias.to(out_dtype) if self.bias is not None else None
             # b must be column-major [K, N]: the transpose of the row-major [N, K] weight is exactly that

@@ -69,7 +69,9 @@ if HAVE_TRITON:
         for j in range(0, n_kv_blocks):
             rn = j * BLOCK_N + tl.arange(0, BLOCK_N)
             k = tl.load(k_ptr + bh * lk_pad * D + rn[:, None] * D + rd[None, :])  # [BN, D] e4m3
-            v = tl.load(v_ptr + bh * lk_pad * D + rn[:, None] * D + rd[None, :])  # [BN, D] e4m3
+            # V is stored transposed, [BH, D, Lkp]: the PV product's B operand must be K-major (contiguous along
+            # the keys) for Hopper's FP8 wgmma, as in Triton's fused-attention tutorial
+            v = tl.load(v_ptr + bh * lk_pad * D + rd[None, :] * lk_pad + rn[:, None])  # [BN, D] e4m3
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -90,12 +92,14 @@ if HAVE_TRITON:
         tl.store(o_ptr + bh * out_stride_bh + rm[:, None] * out_stride_l + rd[None, :], out)
 
 
-def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int = 64, block_n: int = 64,
-                  upcast: bool | None = None) -> torch.Tensor:
+@torch.compiler.disable  # run eagerly inside compiled blocks: a graph break here, never a trace of the launch
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int | None = None,
+                  block_n: int | None = None, upcast: bool | None = None) -> torch.Tensor:
     """Softmax attention with FP8 operands. q: [B, Lq, H, D], k and v: [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype.
 
     upcast=None: fp8 tl.dot where the GPU has FP8 tensor cores (capability ≥ 8.9), upcast otherwise (and in the
-    interpreter)."""
+    interpreter). Blocks: 128×128 with 8 warps on a GPU (the Hopper configuration of Triton's attention tutorial),
+    64×64 elsewhere (the interpreter is slow per program, not per element)."""
     if not HAVE_TRITON:
         raise RuntimeError("attention backend 'fp8_triton' needs triton: pip install triton (it comes with CUDA torch)")
     b, lq, h, d = q.shape
@@ -104,6 +108,9 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: in
         raise ValueError(f"fp8_triton attention takes head dims 16..256 (powers of two), got {d}")
     if upcast is None:
         upcast = not (q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9))
+    block_m = block_m or (128 if q.is_cuda else 64)
+    block_n = block_n or (128 if q.is_cuda else 64)
+    launch = {"num_warps": 8, "num_stages": 3} if q.is_cuda else {}
     heads_first = [t.transpose(1, 2).reshape(b * h, t.shape[1], d).contiguous() for t in (q, k, v)]  # 3 × [BH, L, D]
     # K smoothing (SageAttention): subtracting the keys' mean over the tokens adds q·mean to every score of a
     # query row, which softmax ignores — but it centres K, so its e4m3 blocks lose less (error 0.09 -> 0.07)
@@ -111,10 +118,11 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: in
     qq, qs = quantize_blocks(heads_first[0], block_m)  # [BH, Lqp, D], [BH, nq]
     kq, ks = quantize_blocks(k_centred, block_n)  # [BH, Lkp, D], [BH, nk]
     vq, vs = quantize_blocks(heads_first[2], block_n)  # [BH, Lkp, D], [BH, nk]
+    vq = vq.transpose(1, 2).contiguous()  # [BH, D, Lkp]: K-major for the PV product
     out = torch.empty(b * h, qq.shape[1], d, device=q.device, dtype=torch.float32)  # [BH, Lqp, D]
     grid = (qq.shape[1] // block_m, b * h)
     _fp8_attn_fwd[grid](qq, kq, vq, qs, ks, vs, out, lk, qs.shape[1], ks.shape[1], qq.shape[1], kq.shape[1],
                         math.log2(math.e) / math.sqrt(d), out.stride(0), out.stride(1),
-                        D=d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=bool(upcast))
+                        D=d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=bool(upcast), **launch)
     out = out[:, :lq].view(b, h, lq, d).transpose(1, 2)  # [B, Lq, H, D]
     return out.to(q.dtype)

@@ -9,7 +9,7 @@ Formats read (the key naming is detected per key, prefixes are stripped):
     PEFT stores no alpha in the tensors (the official code passes r=128, lora_alpha=128), so `alpha` is an
     argument (default: alpha = rank, scale 1) or read from an adapter_config.json beside the file;
   * diffusers/PEFT naming of a WanTransformer3DModel (`transformer.blocks.0.attn1.to_q.lora_A.weight`), mapped onto
-    the official names with renderer.checkpoint.diffusers_to_official.
+    the official names with renderer.families.wan22.keys.diffusers_to_official.
 Module names after mapping are the official Wan keys, which are our module names.
 
 Applying:

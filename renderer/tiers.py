@@ -79,6 +79,16 @@ class TierSettings:
         d["loras"] = [asdict(l) | {"path": str(p)} for l, p in zip(self.loras, self.lora_paths())]
         return d
 
+    def kernel_settings(self, k):
+        """KernelSettings `k` with this tier's attention backend and lossy permission (what the pipeline runs and
+        the render hash records: the farm's plan and the sidecar must agree)."""
+        return replace(k, attention=self.attention or k.attention, allow_lossy=k.allow_lossy or self.allow_lossy)
+
+    def with_kernels(self, options):
+        """RenderOptions whose kernel settings carry this tier's attention backend and lossy permission."""
+        kernels = self.kernel_settings(options.kernels)
+        return options if kernels == options.kernels else replace(options, kernels=kernels)
+
     # -- shots --------------------------------------------------------------------------------------------------
     def apply(self, shot):
         """A renderer.pipeline.ShotSpec with this tier's sampling fields (the tier wins where it names a value)."""
@@ -153,9 +163,9 @@ def _check(t: TierSettings) -> list[tuple[str, str]]:
         p.append(("quality.cache.threshold", f"{c.threshold} must be >= 0 (0 computes every step)"))
     if c.warmup < 1 or c.max_skips < 0:
         p.append(("quality.cache", f"warmup {c.warmup} must be >= 1 and max_skips {c.max_skips} >= 0"))
-    if c.method == "schedule" and not c.schedule:
-        p.append(("quality.cache.schedule", "method schedule needs a schedule file: run python -m "
-                                         "benchmarks.calibrate_cache and set quality.cache.schedule=<json>"))
+    if c.method == "schedule" and not (c.schedule and Path(c.schedule).is_file()):
+        p.append(("quality.cache.schedule", f"method schedule needs a schedule file ({c.schedule} is not one): run "
+                                            f"python -m benchmarks.calibrate_cache and set quality.cache.schedule=<json>"))
     if t.linear not in LINEAR_MODES:
         p.append(("quality.linear", f"{t.linear!r}: use one of {', '.join(LINEAR_MODES)}"))
     lossy = t.linear != "bf16" or c.method != "none" or (t.attention or "").startswith("fp8")
@@ -196,17 +206,22 @@ def tier_from_dict(d: dict[str, Any]) -> TierSettings:
     return tier
 
 
+def _merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_tier(name: str | None, overrides: dict[str, Any] | None = None) -> TierSettings:
-    """conf/quality/<name>.yaml with `overrides` (a dict of the tier's fields, nested for cache) merged on top."""
-    from omegaconf import OmegaConf
+    """conf/quality/<name>.yaml with `overrides` (a dict of the tier's fields, nested for cache) merged on top.
+    Plain PyYAML: the benchmark workers run it on GPU machines without Hydra/OmegaConf."""
+    import yaml
 
     name = name or "exact"
     if name not in TIER_NAMES:
         raise TierError(f"quality {name!r}: use one of {', '.join(TIER_NAMES)}")
-    base = OmegaConf.load(TIER_DIR / f"{name}.yaml")
-    if overrides:
-        base = OmegaConf.merge(base, OmegaConf.create(dict(overrides)))
-    d = OmegaConf.to_container(base, resolve=True)
+    d = _merge(yaml.safe_load((TIER_DIR / f"{name}.yaml").read_text()), dict(overrides or {}))
     d["name"] = name
     return tier_from_dict(d)
 

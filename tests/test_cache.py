@@ -26,6 +26,8 @@ def _cached_run(threshold: float, group=None, method="fbcache", schedule=None):
         experts = group.parallelize_experts(experts)
     caches = [StepCache(m, method, threshold, warmup=1, max_skips=2,
                         schedule=None if schedule is None else schedule[i]).install() for i, m in enumerate(experts)]
+    for c in caches:
+        c.siblings = caches
     return run_shot(shot, group, experts=experts), caches
 
 
@@ -34,8 +36,9 @@ def test_threshold_zero_equals_uncached_bit_for_bit():
     latent, caches = _cached_run(0.0)
     assert torch.equal(latent, ref)
     assert sum(c.stats.cached for c in caches) == 0
-    # sequential CFG: cond and uncond have their own cache entries on each expert that ran
-    assert all(set(c._branches) == {0, 1} for c in caches)
+    # sequential CFG: cond and uncond have their own cache entries; the high-noise expert's were dropped when the
+    # low-noise expert started (reset at the switch: its residuals are gigabytes at 720p)
+    assert caches[0]._branches == {} and set(caches[1]._branches) == {0, 1}
 
 
 def test_positive_threshold_skips_and_stays_close():

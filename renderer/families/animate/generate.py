@@ -189,6 +189,7 @@ def generate_animate(cfg, preset, options, group_factory=None) -> int:
         print(f"error: shot {name}: {'loras' if isinstance(e, LoraError) else 'model.checkpoint'}: {e}",
               file=sys.stderr)
         return 2
+    model.use_kernels(options.kernels)  # the pipeline's attention backend / fused ops / compile, no globals
     if group is not None and group.distributed:
         model = group.parallelize_experts([model])[0]
     main_rank = group is None or group.is_main

@@ -105,6 +105,13 @@ class AnimateDiT(WanDiT):
         self.face_encoder = FaceEncoder(cfg.motion_out_dim, d, cfg.face_hidden, cfg.face_heads, cfg.eps)
         self.face_adapter = FaceAdapter(d, cfg.num_heads, cfg.num_face_blocks, cfg.eps)
 
+    def use_kernels(self, kernels) -> "AnimateDiT":
+        """The backbone's kernel settings, and the same attention backend in the face blocks."""
+        super().use_kernels(kernels)
+        for block in self.face_adapter.fuser_blocks:
+            block.attn_backend, block.allow_lossy = kernels.attention, kernels.allow_lossy
+        return self
+
     def set_dtype(self, dtype: torch.dtype) -> "AnimateDiT":
         for name, p in self.named_parameters():
             p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
