@@ -5,6 +5,7 @@ clip by clip (conditioning.render_animate), so the family has no single-denoise 
 """
 from renderer.families.animate.model import SP_PLAN, AnimateConfig, AnimateDiT, build_animate, keeps_fp32
 from renderer.families.spec import FamilySpec
+from renderer.families.wan22.prompts import DEFAULT_NEGATIVE_PROMPT  # the official animate config shares it
 
 
 def _generate(cfg, preset, options, group_factory=None) -> int:
@@ -26,4 +27,5 @@ SPEC = FamilySpec(
     needs_image=("animate",),
     accepts_image=("animate",),
     generate=_generate,
+    default_negative_prompt=DEFAULT_NEGATIVE_PROMPT,
 )

@@ -195,7 +195,7 @@ def generate_animate(cfg, preset, options, group_factory=None) -> int:
     main_rank = group is None or group.is_main
     timings = {"model_load": time.perf_counter() - t0}
 
-    from renderer.encoders.text import DEFAULT_NEGATIVE_PROMPT
+    from renderer.families.wan22.prompts import DEFAULT_NEGATIVE_PROMPT  # Animate's config takes wan_shared_cfg's
 
     prompt = cfg.prompt or OFFICIAL_PROMPT
     negative = cfg.negative_prompt if cfg.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
