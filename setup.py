@@ -31,6 +31,8 @@ setup(
         "tqdm",
         "rich",
         "matplotlib",
+        "fastapi>=0.110",  # `wanrender serve`: the HTTP submission service
+        "uvicorn>=0.29",
     ],
     extras_require={
         # peft: the reference for PEFT-format LoRA loading; triton: the FP8 attention kernel under TRITON_INTERPRET=1

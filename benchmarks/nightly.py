@@ -230,7 +230,7 @@ def run_nightly(s: dict) -> int:
     history = read_history(history_path)
     started = not ray.is_initialized()  # reuse a Ray already up in this process (tests); else start or join one
     if started:
-        ray.init(address=s["address"], num_cpus=s["num_cpus"] if not s["address"] else None,
+        ray.init(address=s["address"] or "local", num_cpus=s["num_cpus"] if not s["address"] else None,
                  num_gpus=s["num_gpus"] if not s["address"] else None, include_dashboard=False,
                  log_to_driver=False, logging_level=logging.WARNING)
     task = ray.remote(run_benchmark)

@@ -84,6 +84,7 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
         v = _node(job, key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low:
             problems.append(Problem("manifest", f"job.{key}", f"must be a number >= {low:g}, got {v!r}"))
+    problems += accounting_problems(job)
     defaults = OmegaConf.to_container(job.shot_defaults, resolve=True) if _node(job, "shot_defaults") is not None else {}
     priorities = OmegaConf.to_container(job.priorities, resolve=True) if _node(job, "priorities") else None
     try:
@@ -126,6 +127,22 @@ def _tier_loras(cfg: DictConfig, name: str, preset):
 
     tier = load_tier(name, tier_overrides(cfg).get(name))
     return tier.loras_per_expert(len(preset.experts), random_weights=preset.checkpoint is None)
+
+
+def accounting_problems(job: DictConfig) -> list[Problem]:
+    """job.gpu_hour_cost (>= 0) and job.budget_gpu_hours (> 0): finite numbers or null."""
+    import math
+
+    problems = []
+    for key, low, fix in (("gpu_hour_cost", 0.0, "job.gpu_hour_cost=2.5 (money per GPU-hour) or null"),
+                          ("budget_gpu_hours", 1e-9, "job.budget_gpu_hours=10 (GPU-hours) or null for no cap")):
+        v = _node(job, key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+            problems.append(Problem("manifest", f"job.{key}", f"must be a finite number "
+                                                              f"{'>= 0' if low == 0 else '> 0'}, got {v!r}: {fix}"))
+    return problems
 
 
 def planned_groups(cfg: DictConfig, plan: Plan) -> tuple[int | None, str]:
@@ -172,7 +189,8 @@ def ray_session(cfg: DictConfig):
     cluster = cfg.cluster
     common = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
     if cluster.kind == "local":
-        ctx = ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+        # address="local": always a fresh cluster of our own, never one someone else started on this machine
+        ctx = ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                        include_dashboard=bool(cluster.dashboard), **common)
     else:
         ctx = ray.init(address=str(cluster.address), **common)
@@ -239,7 +257,8 @@ def run_job(cfg: DictConfig) -> int:
     job_info = {"name": plan.manifest.name, "manifest": str(Path(cfg.manifest).resolve()), "model": plan.model,
                 "fingerprint": plan.fingerprint, "gpus_per_group": plan.gpus_per_group,
                 "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
-                "config": str(out / "config.yaml")}
+                "config": str(out / "config.yaml"), "gpu_hour_cost": _node(cfg, "job.gpu_hour_cost"),
+                "budget_gpu_hours": _node(cfg, "job.budget_gpu_hours")}
     if not plan.todo:
         records = _records_without_render(plan)
         json_path, html_path = write_report(out, job_info, records, time.time() - t_start)
@@ -248,17 +267,27 @@ def run_job(cfg: DictConfig) -> int:
     records, interrupted = _render(cfg, plan, preset, job_info)
     wall = time.time() - t_start
     json_path, html_path = write_report(out, {**job_info, "dashboard": job_info.get("dashboard")}, records, wall)
-    failed = [r for r in records.values() if r.status != "done" and r.status != "skipped"]
+    not_started = [r.shot.id for r in records.values() if r.status == "not_started"]
+    failed = [r for r in records.values() if r.status not in ("done", "skipped", "not_started")]
     done = sum(1 for r in records.values() if r.status == "done")
+    gpu_s = sum(r.gpu_seconds for r in records.values())
     print(f"\njob {plan.manifest.name}: {done} rendered, {len(plan.done)} already done, {len(failed)} failed "
-          f"in {format_duration(wall)}")
+          f"in {format_duration(wall)}; {gpu_s:.1f} GPU-seconds" + _money(cfg, gpu_s))
+    if not_started:
+        print(f"  budget job.budget_gpu_hours={cfg.job.budget_gpu_hours} reached: {len(not_started)} shot(s) not "
+              f"started: {', '.join(not_started)}")
     for r in failed:
         last = r.attempts[-1]["log"] if r.attempts else "-"
         print(f"  FAILED {r.shot.id}: {r.error or r.status} (attempts {len(r.attempts)}, log {last})")
     print(f"report: {html_path}\n        {json_path}")
     if interrupted:
         return 130
-    return 1 if failed else 0
+    return 1 if failed or not_started else 0
+
+
+def _money(cfg: DictConfig, gpu_s: float) -> str:
+    rate = _node(cfg, "job.gpu_hour_cost")
+    return "" if rate is None else f", cost {gpu_s / 3600 * rate:.2f} at {rate:g} per GPU-hour"
 
 
 def _mark_unfinished(records: dict, status: str, why: str) -> dict:
@@ -291,7 +320,7 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
             max_retries=int(job.max_retries), shot_timeout_s=float(job.shot_timeout_s),
             group_start_timeout_s=float(_node(job, "group_start_timeout_s", 900)),
             node_failure_limit=int(job.node_failure_limit), worker_spec=worker_spec(cfg, preset),
-            faults=parse_faults(os.environ.get(FAULTS_ENV)),
+            faults=parse_faults(os.environ.get(FAULTS_ENV)), budget_gpu_hours=_node(job, "budget_gpu_hours"),
             job_meta={"name": plan.manifest.name, "manifest": job_info["manifest"]})
         progress = JobProgress(len(plan.todo), len(plan.done), live=_node(job, "live_progress"))
         farm = Farm(plan, settings, progress)

@@ -305,7 +305,10 @@ def _resolve_path(value: str | None, base_dir: Path) -> str | None:
     if not value:
         return None
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base_dir / p).resolve())
+    try:
+        return str(p if p.is_absolute() else (base_dir / p).resolve())
+    except (ValueError, OSError):  # a NUL byte or a loop in the path: left as given, the image check names it
+        return str(base_dir / p)
 
 
 def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str | Path = ".",

@@ -98,7 +98,38 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
         "quality": quality,
         "error": rec.error if rec.status not in ("done", "skipped") else None,
         "log": os.path.relpath(rec.attempts[-1]["log"], out_dir) if rec.attempts else None,
+        "gpu_seconds": round(sum(float(a.get("gpu_seconds", 0.0)) for a in rec.attempts), 3),
     }
+
+
+def accounting(shots: list[dict[str, Any]], job: dict[str, Any]) -> dict[str, Any]:
+    """The job's GPU-seconds (every attempt of every shot, failed ones included), money and budget."""
+    gpu_s = round(sum(s["gpu_seconds"] for s in shots), 3)
+    rate = job.get("gpu_hour_cost")
+    for s in shots:
+        s["cost"] = None if rate is None else round(s["gpu_seconds"] / 3600 * rate, 6)
+    not_started = [s["id"] for s in shots if s["status"] == "not_started"]
+    return {"gpu_seconds": gpu_s, "gpu_hours": round(gpu_s / 3600, 6), "gpu_hour_cost": rate,
+            "cost": None if rate is None else round(gpu_s / 3600 * rate, 6),
+            "budget_gpu_hours": job.get("budget_gpu_hours"), "budget_reached": bool(not_started),
+            "not_started": not_started}
+
+
+def write_accounting_csv(path: Path, shots: list[dict[str, Any]], acct: dict[str, Any]) -> Path:
+    """<out>/accounting.csv: one row per shot and a TOTAL row, for a studio's cost sheets."""
+    import csv
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["shot", "status", "attempts", "gpu_seconds", "gpu_hours", "cost"])
+        for s in shots:
+            w.writerow([s["id"], s["status"], s["attempt_count"], f"{s['gpu_seconds']:.3f}",
+                        f"{s['gpu_seconds'] / 3600:.6f}", "" if s["cost"] is None else f"{s['cost']:.6f}"])
+        w.writerow(["TOTAL", "", sum(s["attempt_count"] for s in shots), f"{acct['gpu_seconds']:.3f}",
+                    f"{acct['gpu_hours']:.6f}", "" if acct["cost"] is None else f"{acct['cost']:.6f}"])
+    os.replace(tmp, path)
+    return path
 
 
 def write_report(out_dir: str | Path, job: dict[str, Any], records: dict, wall_s: float) -> tuple[Path, Path]:
@@ -109,9 +140,11 @@ def write_report(out_dir: str | Path, job: dict[str, Any], records: dict, wall_s
     counts: dict[str, int] = {}
     for s in shots:
         counts[s["status"]] = counts.get(s["status"], 0) + 1
+    acct = accounting(shots, job)
     report = {"job": job, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "wall_s": round(wall_s, 2), "counts": counts,
+              "wall_s": round(wall_s, 2), "counts": counts, "accounting": acct,
               "ok": all(s["status"] in ("done", "skipped") for s in shots), "shots": shots}
+    write_accounting_csv(out / "accounting.csv", shots, acct)
     json_path = write_json_atomic(out / "report.json", report)
     thumbs = {s["id"]: thumbnails(out / s["mp4"]) if s["mp4"] and s["status"] in ("done", "skipped") else []
               for s in shots}
@@ -130,7 +163,8 @@ h1{font-size:20px;margin:0 0 4px} .meta{color:#9aa0a6;margin-bottom:16px} .meta 
 .shot{background:#1f2228;border:1px solid #2f343c;border-radius:8px;padding:10px 12px}
 .shot.st-failed{border-color:#b3261e} .shot h2{font-size:15px;margin:0 0 6px;display:flex;gap:8px;align-items:center}
 .badge{font-size:11px;padding:1px 7px;border-radius:9px;text-transform:uppercase;letter-spacing:.04em}
-.tier{background:#6a3d9a}.done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}.queued,.interrupted{background:#5c4a12}
+.tier{background:#6a3d9a}.done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}
+.queued,.interrupted,.not_started{background:#5c4a12}
 .frames{display:flex;gap:6px;margin:6px 0}
 .frames figure{margin:0;text-align:center;font-size:11px;color:#9aa0a6}
 .frames img{height:120px;width:auto;image-rendering:pixelated;border-radius:3px;display:block;background:#000}
@@ -199,9 +233,31 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
   <div class="kv">seed <b>{s['seed']}</b> · priority <b>{s['priority']}</b> · {e(s['task'])} <b>{e(s['size'])}</b>
    · <b>{s['frames']}</b> frames · <b>{s['steps']}</b> steps {e(s['sampler'])} · guidance <b>{e(str(s['guidance']))}</b></div>
   <div class="kv">attempts: <b>{e(attempts)}</b> · render {_fmt_s(s['seconds'])}{' · ' + e(timing) if timing else ''}</div>
+  <div class="kv">GPU time <b>{s.get('gpu_seconds', 0.0):.1f} GPU-s</b>{_cost_txt(s.get('cost'))}</div>
   <div class="kv">file {file_line}{' · tags ' + e(tags_txt) if tags_txt else ''}</div>
   {error}
 </section>"""
+
+
+def _cost_txt(cost: float | None) -> str:
+    return "" if cost is None else f" · cost <b>{cost:.2f}</b>"
+
+
+def _accounting_html(acct: dict[str, Any] | None) -> str:
+    if not acct:
+        return ""
+    e = html.escape
+    rate = acct.get("gpu_hour_cost")
+    money = f" · cost <b>{acct['cost']:.2f}</b> (at {rate:g} per GPU-hour)" if rate is not None else ""
+    budget = acct.get("budget_gpu_hours")
+    line = (f'<div class="meta" id="accounting">GPU time <b>{acct["gpu_seconds"]:.1f} GPU-s</b> '
+            f'({acct["gpu_hours"]:.4f} GPU-hours, every attempt counted){money}'
+            + (f" · budget {budget:g} GPU-hours" if budget is not None else "") + " · <a href=\"accounting.csv\">"
+            "accounting.csv</a></div>")
+    if acct.get("not_started"):
+        line += (f'<div class="error" id="not-started">budget reached: {len(acct["not_started"])} shot(s) not '
+                 f'started: {e(", ".join(acct["not_started"]))}</div>')
+    return line
 
 
 def render_html(report: dict[str, Any], thumbs: dict[str, list[str]]) -> str:
@@ -222,6 +278,7 @@ def render_html(report: dict[str, Any], thumbs: dict[str, list[str]]) -> str:
 <div class="meta">model <b>{e(str(job.get('model')))}</b> ({e(str(job.get('fingerprint')))}) · manifest
  <b>{e(str(job.get('manifest')))}</b> · submitted {e(str(job.get('submitted_at')))} · wall
  <b>{e(format_duration(report['wall_s']))}</b> · {job.get('gpus_per_group', 1)} GPU(s) per group{dash_html}</div>
+{_accounting_html(report.get("accounting"))}
 <div class="counts">{counts}</div>
 <div id="thumbcheck">checking thumbnails…</div>
 <div class="sheet">{cards}</div>

@@ -2,6 +2,7 @@
 
     wanrender generate [overrides]     render one shot to <out>/<name>.mp4 + sidecar JSON
     wanrender render manifest=FILE     render a manifest of shots on the render farm (Ray)
+    wanrender serve [overrides]        the HTTP submission service (token in WANRENDER_SERVICE_TOKEN)
     wanrender config [overrides]       print the resolved config
 
 Overrides are Hydra's: model=t2v_a14b model.checkpoint=/ckpt/Wan2.2-T2V-A14B prompt="..." seed=7
@@ -97,6 +98,12 @@ def cmd_render(cfg: DictConfig) -> int:
     return run_job(cfg)
 
 
+def cmd_serve(cfg: DictConfig) -> int:
+    from jobs.service.api import serve_from_config  # the HTTP submission service (FastAPI + Ray job submission)
+
+    return serve_from_config(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, overrides = argv[0], argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"generate": cmd_generate, "render": cmd_render,
+    commands = {"generate": cmd_generate, "render": cmd_render, "serve": cmd_serve,
                 "config": lambda c: print(OmegaConf.to_yaml(c)) or 0}
     if command not in commands:
         print(f"unknown command {command!r}: use {', '.join(commands)}\n{__doc__}", file=sys.stderr)

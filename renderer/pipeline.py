@@ -307,7 +307,7 @@ class Pipeline:
         conditioner = self.family.conditioners[shot.task](ShotInputs(
             task=shot.task, context=context, context_null=context_null, latent_shape=shape,
             size=parse_size(shot.size), frames=shot.frames, image=shot.image, vae=self.vae, device=self.device,
-            model_config=self.preset.dit))
+            model_config=self.preset.dit, shot=shot))
         timings["image_encode"] = time.perf_counter() - t0
 
         sampler = make_sampler(shot.sampler, shot.steps, shot.shift)

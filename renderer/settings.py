@@ -54,6 +54,8 @@ class JobSettings:
     priorities: dict[str, int] = field(default_factory=dict)
     shot_defaults: dict[str, Any] = field(default_factory=dict)
     tiers: list[str] | None = None  # e.g. [draft, exact]: every shot in each quality tier, drafts first
+    gpu_hour_cost: float | None = None  # accounting: money per GPU-hour (jobs/report.py)
+    budget_gpu_hours: float | None = None  # no new shot starts past this many GPU-hours (jobs/scheduler.py)
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,11 @@ class Settings:
         except (ValueError, TypeError) as e:
             problems.append(("kernels", str(e)))
             kernels = KernelSettings()
-        render = render_options(d.get("render") or {}, kernels)
+        try:
+            render = render_options(d.get("render") or {}, kernels)
+        except (ValueError, TypeError) as e:
+            problems.append(("render", str(e)))
+            render = RenderOptions(kernels=kernels)
         parallel = None
         if d.get("parallel") is not None:
             try:
