@@ -92,6 +92,10 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
                                      priorities=priorities, source=str(path))
     except ManifestError as e:
         problems += e.problems
+    else:
+        from jobs.prepare_stage import check_prepare_config  # Animate plates: preprocessing config and weights
+
+        problems += [Problem("manifest", f, m) for f, m in check_prepare_config(cfg, manifest.shots)]
     if problems:
         raise ManifestError(problems, str(path))
     out = Path(str(_node(job, "output_root") or cfg.out))
@@ -315,6 +319,11 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
         job_info["dashboard"] = dashboard
         print(f"Ray dashboard: {dashboard}" if dashboard else "Ray dashboard: not running", flush=True)
         use_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        from jobs.prepare_stage import run_prepare_stage, settings_from, shots_needing_prepare
+
+        if shots_needing_prepare(plan):  # Animate plates become preprocessed folders before any group starts
+            job_info["prepare_failures"] = run_prepare_stage(plan, settings_from(cfg), _node(cfg, "prepare.checkpoint"),
+                                                             use_ray=True)
         settings = FarmSettings(
             gpus_per_group=plan.gpus_per_group, use_gpus=use_gpus, max_groups=_node(job, "max_groups"),
             max_retries=int(job.max_retries), shot_timeout_s=float(job.shot_timeout_s),

@@ -148,7 +148,12 @@ class RenderRank:
                 # accounting up to this write: the driver's figure for earlier attempts + this one's wall so far
                 job["gpu_seconds"] = round(job.get("earlier_attempts_gpu_seconds", 0.0)
                                            + job.get("gpus", self.world_size) * (time.perf_counter() - t0), 3)
-                mp4, side = write_shot(self.pipe, result, task["out_dir"], name=task["output"], extra={"job": job})
+                extra = {"job": job}
+                if task.get("video") and (Path(task["video"]) / "meta.json").is_file():
+                    from renderer.prepare.folder import provenance
+
+                    extra["preprocessing"] = provenance(task["video"])  # plate hash, models, settings
+                mp4, side = write_shot(self.pipe, result, task["out_dir"], name=task["output"], extra=extra)
                 out.update(mp4=str(mp4), sidecar=str(side))
             out.update(seconds=round(time.perf_counter() - t0, 3),
                        timings={k: round(v, 4) for k, v in (getattr(result, "timings", None) or {}).items()},

@@ -50,6 +50,21 @@ def thumbnails(mp4: Path) -> list[str]:
     return uris
 
 
+def _image_uri(path: str) -> str | None:
+    """A PNG (the Animate preprocessing preview) as a JPEG data URI, 480 px tall at most."""
+    from PIL import Image
+
+    try:
+        im = Image.open(path).convert("RGB")
+    except OSError:
+        return None
+    if im.height > 480:
+        im = im.resize((round(im.width * 480 / im.height), 480), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def _ffmpeg_frames(mp4: Path, indices: list[int], width: int, height: int) -> list:
     import subprocess
 
@@ -94,6 +109,9 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
         "negative_prompt": spec.negative_prompt, "seed": spec.seed, "size": spec.size, "frames": spec.frames,
         "steps": spec.steps, "sampler": spec.sampler, "guidance": list(spec.guidance), "render_hash": p.render_hash,
         "mp4": os.path.relpath(p.mp4, out_dir) if p.mp4.is_file() else None,
+        # Animate shots: the preprocessing preview (plate + keypoints + mask, pose, face) beside the result
+        "preview": (str(Path(p.request.video) / "preview.png")
+                    if getattr(p.request, "video", None) and (Path(p.request.video) / "preview.png").is_file() else None),
         "attempts": rec.attempts, "attempt_count": len(rec.attempts), "seconds": seconds, "timings_s": timings,
         "quality": quality,
         "error": rec.error if rec.status not in ("done", "skipped") else None,
@@ -148,6 +166,9 @@ def write_report(out_dir: str | Path, job: dict[str, Any], records: dict, wall_s
     json_path = write_json_atomic(out / "report.json", report)
     thumbs = {s["id"]: thumbnails(out / s["mp4"]) if s["mp4"] and s["status"] in ("done", "skipped") else []
               for s in shots}
+    for s in shots:
+        if s.get("preview"):
+            thumbs[s["id"]] = thumbs[s["id"]] + [None] * (3 - len(thumbs[s["id"]])) + [_image_uri(s["preview"])]
     html_path = out / "report.html"
     tmp = out / f".report.html.tmp-{os.getpid()}"
     tmp.write_text(render_html(report, thumbs), encoding="utf-8")
@@ -207,12 +228,16 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
     status = s["status"]
     frames_html = []
     for which, label in enumerate(("first", "middle", "last")):
-        if which < len(uris):
+        if which < len(uris) and uris[which]:
             img = (f'<img class="thumb" alt="{e(s["id"])} {label} frame" data-shot="{e(s["id"])}" '
                    f'data-which="{label}" src="{uris[which]}">')
         else:
             img = '<div class="noimg">no frame</div>'
         frames_html.append(f"<figure>{img}<figcaption>{label}</figcaption></figure>")
+    if len(uris) > 3 and uris[3]:  # Animate: what the shot was driven by, beside what came out
+        frames_html.insert(0, f'<figure><img class="thumb preview" alt="{e(s["id"])} preprocessing preview" '
+                              f'data-shot="{e(s["id"])}" data-which="preview" src="{uris[3]}">'
+                              '<figcaption>plate · pose · face (preprocessing)</figcaption></figure>')
     t = s.get("timings_s") or {}
     timing = " · ".join(f"{k} {_fmt_s(t[k])}" for k in ("text_encode", "denoise", "vae_decode", "mp4_write",
                                                          "model_load") if t.get(k) is not None)

@@ -242,6 +242,7 @@ class Farm:
             task = {"shot": shot.spec, "output": shot.output, "quality": shot.tier, "attempt": attempt, "group": g.gid,
                     "out_dir": str(self.out_dir), "log": str(self.log_dir / f"{shot.id}.attempt{attempt}.log"),
                     "fault": self.s.faults.get((shot.id, len(rec.attempts) + 1)),
+                    "video": getattr(shot.request, "video", None),  # Animate: the plate's prepared folder
                     "job": {**self.s.job_meta, "shot": shot.id, "output": shot.output,
                             "priority": shot.priority, "tags": shot.request.tags, "attempt": attempt,
                             "group": g.gid, "node_id": g.node_id, "gpus": g.size,

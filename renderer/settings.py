@@ -99,6 +99,7 @@ class Settings:
     label: bool = False
     manifest: str | None = None
     dry_run: bool = False
+    prepare: Any = None  # renderer.prepare.PrepareSettings: Animate preprocessing (wanrender prepare, farm stage)
     resolved: dict[str, Any] = field(default_factory=dict)  # the composed config, for config.yaml / sidecars
     quality: Any = None  # renderer.tiers.TierSettings (conf/quality/, `quality=draft quality.steps=6`)
 
@@ -147,9 +148,19 @@ class Settings:
                         image=d.get("image"), size=None if d.get("size") is None else str(d["size"]),
                         frames=d.get("frames"), steps=d.get("steps"), seed=d.get("seed", 0), guidance=g,
                         sampler=d.get("sampler") or "unipc", shift=d.get("shift"), shot_id=d.get("name") or "shot")
+        prepare = None
+        if d.get("prepare") is not None:
+            from renderer.prepare.errors import PrepareError
+            from renderer.prepare.settings import PrepareSettings
+
+            try:
+                prepare = PrepareSettings.from_config(d["prepare"])
+            except PrepareError as e:
+                problems.append(("prepare", str(e)))
         if problems:
             raise SettingsError(problems)
-        return cls(model=model, shot=shot, render=render, parallel=parallel, job=job, cluster=cluster,
+        return cls(model=model, shot=shot, prepare=prepare, render=render, parallel=parallel, job=job,
+                   cluster=cluster,
                    out=str(d.get("out") or "out"), name=d.get("name"), label=bool(d.get("label", False)),
                    manifest=d.get("manifest"), dry_run=bool(d.get("dry_run", False)), resolved=d, quality=quality)
 
