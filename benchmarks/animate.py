@@ -118,7 +118,11 @@ def run(cfg: dict) -> dict:
     text, null = torch.randn(1, 512, preset.dit.text_dim, generator=g), torch.randn(1, 512, preset.dit.text_dim)
     text, null = text.to(device, dtype), null.to(device, dtype)
     face = preset.dit.motion_size
-    report = {"name": cfg.get("name"), "model": preset.name, "gpus": world, "parallel": cfg.get("layout"),
+    from renderer.provenance import code_version, provenance
+
+    report = {"name": cfg.get("name"), "code_version": code_version(), "provenance": provenance(),
+              "command": " ".join(sys.argv), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "model": preset.name, "gpus": world, "parallel": cfg.get("layout"),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dtype": str(dtype).removeprefix("torch."), "size": shot["size"], "clip_len": clip_len,
               "steps": steps, "timed_steps": k, "refert_num": refert, "claims": CLAIM_ROWS, "claim_note": CLAIM_NOTE}
