@@ -110,9 +110,35 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
         from dataclasses import replace
 
         manifest.shots = [replace(s, label=True) for s in manifest.shots]
-    plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force),
-                      kernels=kernels, label_style=delivery.label)
+    from renderer.tiers import TierError
+
+    tiers = OmegaConf.to_container(job.tiers, resolve=True) if _node(job, "tiers") is not None else None
+    try:  # job.tiers names and the quality.* overrides are checked with the manifest, before Ray starts
+        plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force),
+                          kernels=kernels, tiers=tiers, tier_overrides=tier_overrides(cfg),
+                          label_style=delivery.label)
+        for q in sorted({s.tier for s in plan.shots}):  # a draft on real weights needs its LoRA files
+            _tier_loras(cfg, q, preset)
+    except TierError as e:
+        raise ManifestError([Problem("manifest", "quality" if "quality" in str(e) else "job.tiers", str(e))],
+                            str(path)) from None
     return plan, preset
+
+
+def tier_overrides(cfg: DictConfig) -> dict[str, dict]:
+    """{tier name: fields}: the quality.* settings given for the tier `quality=` names (conf/quality/)."""
+    node = _node(cfg, "quality")
+    if node is None:
+        return {}
+    d = OmegaConf.to_container(node, resolve=True)
+    return {d.get("name", "exact"): {k: v for k, v in d.items() if k != "name"}}
+
+
+def _tier_loras(cfg: DictConfig, name: str, preset):
+    from renderer.tiers import load_tier
+
+    tier = load_tier(name, tier_overrides(cfg).get(name))
+    return tier.loras_per_expert(len(preset.experts), random_weights=preset.checkpoint is None)
 
 
 def _gate_problems(cfg: DictConfig, manifest) -> list[Problem]:
@@ -236,6 +262,7 @@ def worker_spec(cfg: DictConfig, preset) -> dict[str, Any]:
     _, parallel = gpus_per_group(cfg)
     preset_dict = OmegaConf.to_container(cfg.model, resolve=True) if preset.name == cfg.model.name else preset.name
     return {"preset": preset_dict, "options": options, "parallel": parallel, "cpu_threads": 1,
+            "quality_overrides": tier_overrides(cfg),
             "delivery": job_settings(cfg).delivery.to_dict()}
 
 
@@ -300,11 +327,11 @@ def _print_held(out: Path, records: dict) -> list:
     """Shots the content-safety gate holds in <out>/quarantine/ (rendered, not delivered), each with its reason."""
     held = []
     for r in records.values():
-        side = held_sidecar(out, r.shot.request.output) if not r.shot.mp4.is_file() else None
+        side = held_sidecar(out, r.shot.output) if not r.shot.mp4.is_file() else None
         if r.status in ("done", "skipped") and side is not None:
             held.append(r)
             print(f"  HELD {r.shot.id} in {out / 'quarantine'}: {(side.get('safety') or {}).get('reason')}; after "
-                  f"review: wanrender release {out} {r.shot.request.output} --by NAME --reason ...")
+                  f"review: wanrender release {out} {r.shot.output} --by NAME --reason ...")
     return held
 
 

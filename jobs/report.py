@@ -93,7 +93,7 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
 
     p = rec.shot
     spec = p.spec
-    timings, seconds, side = {}, None, {}
+    timings, seconds, side, quality = {}, None, {}, "exact"
     status = rec.status
     if rec.status in ("done", "skipped"):
         from renderer.safety import held_sidecar
@@ -102,14 +102,15 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
             side = read_json(sidecar_path(p.mp4)) if sidecar_path(p.mp4).is_file() else {}
         except (OSError, ValueError):
             side = {}
-        if not p.mp4.is_file() and (held := held_sidecar(out_dir, p.request.output)) is not None:
+        if not p.mp4.is_file() and (held := held_sidecar(out_dir, p.output)) is not None:
             side, status = held, "held"  # the safety gate kept it in quarantine/: not delivered
-        timings = side.get("timings_s", {})
+        timings = side.get("timings_s", {}) if isinstance(side, dict) else {}
+        quality = ((side.get("quality") if isinstance(side, dict) else None) or {}).get("name", "exact")
     if rec.result:
         seconds = rec.result.get("seconds")
         timings = {**timings, **(rec.result.get("timings") or {})}
     return {
-        "id": p.id, "output": p.request.output, "status": status, "reason": p.reason,
+        "id": p.id, "output": p.output, "status": status, "reason": p.reason,
         "prompt_fields": side.get("prompt_fields"), "provenance": side.get("provenance"),
         "c2pa_signed": side.get("c2pa_signed"), "safety": side.get("safety"), "release": side.get("release"),
         "c2pa_check": c2pa_check(p.mp4) if side.get("c2pa_signed") and p.mp4.is_file() else None,
@@ -121,6 +122,7 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
         "preview": (str(Path(p.request.video) / "preview.png")
                     if getattr(p.request, "video", None) and (Path(p.request.video) / "preview.png").is_file() else None),
         "attempts": rec.attempts, "attempt_count": len(rec.attempts), "seconds": seconds, "timings_s": timings,
+        "quality": quality,
         "error": rec.error if rec.status not in ("done", "skipped") else None,
         "log": os.path.relpath(rec.attempts[-1]["log"], out_dir) if rec.attempts else None,
         "gpu_seconds": round(sum(float(a.get("gpu_seconds", 0.0)) for a in rec.attempts), 3),
@@ -192,7 +194,7 @@ h1{font-size:20px;margin:0 0 4px} .meta{color:#9aa0a6;margin-bottom:16px} .meta 
 .shot{background:#1f2228;border:1px solid #2f343c;border-radius:8px;padding:10px 12px}
 .shot.st-failed{border-color:#b3261e} .shot h2{font-size:15px;margin:0 0 6px;display:flex;gap:8px;align-items:center}
 .badge{font-size:11px;padding:1px 7px;border-radius:9px;text-transform:uppercase;letter-spacing:.04em}
-.held{background:#8a4b00}.released{background:#4a3b7a}.done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}
+.held{background:#8a4b00}.released{background:#4a3b7a}.tier{background:#6a3d9a}.done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}
 .queued,.interrupted,.not_started{background:#5c4a12}
 .frames{display:flex;gap:6px;margin:6px 0}
 .frames figure{margin:0;text-align:center;font-size:11px;color:#9aa0a6}
@@ -222,6 +224,13 @@ window.addEventListener('load', function () {
 
 def _fmt_s(v: Any) -> str:
     return "-" if v is None else f"{float(v):.2f}s"
+
+
+def tier_badge(quality: str | None) -> str:
+    """A badge for draft / fast renders: they are never finals (exact renders get none)."""
+    if not quality or quality == "exact":
+        return ""
+    return f'<span class="badge tier" title="quality tier: not a final">{html.escape(quality)}</span>'
 
 
 def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
@@ -256,7 +265,7 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
     notes = provenance_html(s)  # prompt fields, held / released, provenance and signature
     return f"""
 <section class="shot st-{e(status)}" id="shot-{e(s['id'])}">
-  <h2>{e(s['id'])} <span class="badge {e(status)}">{e(status)}</span></h2>
+  <h2>{e(s['id'])} <span class="badge {e(status)}">{e(status)}</span>{tier_badge(s.get('quality'))}</h2>
   <div class="frames">{''.join(frames_html)}</div>
   <div class="prompt">{e(s['prompt'])}</div>
   <div class="kv">seed <b>{s['seed']}</b> · priority <b>{s['priority']}</b> · {e(s['task'])} <b>{e(s['size'])}</b>

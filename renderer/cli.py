@@ -51,6 +51,11 @@ def cmd_generate(cfg: DictConfig) -> int:
             print(f"error: {where}{field}: {msg}", file=sys.stderr)
         return 2
     preset, shot = settings.model, settings.shot
+    from renderer.families import get_family
+
+    family_generate = get_family(preset.family).generate
+    if family_generate is not None:  # a family that renders its own shots (Animate: chained clips)
+        return family_generate(cfg, preset, settings.render, lambda: group_from(settings))
     # every check on the request runs before a model is loaded or a GPU touched
     from renderer.gate import gate_problems
 
@@ -60,6 +65,12 @@ def cmd_generate(cfg: DictConfig) -> int:
     if problems:
         for field, msg in problems:
             print(f"error: shot {s.shot_id}: {field}: {msg}", file=sys.stderr)
+        return 2
+    tier = settings.quality
+    try:  # a draft on real weights needs its LoRA files: checked before anything loads
+        tier.loras_per_expert(len(preset.experts), random_weights=preset.checkpoint is None)
+    except ValueError as e:
+        print(f"error: shot {s.shot_id}: {e}", file=sys.stderr)
         return 2
     try:
         group = group_from(settings)
@@ -72,16 +83,17 @@ def cmd_generate(cfg: DictConfig) -> int:
     from renderer.safety import OutputScreen
 
     screen = OutputScreen.from_settings(settings.delivery.safety) if (group is None or group.rank == 0) else None
-    pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group)
+    pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group, tier=tier)
     if not pipe.is_main:
         pipe.render(shot)  # every rank takes part in the denoising; rank 0 decodes and writes
         group.close()
         return 0
+    s = tier.apply(shot).resolve(preset)
     print(f"wanrender: {preset.name} on {pipe.device} ({pipe.describe()['dtype']}, experts {pipe.placement}), "
-          f"{s.task} {s.size} {s.frames} frames, {s.steps} steps, seed {s.seed}")
+          f"{s.task} {s.size} {s.frames} frames, {s.steps} steps, seed {s.seed}, quality {tier.name}")
     result = pipe.render(shot)
-    mp4, side = write_shot(pipe, result, settings.out, name=settings.name, label=settings.label,
-                           extra={"config": settings.resolved}, delivery=settings.delivery,
+    mp4, side = write_shot(pipe, result, settings.out, name=tier.output_stem(settings.name or result.shot.shot_id),
+                           label=settings.label, extra={"config": settings.resolved}, delivery=settings.delivery,
                            prompt_fields=settings.prompt_fields, screen=screen)
     t = result.timings
     print(f"wrote {mp4} and {side.name}: text {t['text_encode']:.1f}s, denoise {t['denoise']:.1f}s, "

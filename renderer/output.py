@@ -28,12 +28,16 @@ def _image_digest(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def render_hash(shot: ShotSpec, model_name: str, fingerprint: str, kernels: KernelSettings, label=None) -> str:
+def render_hash(shot: ShotSpec, model_name: str, fingerprint: str, kernels: KernelSettings,
+                tier: dict | None = None, label=None) -> str:
     """Hash of the resolved render-relevant settings, the model, the checkpoint (and the image's bytes) and the
     kernel settings: a fast preview (another backend, a lossy kernel, FP8, a step cache) never counts as the
-    finished render. `label`: the burned-in label's style (renderer.label.LabelStyle) when the shot is labelled
-    — it changes pixels; unlabelled shots keep the hash they always had."""
+    finished render. tier: TierSettings.describe() of a non-exact quality tier (exact keeps its hash).
+    label: the burned-in label's style (renderer.label.LabelStyle) when the shot is labelled — it changes pixels;
+    unlabelled shots keep the hash they always had."""
     d = {k: getattr(shot, k) for k in RENDER_FIELDS}
+    if tier is not None and tier.get("name", "exact") != "exact":
+        d["quality"] = tier
     d["seed"] = shot.hash_seed()
     if label is not None:
         d["label"] = asdict(label)
@@ -42,6 +46,11 @@ def render_hash(shot: ShotSpec, model_name: str, fingerprint: str, kernels: Kern
     d["model"], d["fingerprint"] = model_name, fingerprint
     d["kernels"] = kernels.to_dict()
     return hashlib.sha256(json.dumps(d, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
+
+
+def _tier(pipe: Pipeline) -> dict | None:
+    tier = getattr(pipe, "tier", None)
+    return tier.describe() if tier is not None else None
 
 
 def sidecar(pipe: Pipeline, result: RenderResult, extra: dict | None = None) -> dict:
@@ -70,7 +79,10 @@ def sidecar(pipe: Pipeline, result: RenderResult, extra: dict | None = None) -> 
         "model": pipe.preset.name,
         "checkpoint": pipe.checkpoint,
         "checkpoint_fingerprint": pipe.fingerprint,
-        "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint, pipe.kernels),
+        "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint, pipe.kernels, _tier(pipe)),
+        "quality": _tier(pipe) or {"name": "exact"},
+        "final": (_tier(pipe) or {"name": "exact"})["name"] == "exact",  # fast and draft renders never are
+        "step_cache": pipe.describe().get("step_cache", []),
         "code_version": code_version(),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
@@ -111,7 +123,8 @@ def write_shot(pipe: Pipeline, result: RenderResult, out_dir: str | Path, name: 
     t0 = time.perf_counter()
     record = build_record(shot_id=shot.shot_id, preset_name=pipe.preset.name, checkpoint_fingerprint=pipe.fingerprint,
                           prompt=shot.prompt, negative_prompt=shot.negative_prompt, seed=shot.seed,
-                          tier=delivery.tier, code_version=code_version(), prompt_fields=prompt_fields,
+                          tier=(_tier(pipe) or {"name": delivery.tier}).get("name", delivery.tier),
+                          code_version=code_version(), prompt_fields=prompt_fields,
                           label=delivery.label.text if label else None)
     meta = {"comment": shot.prompt, "title": shot.shot_id, **mp4_tags(record),
             "description": f"AI-generated with wanrender {code_version()} ({pipe.preset.name})"}
@@ -121,7 +134,7 @@ def write_shot(pipe: Pipeline, result: RenderResult, out_dir: str | Path, name: 
 
     provenance = {"prompt_fields": prompt_fields, "provenance": record, "c2pa_signed": signed, "safety": safety,
                   "prompt_screen": prompt_screen_record(shot.prompt, delivery.safety),
-                  "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint, pipe.kernels,
+                  "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint, pipe.kernels, _tier(pipe),
                                              delivery.label if label else None)}
     side = write_json_atomic(sidecar_path(mp4), sidecar(pipe, result, {**(extra or {}), **provenance}))
     return mp4, side
