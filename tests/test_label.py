@@ -90,9 +90,9 @@ def test_the_label_is_part_of_the_render_hash_only_when_burned():
 
     k = KernelSettings()
     plain = render_hash(spec, "tiny_t2v", "fp", k)
-    assert render_hash(spec, "tiny_t2v", "fp", k, None) == plain  # unlabelled outputs keep their hash
-    labelled = render_hash(spec, "tiny_t2v", "fp", k, LabelStyle())
-    assert labelled != plain and render_hash(spec, "tiny_t2v", "fp", k, LabelStyle(text="预演")) != labelled
+    assert render_hash(spec, "tiny_t2v", "fp", k, None, None) == plain  # unlabelled outputs keep their hash
+    labelled = render_hash(spec, "tiny_t2v", "fp", k, label=LabelStyle())
+    assert labelled != plain and render_hash(spec, "tiny_t2v", "fp", k, label=LabelStyle(text="预演")) != labelled
 
 
 def test_the_whole_label_fits_a_narrow_portrait_frame():

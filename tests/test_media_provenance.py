@@ -18,7 +18,7 @@ def chain(tmp_path_factory):
 def signed(chain, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     rc = main(["generate", "model=tiny_t2v", "prompt={character: a keeper, action: climbs, scene: a tower}",
-               "seed=11", "steps=2", "render.progress=false", "label=true", "tier=draft", f"out={out}",
+               "seed=11", "steps=2", "render.progress=false", "label=true", f"out={out}",
                "name=sh1", f"provenance.cert={chain['chain']}", f"provenance.key={chain['key']}"])
     assert rc == 0
     return out / "sh1.mp4"
@@ -90,7 +90,7 @@ def test_one_record_everywhere(signed):
     record = side["provenance"]
     assert side["c2pa_signed"] is True
     assert record["prompt_sha256"] == prompt_hash(side["prompt"]) and record["seed"] == 11
-    assert record["tier"] == "draft" and record["digital_source_type"] == DIGITAL_SOURCE_TYPE
+    assert record["tier"] == "exact" and record["digital_source_type"] == DIGITAL_SOURCE_TYPE
     assert record["checkpoint_fingerprint"] == side["checkpoint_fingerprint"] and record["visible_label"] == "AI生成草案"
     assert verify_mp4(signed).record == record  # the C2PA assertion
     tags = read_mp4_metadata(signed)
