@@ -150,18 +150,21 @@ def _describe(keys: list[str], what: str) -> str:
     return f"  {what} ({len(keys)}): {head}"
 
 
-def load_dit(folder: str | Path, layout: str | None = None, dtype: torch.dtype = torch.bfloat16,
-             device: str | torch.device = "cpu") -> WanDiT:
-    """Load one DiT (one expert) from an official or diffusers folder holding config.json + safetensors."""
-    from safetensors import safe_open
-
+def check_dit_folder(folder: str | Path, layout: str | None = None
+                     ) -> tuple[DiTConfig, dict[str, tuple[str, Path, tuple[int, ...]]]]:
+    """The folder's config and {our key: (checkpoint key, shard, shape)}, checked against the model its config.json
+    describes, from config.json, the index and the safetensors headers alone: no tensor is read. Raises
+    CheckpointError naming the folder, the missing and unexpected keys and any shape mismatch."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"checkpoint {folder} has no config.json")
-    raw_cfg = json.loads(cfg_path.read_text())
-    layout = layout or ("diffusers" if "num_attention_heads" in raw_cfg else "official")
-    cfg = DiTConfig.from_dict(raw_cfg)
+    try:
+        raw_cfg = json.loads(cfg_path.read_text())
+        layout = layout or ("diffusers" if "num_attention_heads" in raw_cfg else "official")
+        cfg = DiTConfig.from_dict(raw_cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {cfg_path} is not a Wan2.2 transformer config ({e}): copy it again") from e
     with torch.device("meta"):
         model = WanDiT(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -185,7 +188,17 @@ def load_dit(folder: str | Path, layout: str | None = None, dtype: torch.dtype =
         lines.append("Check that this folder is a Wan2.2 transformer of the model preset you chose, "
                      "and that every shard was copied completely.")
         raise CheckpointError("\n".join(lines))
+    return cfg, ours
 
+
+def load_dit(folder: str | Path, layout: str | None = None, dtype: torch.dtype = torch.bfloat16,
+             device: str | torch.device = "cpu") -> WanDiT:
+    """Load one DiT (one expert) from an official or diffusers folder holding config.json + safetensors."""
+    from safetensors import safe_open
+
+    cfg, ours = check_dit_folder(folder, layout)  # every key and shape checked before a tensor is read
+    with torch.device("meta"):
+        model = WanDiT(cfg)
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for name, (src, f, _) in ours.items():
         by_file.setdefault(f, []).append((name, src))

@@ -5,6 +5,8 @@
     wanrender config [overrides]       print the resolved config
 
 Overrides are Hydra's: model=t2v_a14b model.checkpoint=/ckpt/Wan2.2-T2V-A14B prompt="..." seed=7
+`wanrender COMMAND --help` describes one command. Exit codes: 0 done, 1 a shot failed, 2 bad input (nothing
+was rendered or reserved), 3 the machine stopped the job (disk full, read-only folder), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -19,11 +21,39 @@ from renderer.presets import CONF_DIR
 log = logging.getLogger("wanrender")
 
 
+HELP = {
+    "generate": """wanrender generate [overrides]: render one shot to <out>/<name>.mp4 and its sidecar <name>.json
+
+  prompt="..."  negative_prompt="..."  seed=7  size=1280*720  frames=81  steps=40  guidance=5.0 (or [3.0,4.0])
+  sampler=unipc|dpm++|euler  shift=...  image=frame.png (i2v/ti2v)  out=out/  name=shot  label=true
+  model=tiny_t2v|t2v_a14b|i2v_a14b|ti2v_5b  model.checkpoint=/ckpt/Wan2.2-T2V-A14B  render.device=cuda
+
+Every check (settings, image, checkpoint folder, output folder) runs before a model is loaded.
+Multi-GPU: torchrun --nproc-per-node 4 -m renderer.cli generate parallel=gpus4 ...""",
+    "render": """wanrender render manifest=FILE [overrides]: render a manifest of shots on the render farm (Ray)
+
+  manifest=shots.yaml|.json|.csv  out=out/job  dry_run=true (the plan only; reserves nothing)
+  model=... model.checkpoint=...  parallel=gpus4  cluster=local|ray  cluster.address=HOST:6379 (or RAY_ADDRESS)
+  job.max_retries=2  job.shot_timeout_s=3600  job.force=true  job.lock_wait_s=0  job.shot_defaults.steps=4
+
+Precedence: command line > shot > the manifest's defaults (each override of the manifest is printed).
+One job per output folder (a lock names the job that holds it). Exit: 0 done, 1 shots failed, 2 bad input,
+3 stopped by the machine (disk full, read-only folder, missing binary), 130 interrupted.""",
+    "config": """wanrender config [overrides]: print the resolved configuration (nothing is loaded or rendered)
+
+  e.g. wanrender config model=t2v_a14b parallel=gpus4""",
+}
+
+
 def compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import open_dict
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="wanrender"):
-        return hydra_compose(config_name="config", overrides=overrides)
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    with open_dict(cfg):  # kept so the farm can say which values the command line set (precedence messages)
+        cfg.command_line = list(overrides)
+    return cfg
 
 
 def options_from(cfg: DictConfig):
@@ -75,7 +105,9 @@ def cmd_generate(cfg: DictConfig) -> int:
     from renderer.presets import check_shot
 
     s = shot.resolve(preset)
-    problems = check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image, s.sampler)
+    problems = check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image, s.sampler,
+                          guidance=s.guidance, shift=s.shift)
+    problems = problems or _folder_problems(cfg, preset, s)
     if problems:
         for field, msg in problems:
             print(f"error: shot {s.shot_id}: {field}: {msg}", file=sys.stderr)
@@ -107,6 +139,18 @@ def cmd_generate(cfg: DictConfig) -> int:
     return 0
 
 
+def _folder_problems(cfg: DictConfig, preset, s) -> list[tuple[str, str]]:
+    """The output folder (writable, room for the clip) and the checkpoint folder, before anything loads."""
+    from renderer.preflight import check_checkpoint, check_output, estimate_output_bytes
+    from renderer.presets import parse_size
+
+    w, h = parse_size(s.size)
+    out = [("out", m) for m in check_output(cfg.out, estimate_output_bytes([(w, h, s.frames)]), create=True)]
+    if preset.checkpoint:
+        out += [("model.checkpoint", m) for m in check_checkpoint(preset, preset.checkpoint)]
+    return out
+
+
 def cmd_render(cfg: DictConfig) -> int:
     from jobs.farm import run_job  # the render farm (Ray)
 
@@ -119,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     command, overrides = argv[0], argv[1:]
+    if command in HELP and any(a in ("-h", "--help", "help") for a in overrides):
+        print(HELP[command])
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"generate": cmd_generate, "render": cmd_render,
                 "config": lambda c: print(OmegaConf.to_yaml(c)) or 0}
@@ -130,7 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # Hydra's own errors name the bad override; show them without a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return int(commands[command](cfg) or 0)
+    try:
+        return int(commands[command](cfg) or 0)
+    except KeyboardInterrupt:
+        print("interrupted: nothing partial was left under a final name", file=sys.stderr)
+        return 130
+    except OSError as e:
+        from renderer.preflight import is_environment_error
+
+        if not is_environment_error(e):
+            raise
+        print(f"error: {e}\nthe machine stopped the render (disk full, read-only or no permission): fix that and "
+              f"run again", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
