@@ -70,12 +70,14 @@ def choose_preset(cfg: DictConfig, manifest_model: Any) -> tuple[Any, list[str]]
         if cli_model is not None:
             notes.append(f"command line model={cli_model} overrides the manifest: model {manifest_model}")
         else:
+            from hydra import compose, initialize_config_dir
             from omegaconf import open_dict
 
-            from renderer.cli import compose
+            from renderer.presets import CONF_DIR
 
             load_preset(str(manifest_model))  # an unknown name raises here, with the choices
-            recomposed = compose([f"model={manifest_model}", *overrides])
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="wanrender"):
+                recomposed = compose(config_name="config", overrides=[f"model={manifest_model}", *overrides])
             with open_dict(cfg):
                 cfg.model = recomposed.model
     return load_preset(cfg.model), notes
