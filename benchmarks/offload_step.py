@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from renderer.model import build_dit
+from renderer.families.wan22.model import build_dit
 from renderer.offload import stream_blocks
 from renderer.presets import load_preset, parse_size
 

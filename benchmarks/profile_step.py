@@ -3,7 +3,7 @@
     python -m benchmarks.profile_step --model t2v_a14b --size 1280*720 --frames 81 --mode both --out out/step.json
     python -m benchmarks.profile_step --model tiny_t2v --size 64*48 --frames 9        # CPU smoke test
 
-Random bf16 weights (renderer.model.build_dit, DiTConfig from conf/model/<model>.yaml's `dit` block). Prints
+Random bf16 weights (renderer.families.wan22.model.build_dit, DiTConfig from conf/model/<model>.yaml's `dit` block). Prints
 the time split into attention / matmul / other kernels / idle (torch.profiler, grouped by kernel name), the
 achieved TFLOP/s, and the floor: this forward's FLOPs over ceilings measured in the same run (a large bf16
 matmul, and every attention backend at the real shape). --mode both runs the plain path (SDPA default kernel,
@@ -28,7 +28,7 @@ import yaml
 from kernels import autotune
 from kernels.attention import attention, resolved_backend, set_default_backend
 from kernels.fused import fused_active, set_fused, triton_failure
-from renderer.model import DiTConfig, build_dit
+from renderer.families.wan22.model import DiTConfig, build_dit
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 

@@ -8,7 +8,7 @@ several kernels and several round trips through device memory:
   gated_residual  x + y·gate (gate optional)                                          (fp32 + bf16 -> fp32)
 
 Each has a plain-PyTorch version (`*_plain`): the CPU path, and the exact math of the reference model, rounding
-steps included, so the diffusers parity of renderer/model.py does not move. The dispatchers (no suffix) run the
+steps included, so the diffusers parity of renderer/families/wan22/model.py does not move. The dispatchers (no suffix) run the
 Triton kernels (kernels/fused_triton.py) only on CUDA tensors when triton imports and fusion is on
 (`set_fused(False)` or WANRENDER_FUSED=0 turns it off). The Triton launches are wrapped as torch custom ops, so
 torch.compile treats them as single opaque ops instead of tracing Triton's launcher.

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from renderer import checkpoint as ckpt
-from renderer.model import WanDiT, build_dit
+from renderer.families.wan22.model import WanDiT, build_dit
 from renderer.presets import ModelPreset, check_shot, parse_size
 from renderer.parallel import denoise
 from renderer.sampling import make_sampler
@@ -104,7 +104,7 @@ def _load_components(preset: ModelPreset, checkpoint: str | None, device: torch.
 
     need_text=False (every rank of a group but rank 0, which encodes and broadcasts) skips the text encoder:
     UMT5-XXL is 11 GB that the other GPUs need for activations."""
-    from renderer.text_encoder import build_random_umt5_xxl, build_tiny_text_encoder, load_text_encoder
+    from renderer.encoders.text import build_random_umt5_xxl, build_tiny_text_encoder, load_text_encoder
     from renderer.vae import build_vae, load_vae
 
     if checkpoint is None:
@@ -213,7 +213,7 @@ class Pipeline:
 
     # -- conditioning -------------------------------------------------------------------------------------------
     def encode_text(self, shot: ShotSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        from renderer.text_encoder import DEFAULT_NEGATIVE_PROMPT
+        from renderer.encoders.text import DEFAULT_NEGATIVE_PROMPT
 
         negative = shot.negative_prompt if shot.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
         distributed = self.group is not None and self.group.distributed

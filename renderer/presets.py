@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from renderer.model import DiTConfig
+from renderer.families import get_family
+from renderer.families.wan22.model import DiTConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 TASKS = ("t2v", "i2v", "ti2v")
@@ -28,6 +29,7 @@ class VAESpec:
 @dataclass(frozen=True)
 class ModelPreset:
     name: str
+    family: str  # a package under renderer/families/ (renderer.families.get_family)
     tasks: tuple[str, ...]
     dit: DiTConfig
     experts: tuple[str | None, ...]
@@ -58,16 +60,25 @@ class ModelPreset:
         d = dict(d)
         known = set(cls.__dataclass_fields__) - {"extra"}
         extra = {k: d.pop(k) for k in list(d) if k not in known}
+        family = get_family(str(d.get("family") or _missing("family", d)))
+        unknown = [t for t in d["tasks"] if t not in family.tasks]
+        if unknown:
+            raise ValueError(f"model preset {d['name']}: family {family.name} has no task {', '.join(unknown)} "
+                             f"(it has {', '.join(family.tasks)})")
         g = d.get("guidance", (5.0, 5.0))
         guidance = (float(g), float(g)) if isinstance(g, (int, float)) else (float(g[0]), float(g[1]))
         return cls(
-            name=d["name"], tasks=tuple(d["tasks"]), dit=DiTConfig.from_dict(dict(d["dit"])),
+            name=d["name"], family=family.name, tasks=tuple(d["tasks"]), dit=DiTConfig.from_dict(dict(d["dit"])),
             experts=tuple(d.get("experts") or [None]), boundary=d.get("boundary"), shift=float(d["shift"]),
             steps=int(d["steps"]), guidance=guidance, vae=VAESpec(**{**dict(d["vae"]),
                                                                      "stride": tuple(d["vae"]["stride"])}),
             text_encoder=d.get("text_encoder", "umt5_xxl"), fps=int(d["fps"]), frames=int(d["frames"]),
             size=str(d["size"]), sizes=tuple(str(s) for s in d["sizes"]), checkpoint=d.get("checkpoint"),
             seed_weights=int(d.get("seed_weights", 0)), extra=extra)
+
+
+def _missing(key: str, d: dict[str, Any]) -> Any:
+    raise ValueError(f"model preset {d.get('name', '?')} has no `{key}:`: add it to conf/model/{d.get('name', '?')}.yaml")
 
 
 def preset_names() -> list[str]:

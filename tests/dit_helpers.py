@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from renderer.checkpoint import diffusers_to_official
-from renderer.model import DiTConfig, WanDiT
+from renderer.families.wan22.keys import diffusers_to_official
+from renderer.families.wan22.model import DiTConfig, WanDiT
 
 TINY = {
     "t2v": dict(in_channels=16, out_channels=16),
@@ -13,12 +13,15 @@ TINY = {
 }
 
 
-def diffusers_tiny(task: str, seed: int = 0, heads: int = 4, head_dim: int = 16, layers: int = 2):
+def diffusers_tiny(task: str, seed: int = 0, heads: int = 4, head_dim: int = 16, layers: int = 2,
+                   image_dim: int | None = None):
+    """image_dim: CLIP feature width, giving the model an image embedder and image k/v (Wan2.1-i2v / Animate)."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
+    image = dict(image_dim=image_dim, added_kv_proj_dim=heads * head_dim) if image_dim else {}
     ref = WanTransformer3DModel(num_attention_heads=heads, attention_head_dim=head_dim, text_dim=24, ffn_dim=96,
-                                num_layers=layers, **TINY[task]).eval()
+                                num_layers=layers, **TINY[task], **image).eval()
     # diffusers zero-initialises nothing we would notice, but give every bias some value so a mis-mapped
     # bias cannot hide behind zeros
     with torch.no_grad():

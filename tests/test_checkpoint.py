@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from renderer.checkpoint import CheckpointError, expert_folders, fingerprint, load_dit, load_experts
-from renderer.model import WanDiT
+from renderer.families.wan22.model import WanDiT
 from tests.dit_helpers import diffusers_tiny, ours_from_diffusers, rel_err
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kernels import fused
 from kernels.compile import compile_blocks, compile_wanted
-from renderer.model import DiTConfig, WanBlock, build_dit, rope_table
+from renderer.families.wan22.model import DiTConfig, WanBlock, build_dit, rope_table
 
 CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not CUDA or not fused.HAS_TRITON, reason="needs a CUDA GPU and triton")

@@ -92,3 +92,28 @@ def test_bad_inputs_raise_clear_errors():
         ours(x, torch.zeros(1, 5), context)
     with pytest.raises(ValueError, match="at most 512"):
         ours(x, torch.tensor([1.0]), torch.randn(1, 513, 24))
+
+
+def test_image_context_kv_matches_diffusers():
+    """CLIP image tokens through img_emb and the cross-attention's own k/v (what Animate builds on), against
+    diffusers' added-kv cross-attention; the image really changes the result."""
+    ref = diffusers_tiny("i2v", seed=9, image_dim=20)
+    ours = ours_from_diffusers(ref)
+    assert ours.cfg.image_dim == 20 and hasattr(ours.blocks[0].cross_attn, "k_img")
+    x, context = _inputs("i2v", (3, 6, 8), seed=10)
+    image = torch.randn(1, 257, 20, generator=torch.Generator().manual_seed(11))
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        got = ours(x, t, context=context, image_features=image)
+        want = ref(x, t, F.pad(context, (0, 0, 0, 512 - context.shape[1])), encoder_hidden_states_image=image,
+                   return_dict=False)[0]
+        without = ours(x, t, context=context, image_features=torch.zeros_like(image))
+    assert rel_err(got, want) <= TOL
+    assert rel_err(without, want) > 1e-3
+
+
+def test_image_features_refused_by_a_text_only_model():
+    ours = ours_from_diffusers(diffusers_tiny("t2v"))
+    x, context = _inputs("t2v", (3, 6, 8))
+    with pytest.raises(ValueError, match="without image k/v"):
+        ours(x, torch.tensor([1.0]), context, image_features=torch.randn(1, 4, 20))

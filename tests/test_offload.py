@@ -1,7 +1,7 @@
 """Block streaming (placement=stream): the same numbers as a resident model, the weights' home is CPU memory."""
 import torch
 
-from renderer.model import build_dit
+from renderer.families.wan22.model import build_dit
 from renderer.offload import BlockStreamer, stream_blocks
 from renderer.pipeline import Pipeline, RenderOptions, ShotSpec
 from renderer.presets import load_preset

@@ -10,11 +10,11 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 from PIL import Image
 
-from renderer.model import WanDiT
+from renderer.families.wan22.model import WanDiT
 from renderer.pipeline import Pipeline, RenderOptions, ShotSpec
 from renderer.presets import load_preset
 from renderer.sampling import build_schedule
-from renderer.text_encoder import build_tiny_text_encoder
+from renderer.encoders.text import build_tiny_text_encoder
 from renderer.vae import WanVAE, convert_diffusers_state_dict, tiny_config
 from tests.dit_helpers import ours_from_diffusers, rel_err
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from renderer.text_encoder import (DEFAULT_NEGATIVE_PROMPT, OFFICIAL_T5_FILE, OFFICIAL_TOKENIZER_DIR,
+from renderer.encoders.text import (DEFAULT_NEGATIVE_PROMPT, OFFICIAL_T5_FILE, OFFICIAL_TOKENIZER_DIR,
                                    build_tiny_text_encoder, clean_prompt, hf_to_official_key,
                                    load_text_encoder, official_to_hf_key)
 
@@ -202,7 +202,7 @@ def test_prompt_cleaning_like_reference():
 
 def test_tiny_tokenizer_is_the_same_every_build():
     """A trained tokenizer gave other ids on every build, so one seed rendered different videos."""
-    from renderer.text_encoder import DEFAULT_NEGATIVE_PROMPT, build_tiny_tokenizer
+    from renderer.encoders.text import DEFAULT_NEGATIVE_PROMPT, build_tiny_tokenizer
 
     texts = ["a red kite over a beach, 4K!", DEFAULT_NEGATIVE_PROMPT]
     first = build_tiny_tokenizer()(texts).input_ids

@@ -1,9 +1,10 @@
-"""Apply a `ParallelConfig` to a `WanDiT` expert, torchtitan style: the model stays plain, parallelism is bolted on.
+"""Apply a `ParallelConfig` to a model expert, torchtitan style: the model stays plain, parallelism is bolted on.
 
 Order (each step assumes the previous one):
   1. validate    heads % ulysses, group size — before anything is changed;
-  2. sequence    set `model.token_split` (a SequenceSharder on the mesh's ring/ulysses slices) and replace every
-                 block's `self_attn.attn_fn` with one shared SequenceParallelAttention (or DeepSpeed's Ulysses);
+  2. sequence    set `model.token_split` (a SequenceSharder on the mesh's ring/ulysses slices; the model splits and
+                 gathers the tensors its `sp_plan` names) and fill the `attn_fn` slots the plan names with one
+                 shared SequenceParallelAttention (or DeepSpeed's Ulysses);
   3. fsdp        freeze the parameters, `fully_shard` every block, then the root (embeddings, head) — over the whole
                  group (a 1-D mesh of all ranks), reshard after forward (ZeRO-3, as the official FULL_SHARD).
 Step 2 only sets attributes, so it must come before FSDP wraps the modules; casting to the render dtype
@@ -13,6 +14,8 @@ CFG parallel needs nothing here: each half of the group runs the same parallelis
 (renderer/parallel/denoise.py).
 """
 from __future__ import annotations
+
+from fnmatch import fnmatch
 
 import torch
 import torch.nn as nn
@@ -41,8 +44,12 @@ def apply_sequence_parallel(model: nn.Module, mesh, pcfg: ParallelConfig,
     # The collectives stay outside torch.compile's graphs: a compiled block breaks its graph around this call
     # and fuses everything else (norms, RoPE, modulation, FFN), so sequence-parallel ranks compile like one GPU.
     attn_fn = torch.compiler.disable(attn)
-    for block in model.blocks:
-        block.self_attn.attn_fn = attn_fn
+    plan = model.sp_plan  # the model declares its attention slots and token split (renderer/families/spec.py)
+    slots = [m for name, m in model.named_modules() if any(fnmatch(name, p) for p in plan.attention)]
+    if not slots:
+        raise ValueError(f"{type(model).__name__}.sp_plan names no module: attention={plan.attention}")
+    for module in slots:
+        module.attn_fn = attn_fn
     return sharder
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from renderer.model import DiTConfig, build_dit
+from renderer.families.wan22.model import DiTConfig, build_dit
 from renderer.parallel.denoise import denoise
 from renderer.parallel.group import RenderGroup
 from renderer.sampling import make_sampler

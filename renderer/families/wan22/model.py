@@ -6,7 +6,7 @@ One class covers every Wan2.2 variant the renderer serves:
   * ti2v-5B           (in/out 48, one timestep per token: the conditioning frame's tokens get t = 0).
 
 Module names match the official Wan-AI state-dict keys, so an official checkpoint loads without renaming;
-renderer/checkpoint.py maps the diffusers names onto these.
+renderer/families/wan22/keys.py maps the diffusers names onto these.
 
 Precision follows the reference: the residual stream, the time embedding, the modulation and every norm are
 computed in fp32; the projections, attention and FFN run in the parameter dtype (bf16 for real renders).
@@ -16,9 +16,10 @@ adds) go through the dispatchers of kernels/fused.py (Triton on CUDA, the plain 
 defaults to the "auto" backend (the measured fastest kernel on a GPU, "sdpa" on the CPU); and on a CUDA device
 the blocks are compiled with torch.compile at the first forward (`compile_mode`, kernels/compile.py).
 
-Parallelism is not in here. `renderer/parallel` applies it from outside (torchtitan style): it replaces
-`WanSelfAttention.attn_fn` (Ulysses / ring attention) and sets `WanDiT.token_split`, the object that splits the
-tokens across ranks after the embeddings and gathers them before the head.
+Parallelism is not in here. The model declares where its tokens are split and gathered (SP_PLAN, like diffusers'
+`_cp_plan`) and `renderer/parallel` applies it from outside: it puts a sequence-parallel attention into the
+declared `attn_fn` slots and sets `WanDiT.token_split`, which splits the declared tensors after the embeddings
+and gathers the declared outputs after the head.
 
 Shapes: B batch, C channels, F/H/W latent frames/height/width, L = (F/pt)(H/ph)(W/pw) video tokens, Lc text
 tokens (512), D model dim, Hn heads, Dh head dim (128 in the real models), E = 6 modulation chunks.
@@ -29,7 +30,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -39,6 +40,7 @@ from kernels import autotune
 from kernels.attention import AttentionFn, attention, get_default_backend
 from kernels.compile import blocks_compiled, compile_blocks, compile_wanted
 from kernels.fused import apply_rope, gated_residual, ln_modulate, rms_norm_rope  # noqa: F401 (apply_rope: API)
+from renderer.families.spec import SequenceParallelPlan, TokenSplit, gather_stream, split_stream
 
 log = logging.getLogger("wanrender.model")
 
@@ -58,6 +60,9 @@ class DiTConfig:
     eps: float = 1e-6
     cross_attn_norm: bool = True
     rope_theta: float = 10000.0
+    # CLIP image features (Wan2.1 i2v, Animate): their width; the model then has `img_emb` and image k/v in every
+    # cross-attention. None: text only (every Wan2.2 preset)
+    image_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -86,19 +91,13 @@ class DiTConfig:
                 "patch_size": d.get("patch_size", (1, 2, 2)),
                 "eps": d.get("eps", 1e-6),
                 "cross_attn_norm": d.get("cross_attn_norm", True),
+                "image_dim": d.get("image_dim"),
             }
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class TokenSplit(Protocol):
-    """What sequence parallelism plugs into the model (see renderer/parallel)."""
-
-    def split(self, x: torch.Tensor, dim: int) -> torch.Tensor: ...  # full tokens -> this rank's padded slice
-    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor: ...  # slices -> full tokens, padding dropped
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,15 +163,21 @@ def layer_norm_fp32(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = Non
 
 
 class _Projections(nn.Module):
-    """q/k/v/o projections with q/k RMSNorm over the full dim: the parameters both attentions of a block have."""
+    """q/k/v/o projections with q/k RMSNorm over the full dim: the parameters both attentions of a block have.
 
-    def __init__(self, cfg: DiTConfig):
+    image_kv: also k/v projections (and a k norm) for image-context tokens, as the official i2v cross-attention
+    (`k_img`, `v_img`, `norm_k_img`): Animate's CLIP features attend beside the text."""
+
+    def __init__(self, cfg: DiTConfig, image_kv: bool = False):
         super().__init__()
         d = cfg.dim
         self.num_heads = cfg.num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.norm_q = RMSNorm(d, cfg.eps)
         self.norm_k = RMSNorm(d, cfg.eps)
+        if image_kv:
+            self.k_img, self.v_img = nn.Linear(d, d), nn.Linear(d, d)
+            self.norm_k_img = RMSNorm(d, cfg.eps)
 
 
 class WanSelfAttention(_Projections):
@@ -192,14 +197,26 @@ class WanSelfAttention(_Projections):
 
 
 class WanCrossAttention(_Projections):
-    """Video tokens attend to the text tokens. Always local: every rank holds the whole text context."""
+    """Video tokens attend to the text tokens (and, with image k/v, separately to the image tokens; the two
+    results are summed before `o`, as the official i2v cross-attention). Always local: every rank holds the whole
+    context."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __init__(self, cfg: DiTConfig):
+        super().__init__(cfg, image_kv=cfg.image_dim is not None)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_context: torch.Tensor | None = None) -> torch.Tensor:
         heads = (self.num_heads, -1)
         q = self.norm_q(self.q(x)).unflatten(-1, heads)  # [B, L, Hn, Dh]
         k = self.norm_k(self.k(context)).unflatten(-1, heads)  # [B, Lc, Hn, Dh]
         v = self.v(context).unflatten(-1, heads)  # [B, Lc, Hn, Dh]
-        return self.o(attention(q, k, v).flatten(-2))  # [B, L, D]
+        out = attention(q, k, v).flatten(-2)  # [B, L, D]
+        if image_context is not None:
+            if not hasattr(self, "k_img"):
+                raise ValueError("image context given to a model without image k/v (its config has no image_dim)")
+            k_img = self.norm_k_img(self.k_img(image_context)).unflatten(-1, heads)  # [B, Li, Hn, Dh]
+            v_img = self.v_img(image_context).unflatten(-1, heads)  # [B, Li, Hn, Dh]
+            out = out + attention(q, k_img, v_img).flatten(-2)  # [B, L, D]
+        return self.o(out)  # [B, L, D]
 
 
 class WanBlock(nn.Module):
@@ -217,8 +234,9 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [B, L, D] fp32 residual stream; e0: [B, 1|L, 6, D] fp32; context: [B, Lc, D]."""
+                rope: tuple[torch.Tensor, torch.Tensor], image_context: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, L, D] fp32 residual stream; e0: [B, 1|L, 6, D] fp32; context: [B, Lc, D];
+        image_context: [B, Li, D] or None."""
         dt = self.ffn[0].weight.dtype
         mod = self.modulation.float()  # [1, 6, D]
 
@@ -230,9 +248,22 @@ class WanBlock(nn.Module):
         h = ln_modulate(x, chunk(0), chunk(1), self.eps, dt)  # LN(x)·(1 + scale1) + shift1: [B, L, D] in dt
         x = gated_residual(x, self.self_attn(h, rope), chunk(2))  # x + attn·gate1: [B, L, D] fp32
         h = layer_norm_fp32(x, self.eps, self.norm3) if self.norm3 is not None else x  # [B, L, D]
-        x = gated_residual(x, self.cross_attn(h.to(dt), context))  # [B, L, D] fp32
+        x = gated_residual(x, self.cross_attn(h.to(dt), context, image_context))  # [B, L, D] fp32
         h = ln_modulate(x, chunk(3), chunk(4), self.eps, dt)  # [B, L, D] in dt
         return gated_residual(x, self.ffn(h), chunk(5))  # x + ffn·gate2: [B, L, D] fp32
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP features -> model width, as the official MLPProj (LN, Linear, GELU, Linear, LN; keys img_emb.proj.N)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(),
+                                  nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features: [B, Li, image_dim] -> [B, Li, D]."""
+        return self.proj(features.to(self.proj[1].weight.dtype))  # [B, Li, D]
 
 
 class WanHead(nn.Module):
@@ -260,7 +291,19 @@ def keeps_fp32(name: str) -> bool:
     return any(m in name for m in FP32_PARAM_MARKERS)
 
 
+# Where sequence parallelism splits and gathers this model's tokens (applied by renderer/parallel/parallelize.py).
+# Names are the tensors of WanDiT.forward's token stream; a split name whose tensor has one row instead of L
+# (timesteps shared by every token) is left whole.
+SP_PLAN = SequenceParallelPlan(
+    split={"tokens": 1, "rope_cos": 0, "rope_sin": 0, "time": 1, "time_mod": 1},
+    gather={"out": 1},
+    attention=("blocks.*.self_attn",),
+)
+
+
 class WanDiT(nn.Module):
+    sp_plan = SP_PLAN
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
@@ -271,6 +314,8 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = WanHead(cfg)
+        if cfg.image_dim is not None:
+            self.img_emb = ImageEmbedding(cfg.image_dim, d)
         self.token_split: TokenSplit | None = None
         # "auto": compile the blocks at the first forward on a CUDA device; "on" / "off" force it (kernels/compile.py)
         self.compile_mode: str = "auto"
@@ -346,36 +391,53 @@ class WanDiT(nn.Module):
         u = u.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, F', pt, H', ph, W', pw]
         return u.reshape(u.shape[0], u.shape[1], f * pt, h * ph, w * pw)
 
-    # -- forward --------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Predict the flow velocity.
+    # -- forward ------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the flow velocity. Called with the keyword inputs a conditioner built (renderer/denoise.py);
+        a family that conditions on more (Animate: pose, face) subclasses and adds keywords.
 
         x: [B, C_in, F, H, W] latent (i2v: noise, mask and image latent concatenated on C);
-        t: [B] timesteps in [0, 1000], or [B, L] per token (ti2v); context: [B, Lc, text_dim].
+        t: [B] timesteps in [0, 1000], or [B, L] per token (ti2v); context: [B, Lc ≤ text_len, text_dim];
+        image_features: [B, Li, image_dim] CLIP features (models with image k/v only).
         Returns [B, C_out, F, H, W] fp32.
         """
         tokens, grid = self.patchify(x)  # [B, L, D], (F', H', W')
         num_tokens = tokens.shape[1]
         e, e0 = self.embed_time(t, num_tokens)  # [B, 1|L, D], [B, 1|L, 6, D]
-        ctx = self.embed_text(context)  # [B, Lc, D]
+        ctx = self.embed_text(context)  # [B, text_len, D]
+        image_ctx = self.embed_image(image_features)  # [B, Li, D] or None
         cos, sin = self.rope(grid, tokens.device)  # 2 × [L, Dh/2]
 
-        split = self.token_split
-        if split is not None:  # sequence parallel: each rank keeps its slice of the tokens from here on
-            tokens, cos, sin = split.split(tokens, 1), split.split(cos, 0), split.split(sin, 0)
-            if e.shape[1] > 1:
-                e, e0 = split.split(e, 1), split.split(e0, 1)
+        stream = {"tokens": tokens, "rope_cos": cos, "rope_sin": sin, "time": e, "time_mod": e0}
+        if self.token_split is not None:  # sequence parallel: each rank keeps its slice of the tokens (SP_PLAN)
+            stream = split_stream(self.token_split, stream, self.sp_plan.split, num_tokens)
+        tokens = self.run_blocks(stream["tokens"], stream["time_mod"], ctx, (stream["rope_cos"], stream["rope_sin"]),
+                                 image_ctx)  # [B, L_local, D]
+        out = {"out": self.head(tokens, stream["time"])}  # [B, L_local, P·C_out]
+        if self.token_split is not None:
+            out = gather_stream(self.token_split, out, self.sp_plan.gather)  # [B, L, P·C_out]
+        return self.unpatchify(out["out"].float(), grid)  # [B, C_out, F, H, W]
 
+    def embed_image(self, features: torch.Tensor | None) -> torch.Tensor | None:
+        """features: [B, Li, image_dim] -> [B, Li, D]; None stays None."""
+        if features is None:
+            return None
+        if not hasattr(self, "img_emb"):
+            raise ValueError("image features given to a model without image k/v: set image_dim in its dit config")
+        return self.img_emb(features)  # [B, Li, D]
+
+    def run_blocks(self, tokens: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor,
+                   rope: tuple[torch.Tensor, torch.Tensor], image_ctx: torch.Tensor | None) -> torch.Tensor:
+        """The transformer blocks over this rank's tokens [B, L_local, D] (a family that injects between blocks,
+        such as Animate's face adapter, overrides this)."""
         self._prepare_fast_path(tokens, e0, ctx)
         for i, block in enumerate(self.blocks):
             if i == 0 and blocks_compiled(self):
-                tokens = self._first_block_timed(block, tokens, e0, ctx, (cos, sin))  # [B, L_local, D]
+                tokens = self._first_block_timed(block, tokens, e0, ctx, rope, image_ctx)  # [B, L_local, D]
                 continue
-            tokens = block(tokens, e0, ctx, (cos, sin))  # [B, L_local, D]
-        out = self.head(tokens, e)  # [B, L_local, P·C_out]
-        if split is not None:
-            out = split.gather(out, 1)  # [B, L, P·C_out]
-        return self.unpatchify(out.float(), grid)  # [B, C_out, F, H, W]
+            tokens = block(tokens, e0, ctx, rope, image_ctx)  # [B, L_local, D]
+        return tokens
 
     def _prepare_fast_path(self, tokens: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor) -> None:
         """Outside the compiled blocks: compile them if wanted, and let "auto" attention measure its choices
