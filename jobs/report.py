@@ -211,7 +211,7 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
              if s["mp4"] and status in ("done", "skipped") else "")
     neg = s.get("negative_prompt")
     if neg is None:
-        from renderer.text_encoder import DEFAULT_NEGATIVE_PROMPT
+        from renderer.encoders.text import DEFAULT_NEGATIVE_PROMPT
 
         neg_html = f'<div class="neg">negative (the official default): {e(DEFAULT_NEGATIVE_PROMPT)}</div>'
     else:

@@ -64,7 +64,7 @@ def _safetensors_folder_problem(folder: Path, what: str) -> str | None:
 def check_checkpoint(preset, root: str | Path) -> list[str]:
     """Every problem with a checkpoint folder for `preset`, each naming the path; [] when it can be loaded."""
     from renderer.checkpoint import CheckpointError, check_dit_folder, expert_folders
-    from renderer.text_encoder import OFFICIAL_T5_FILE, OFFICIAL_TOKENIZER_DIR
+    from renderer.encoders.text import OFFICIAL_T5_FILE, OFFICIAL_TOKENIZER_DIR
 
     root = Path(root)
     if not root.is_dir():

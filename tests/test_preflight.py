@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from jobs.farm import run_job
 from jobs.manifest import ManifestError, parse_csv, validate_manifest
 from renderer.cli import compose, main
-from renderer.model import DiTConfig, WanDiT
+from renderer.families.wan22.model import DiTConfig, WanDiT
 from renderer.presets import load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def write_tiny_official(root: Path, preset) -> None:
 
 @pytest.mark.parametrize("case", ["missing", "empty", "garbage_pth", "wrong_shape"])
 def test_bad_checkpoint_folder_fails_the_dry_run(tmp_path, capsys, case):
-    from renderer.text_encoder import OFFICIAL_T5_FILE
+    from renderer.encoders.text import OFFICIAL_T5_FILE
 
     root = tmp_path / "ckpt"
     if case != "missing":
@@ -209,7 +209,7 @@ def test_bad_checkpoint_folder_fails_the_dry_run(tmp_path, capsys, case):
 def test_checkpoint_check_reads_no_tensor(tmp_path, monkeypatch):
     """The check uses the headers only: a tensor read would go through safe_open(...).get_tensor."""
     from renderer.preflight import check_checkpoint
-    from renderer.text_encoder import OFFICIAL_T5_FILE
+    from renderer.encoders.text import OFFICIAL_T5_FILE
 
     root = tmp_path / "ckpt"
     write_tiny_official(root, T2V)
