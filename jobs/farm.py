@@ -411,7 +411,10 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
             import traceback
 
             trace = plan.out_dir / "logs" / "driver-error.log"
-            trace.write_text(traceback.format_exc(), encoding="utf-8")
+            try:
+                trace.write_text(traceback.format_exc(), encoding="utf-8")
+            except OSError:  # the folder itself may be what failed (disk full): the trace goes to stderr
+                traceback.print_exc()
             records = _mark_unfinished(farm.records, "failed", f"driver error: {type(e).__name__}: {e} "
                                                                 f"(trace in logs/{trace.name})")
             print(f"error: the driver failed: {type(e).__name__}: {e}; traceback in {trace}", file=sys.stderr)

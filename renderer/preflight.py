@@ -23,7 +23,26 @@ BYTES_PER_PIXEL = 0.3
 BYTES_PER_SHOT = 64 * 1024
 
 
-def _pth_problem(path: Path, what: str) -> str | None:
+def _t5_keys(sd: dict) -> str | None:
+    from renderer.encoders.text import official_to_hf_key
+
+    unknown = sorted(k for k in sd if official_to_hf_key(k) is None)
+    if unknown:
+        return f"{len(unknown)} key(s) that are not the official UMT5 encoder's: {', '.join(unknown[:5])}"
+    return None
+
+
+def _vae_keys(version: str):
+    def check(sd: dict) -> str | None:
+        enc = sd.get("encoder.conv1.weight")
+        if enc is None or "decoder.conv1.weight" not in sd:
+            return "no encoder.conv1 / decoder.conv1 weights: not a Wan VAE"
+        found = "2.2" if enc.shape[1] == 12 else "2.1"  # shapes come from the metadata; no data is read
+        return None if found == version else f"a Wan{found} VAE, the model needs Wan{version}"
+    return check
+
+
+def _pth_problem(path: Path, what: str, keys_check=None) -> str | None:
     """None when `path` is a torch.save zip whose pickle loads with weights_only=True into a dict of tensors."""
     if not path.is_file():
         return f"{what} {path.name} is missing from {path.parent}"
@@ -43,7 +62,8 @@ def _pth_problem(path: Path, what: str) -> str | None:
                 f"corrupt or not a Wan2.2 file: copy it again")
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         return f"{what} {path} holds a {type(sd).__name__}, not a state dict of tensors: copy the right file"
-    return None
+    wrong = keys_check(sd) if keys_check else None
+    return f"{what} {path} holds {wrong}: copy the right file" if wrong else None
 
 
 def _safetensors_folder_problem(folder: Path, what: str) -> str | None:
@@ -94,9 +114,10 @@ def check_checkpoint(preset, root: str | Path) -> list[str]:
         if not (root / "tokenizer").is_dir():
             problems.append(f"tokenizer folder {root / 'tokenizer'} is missing")
     else:
-        for path, what in ((root / OFFICIAL_T5_FILE, "text encoder"),
-                           (root / f"Wan{preset.vae.version}_VAE.pth", f"Wan{preset.vae.version} VAE")):
-            if (p := _pth_problem(path, what)) is not None:
+        v = preset.vae.version
+        for path, what, keys in ((root / OFFICIAL_T5_FILE, "text encoder", _t5_keys),
+                                 (root / f"Wan{v}_VAE.pth", f"Wan{v} VAE", _vae_keys(v))):
+            if (p := _pth_problem(path, what, keys)) is not None:
                 problems.append(p)
         if not (root / OFFICIAL_TOKENIZER_DIR).is_dir():
             problems.append(f"tokenizer folder {root / OFFICIAL_TOKENIZER_DIR} is missing")

@@ -213,7 +213,10 @@ def test_checkpoint_check_reads_no_tensor(tmp_path, monkeypatch):
 
     root = tmp_path / "ckpt"
     write_tiny_official(root, T2V)
-    torch.save({"shared.weight": torch.zeros(4, 4)}, root / OFFICIAL_T5_FILE)
+    torch.save({"token_embedding.weight": torch.zeros(4, 4)}, root / OFFICIAL_T5_FILE)
+    # a Wan2.2 VAE (12 input channels) where the model needs Wan2.1: told from the shapes in the metadata
+    torch.save({"encoder.conv1.weight": torch.zeros(8, 12, 3, 3, 3), "decoder.conv1.weight": torch.zeros(8, 4)},
+               root / "Wan2.1_VAE.pth")
     import safetensors
 
     real = safetensors.safe_open
@@ -242,7 +245,9 @@ def test_checkpoint_check_reads_no_tensor(tmp_path, monkeypatch):
     found = check_checkpoint(T2V, root)
     # the experts pass; what is left is the missing tokenizer and VAE, each named
     assert found and all("high_noise_model" not in p and "low_noise_model" not in p for p in found), found
-    assert any("umt5-xxl" in p for p in found) and any("VAE" in p for p in found), found
+    assert any("umt5-xxl" in p for p in found), found
+    assert any("a Wan2.2 VAE, the model needs Wan2.1" in p for p in found), found
+    assert not any("text encoder" in p for p in found), found
 
 
 # -- the output folder ----------------------------------------------------------------------------------------------
@@ -283,3 +288,32 @@ def test_output_folder_without_room_for_the_job_is_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "room" in err and "free" in err and "out=" in err
         assert not (small / "out").exists()
+
+
+def write_complete_tiny_official(root: Path, preset) -> None:
+    """Every file the official layout has, for a tiny preset: experts, UMT5 .pth (official names), tokenizer,
+    VAE .pth. What a real Wan-AI download looks like, small enough to load in a second."""
+    from renderer.encoders.text import (OFFICIAL_T5_FILE, OFFICIAL_TOKENIZER_DIR, build_tiny_text_encoder,
+                                        hf_to_official_key)
+    from renderer.vae.loading import build_vae
+
+    write_tiny_official(root, preset)
+    text = build_tiny_text_encoder(seed=0, d_model=preset.dit.text_dim)
+    sd = {hf_to_official_key(k): v for k, v in text.model.state_dict().items() if hf_to_official_key(k)}
+    torch.save(sd, root / OFFICIAL_T5_FILE)
+    text.tokenizer.save_pretrained(str(root / OFFICIAL_TOKENIZER_DIR))
+    vae = build_vae(preset.vae.version, tiny=True)
+    torch.save(vae.state_dict(), root / f"Wan{preset.vae.version}_VAE.pth")
+
+
+def test_a_complete_checkpoint_folder_passes_and_renders(tmp_path, capsys):
+    """The negative control: the checks do not refuse a folder the loaders accept."""
+    from renderer.preflight import check_checkpoint
+
+    root = tmp_path / "ckpt"
+    write_complete_tiny_official(root, T2V)
+    assert check_checkpoint(T2V, root) == []
+    assert main(["generate", "prompt=a kite", f"model.checkpoint={root}", "frames=5", "steps=2",
+                 f"out={tmp_path / 'o'}", "render.device=cpu"]) == 0
+    side = json.loads((tmp_path / "o" / "shot.json").read_text())
+    assert side["checkpoint"] == str(root) and side["frames"] == 5
