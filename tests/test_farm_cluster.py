@@ -85,3 +85,37 @@ def test_cluster_ray_connects_where_it_is_told_and_says_so(foreign_ray, tmp_path
     assert job(path, out, "cluster=ray", f"cluster.address={foreign_ray}") == 0
     assert f"Ray: connecting to the cluster at {foreign_ray} (from cluster.address)" in capsys.readouterr().out
     assert json.loads((out / "report.json").read_text())["counts"] == {"done": 1}
+
+
+def test_ctrl_c_mid_job_keeps_finished_shots_and_leaves_no_temp(tmp_path):
+    """SIGINT to a real `wanrender render` while a shot hangs: exit 130, the shots finished before are done in the
+    report, nothing temporary is left, the folder's lock is released."""
+    import signal
+    import time
+
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"name": "ctrlc", "model": "tiny_t2v",
+                                    "defaults": {"size": "64*48", "frames": 5, "steps": 2},
+                                    "shots": [{"id": f"s{i}", "prompt": f"boat {i}", "seed": i} for i in range(3)]}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".s1.mp4.tmp-4242-0badf00d.mp4").write_bytes(b"left by an earlier Ctrl-C")  # swept at the start
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANRENDER_FAULTS": "hang:s2:1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "renderer.cli", "render", f"manifest={path}", f"out={out}",
+                             "render.device=cpu", "job.live_progress=false", "job.max_groups=1",
+                             "cluster.num_cpus=1", "cluster.num_gpus=0", "cluster.dashboard=false"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (out / "logs" / "s2.attempt1.log").is_file():
+        time.sleep(0.5)  # s0 and s1 are rendered and written by then (one group, manifest order)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    printed, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, printed
+    assert "removed 1 temporary file(s)" in printed
+    rep = json.loads((out / "report.json").read_text())
+    status = {s["id"]: s["status"] for s in rep["shots"]}
+    assert status == {"s0": "done", "s1": "done", "s2": "interrupted"}, printed
+    assert not list(out.glob(".*tmp-*")) and not (out / ".wanrender.lock").exists()
+    assert not (out / "s2.mp4").exists() and (out / "s1.mp4").is_file()
