@@ -181,6 +181,10 @@ def parse_faults(text: str | None) -> dict[tuple[str, int], dict]:
     return faults
 
 
+class ClusterUnavailable(RuntimeError):
+    """Ray could not be started or reached; the message names the address and where it came from."""
+
+
 def cluster_address(cfg: DictConfig) -> tuple[str | None, str]:
     """cluster=ray: (address, where it came from): cluster.address, else RAY_ADDRESS."""
     given = _node(cfg, "cluster.address")
@@ -212,7 +216,12 @@ def ray_session(cfg: DictConfig):
     else:
         address, source = cluster_address(cfg)
         print(f"Ray: connecting to the cluster at {address} (from {source})", flush=True)
-        ctx = ray.init(address=address, **common)
+        try:
+            ctx = ray.init(address=address, **common)
+        except Exception as e:  # ConnectionError, a timeout, a version mismatch: Ray's own text, our fix
+            raise ClusterUnavailable(f"cannot connect to the Ray cluster at {address} (from {source}): "
+                                     f"{type(e).__name__}: {str(e).strip()[:300]}; check that its head is running "
+                                     f"and the address is right") from e
     try:
         yield _with_scheme(getattr(ctx, "dashboard_url", None) or _dashboard_url())
     finally:
@@ -304,7 +313,13 @@ def _run_locked(cfg: DictConfig, plan: Plan, preset, t_start: float) -> int:
         paths = write_report_or_say_why(out, job_info, records, time.time() - t_start)
         print(f"nothing to render: all {len(plan.shots)} shots are done." + (f"\nreport: {paths[1]}" if paths else ""))
         return 0
-    records, interrupted, stopped = _render(cfg, plan, preset, job_info)
+    try:
+        records, interrupted, stopped = _render(cfg, plan, preset, job_info)
+    except ClusterUnavailable as e:  # nothing started: every shot is still to do, the report says why
+        records, interrupted, stopped = _records_without_render(plan, "failed"), False, str(e)
+        for r in records.values():
+            if r.status == "failed":
+                r.error, r.failure_class = f"not started: {e}", "environment"
     wall = time.time() - t_start
     job_info["stopped"] = stopped
     paths = write_report_or_say_why(out, job_info, records, wall)

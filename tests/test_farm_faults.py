@@ -185,6 +185,21 @@ def test_run_job_refuses_a_folder_another_job_holds(tmp_path, capsys):
     assert not ray.is_initialized() and not list(out.glob("*.mp4"))
 
 
+def test_unreachable_cluster_is_an_environment_stop_with_a_report(tmp_path, monkeypatch, capsys):
+    """cluster=ray at an address where nothing answers (Ray itself waits minutes; its failure is injected)."""
+    def unreachable(*a, **k):
+        raise ConnectionError("Could not find any running Ray instance")
+
+    monkeypatch.setattr(ray, "init", unreachable)
+    manifest = write_manifest(tmp_path / "m.yaml", 2)
+    out = tmp_path / "out"
+    assert job(manifest, out, "cluster=ray", "cluster.address=10.9.9.9:6379") == 3
+    err = capsys.readouterr().err
+    assert "cannot connect to the Ray cluster at 10.9.9.9:6379 (from cluster.address)" in err
+    rep = json.loads((out / "report.json").read_text())
+    assert {s["failure_class"] for s in rep["shots"]} == {ENVIRONMENT} and not (out / LOCK_NAME).exists()
+
+
 # -- the farm under faults (one embedded Ray for the rest of the module) -------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster():
