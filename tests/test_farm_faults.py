@@ -66,10 +66,18 @@ def test_failures_are_classified():
 
 
 # -- writes: complete or absent -------------------------------------------------------------------------------------
-def test_full_disk_leaves_no_truncated_mp4(tmp_path):
-    """A real tiny tmpfs, filled up: write_mp4 raises ENOSPC and leaves neither the final name nor a temp file."""
-    with small_tmpfs(tmp_path / "full", "96k") as full:
+def test_full_disk_leaves_no_truncated_mp4(tmp_path, monkeypatch):
+    """A real tiny tmpfs, filled up: write_mp4 raises ENOSPC and leaves neither the final name nor a temp file.
+    Where mounting is not permitted, an encoder that fills the disk and fails the way ffmpeg does stands in."""
+    with small_tmpfs(tmp_path / "full", "96k", monkeypatch=monkeypatch) as (full, mounted):
         (full / "filler").write_bytes(b"\0" * (88 * 1024))
+        if not mounted:
+            fake = tmp_path / "ffmpeg"
+            fake.write_text('#!/bin/sh\nfor a; do case "$a" in *.mp4) out="$a";; esac; done\ncat > /dev/null\n'
+                            'printf partial > "$out"\necho "av_interleaved_write_frame(): No space left on device" >&2\n'
+                            'exit 1\n')
+            fake.chmod(0o755)
+            monkeypatch.setattr(vio, "ffmpeg_exe", lambda: str(fake))
         target = full / "shot.mp4"
         big = np.random.default_rng(1).integers(0, 255, (9, 96, 128, 3), dtype=np.uint8)  # noise: ~300 KB H.264
         with pytest.raises(OSError) as info:
@@ -99,7 +107,7 @@ def test_generate_checks_it_can_write_before_rendering(tmp_path, capsys, monkeyp
         raise AssertionError("rendered before finding it cannot write")
 
     monkeypatch.setattr(renderer.pipeline.Pipeline, "__init__", no_model)
-    with small_tmpfs(tmp_path / "tiny", "16k") as tiny:
+    with small_tmpfs(tmp_path / "tiny", "16k", monkeypatch=monkeypatch) as (tiny, _):
         assert main(["generate", "prompt=a kite", f"out={tiny}/o"]) == 2
         assert "no room" in capsys.readouterr().err
 

@@ -252,23 +252,58 @@ def test_checkpoint_check_reads_no_tensor(tmp_path, monkeypatch):
 
 # -- the output folder ----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def small_tmpfs(path: Path, size: str, *options: str):
-    """A tiny tmpfs at `path` (root in a container, as here and in CI); skips when mounting is not permitted."""
+def small_tmpfs(path: Path, size: str, *options: str, monkeypatch=None):
+    """A tiny tmpfs at `path` (root may mount one, as here). Where mounting is not permitted (a container without
+    CAP_SYS_ADMIN), `path` is a plain folder and the same fault is injected where the code meets it: a read-only
+    mount as EROFS from the write probe, the size as the free space statvfs reports. Yields (path, mounted)."""
     path.mkdir(parents=True, exist_ok=True)
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join((f"size={size}",) + options), "tmpfs", str(path)],
-                       capture_output=True, text=True)
+    cmd = ["mount", "-t", "tmpfs", "-o", ",".join((f"size={size}",) + options), "tmpfs", str(path)]
+    if os.environ.get("WANRENDER_TEST_NO_MOUNT"):  # exercise the injected fallback on a machine that can mount
+        cmd = ["false"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip()})")
+        if monkeypatch is None:
+            pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip()}) and this test has no injected fallback")
+        _inject_small_disk(monkeypatch, path, size, "ro" in options)
+        yield path, False
+        return
     try:
-        yield path
+        yield path, True
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _inject_small_disk(monkeypatch, root: Path, size: str, read_only: bool) -> None:
+    import errno
+    import shutil
+    import tempfile
+
+    import renderer.preflight as pf
+
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    total = int(size[:-1]) * units[size[-1].lower()] if size[-1].isalpha() else int(size)
+    inside = lambda d: Path(d).absolute().is_relative_to(root.absolute())  # noqa: E731
+    real_tmp, real_usage = tempfile.NamedTemporaryFile, shutil.disk_usage
+
+    def probe(*a, dir=None, **k):
+        if read_only and dir is not None and inside(dir):
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real_tmp(*a, dir=dir, **k)
+
+    def usage(where):
+        if inside(where):
+            used = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+            return shutil._ntuple_diskusage(total, used, max(0, total - used))
+        return real_usage(where)
+
+    monkeypatch.setattr(pf.tempfile, "NamedTemporaryFile", probe)
+    monkeypatch.setattr(pf.shutil, "disk_usage", usage)
 
 
 def test_read_only_output_folder_is_exit_2_before_any_render(tmp_path, capsys, monkeypatch):
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump({"shots": [shot(1)]}))
-    with small_tmpfs(tmp_path / "ro", "1m", "ro") as ro:
+    with small_tmpfs(tmp_path / "ro", "1m", "ro", monkeypatch=monkeypatch) as (ro, _):
         rc = run_job(compose([f"manifest={path}", f"out={ro}/out"]))
         err = capsys.readouterr().err
         assert rc == 2 and "Traceback" not in err and not ray.is_initialized()
@@ -280,10 +315,10 @@ def test_read_only_output_folder_is_exit_2_before_any_render(tmp_path, capsys, m
         assert "not writable" in capsys.readouterr().err
 
 
-def test_output_folder_without_room_for_the_job_is_refused(tmp_path, capsys):
+def test_output_folder_without_room_for_the_job_is_refused(tmp_path, capsys, monkeypatch):
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump({"defaults": {"frames": 5}, "shots": [shot(i) for i in range(40)]}))
-    with small_tmpfs(tmp_path / "small", "64k") as small:
+    with small_tmpfs(tmp_path / "small", "64k", monkeypatch=monkeypatch) as (small, _):
         assert dry_run(path, small / "out") == 2
         err = capsys.readouterr().err
         assert "room" in err and "free" in err and "out=" in err
