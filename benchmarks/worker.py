@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from renderer.parallel.config import ParallelConfig
-from renderer.parallel.denoise import select_expert
+from renderer.denoise import select_expert
 from renderer.sampling import FlowEuler, build_schedule
 
 STEP_SLEEP_KEY = "inject_step_sleep_s"  # test hook (nightly regression tests): seconds slept after every step

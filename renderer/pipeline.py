@@ -1,8 +1,9 @@
-"""One shot from prompt (and image) to frames: text encoder -> noise -> two-expert denoising -> VAE decode.
+"""One shot from prompt (and image) to frames: text encoder -> conditioner -> denoising loop -> VAE decode.
 
     shot (ShotSpec) --check--> text encoding --> latent noise (CPU generator: same video on any device)
-        --> denoising loop (A14B: high-noise expert while t >= boundary·1000, then the low-noise expert;
-            classifier-free guidance with each expert's own scale)
+        --> the family's conditioner for the task (renderer/families/<family>/conditioners.py)
+        --> renderer/denoise.py (A14B: high-noise expert while t >= boundary·1000, then the low-noise expert;
+            the guider runs cond/uncond with each expert's own scale)
         --> VAE decode --> uint8 frames + everything needed to re-render the shot
 
 The pipeline holds the models of one preset and renders shot after shot without reloading them (the render
@@ -19,9 +20,11 @@ from typing import Callable
 import torch
 
 from renderer import checkpoint as ckpt
-from renderer.families.wan22.model import WanDiT, build_dit
-from renderer.presets import ModelPreset, check_shot, parse_size
-from renderer.parallel import denoise
+from renderer.denoise import denoise
+from renderer.families import get_family
+from renderer.families.spec import ShotInputs
+from renderer.guidance import make_guider
+from renderer.presets import ModelPreset, check_shot, default_task, parse_size
 from renderer.sampling import make_sampler
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,7 @@ class ShotSpec:
     def resolve(self, preset: ModelPreset) -> "ShotSpec":
         g = self.guidance if self.guidance is not None else preset.guidance
         g = (float(g), float(g)) if isinstance(g, (int, float)) else (float(g[0]), float(g[1]))
-        task = self.task or ("ti2v" if preset.tasks == ("t2v", "ti2v") and self.image else preset.tasks[0])
+        task = self.task or default_task(preset, self.image)
         def given(v, default):  # 0 is a value to check, not "unset"
             return default if v is None else v
 
@@ -121,7 +124,7 @@ def _load_components(preset: ModelPreset, checkpoint: str | None, device: torch.
         vae_dtype = torch.float32 if preset.is_tiny or device.type != "cuda" else dtype
         vae = build_vae(preset.vae.version, tiny=preset.vae.tiny, dtype=vae_dtype, device=device,
                         seed=preset.seed_weights)
-        experts = [build_dit(preset.dit, dtype=dtype, device=expert_device, seed=preset.seed_weights + i)
+        experts = [get_family(preset.family).build_model(preset.dit, dtype=dtype, device=expert_device, seed=preset.seed_weights + i)
                    for i in range(len(preset.experts))]
         return text, vae, experts
     root = Path(checkpoint)
@@ -144,6 +147,7 @@ class Pipeline:
                  components=None, group=None):
         """group: a renderer.parallel RenderGroup when the shot is rendered by several GPUs (None: one device)."""
         self.preset = preset
+        self.family = get_family(preset.family)
         self.options = options or RenderOptions()
         self.device = self.options.torch_device()
         self.dtype = self.options.torch_dtype()
@@ -192,7 +196,7 @@ class Pipeline:
             return "resident"
         return "offload" if one < 0.6 * free else "stream"
 
-    def _expert(self, index: int) -> WanDiT:
+    def _expert(self, index: int) -> torch.nn.Module:
         if self.placement == "offload" and self._on_device != index:
             for j, m in enumerate(self.experts):
                 if j != index:
@@ -230,24 +234,6 @@ class Pipeline:
             dist.broadcast(both, src=0)
         return both[:1], both[1:]
 
-    def _image_condition(self, shot: ShotSpec, shape) -> dict[str, torch.Tensor]:
-        """i2v: mask + image latent channels for the model input; ti2v: the first latent frame to pin."""
-        from renderer.video_io import load_image
-
-        z, f, h, w = shape
-        width, height = parse_size(shot.size)
-        image = load_image(shot.image, size=(width, height)).to(self.device)  # [3, H, W] in [-1, 1]
-        vae_dtype = next(self.vae.parameters()).dtype
-        if shot.task == "i2v":
-            video = torch.zeros(1, 3, shot.frames, height, width, device=self.device)  # [1, 3, F, H, W]
-            video[:, :, 0] = image
-            y = self.vae.encode(video.to(vae_dtype)).float()  # [1, 16, F', h, w]
-            mask = torch.zeros(1, 4, f, h, w, device=self.device)
-            mask[:, :, 0] = 1.0  # the first latent frame holds the given image (4 video frames per latent frame)
-            return {"i2v": torch.cat([mask, y], dim=1)}  # [1, 20, F', h, w]
-        z0 = self.vae.encode(image[None, :, None].to(vae_dtype)).float()  # [1, 48, 1, h, w]
-        return {"ti2v": z0}
-
     # -- the render ---------------------------------------------------------------------------------------------
     def render(self, shot: ShotSpec, on_step: Callable[[int, int], None] | None = None,
                keep_latent: bool = False, initial_noise: torch.Tensor | None = None) -> RenderResult:
@@ -264,17 +250,12 @@ class Pipeline:
         if initial_noise is None:
             gen = torch.Generator("cpu").manual_seed(int(shot.seed))
             initial_noise = torch.randn((1, *shape), generator=gen, dtype=torch.float32)  # [1, z, F', h, w]
-        latent = initial_noise.to(self.device)
         t0 = time.perf_counter()
-        cond = self._image_condition(shot, shape) if shot.image and shot.task in ("i2v", "ti2v") else {}
+        conditioner = self.family.conditioners[shot.task](ShotInputs(
+            task=shot.task, context=context, context_null=context_null, latent_shape=shape,
+            size=parse_size(shot.size), frames=shot.frames, image=shot.image, vae=self.vae, device=self.device,
+            model_config=self.preset.dit))
         timings["image_encode"] = time.perf_counter() - t0
-
-        pinned = cond.get("ti2v")
-        keep = None  # ti2v with an image: 0 where the image latent is pinned, 1 where the sampler moves it
-        if pinned is not None:
-            keep = torch.ones_like(latent)
-            keep[:, :, 0] = 0.0
-            latent = (1 - keep) * pinned + keep * latent
 
         sampler = make_sampler(shot.sampler, shot.steps, shot.shift)
         step_seconds, experts_used = [], []
@@ -292,15 +273,10 @@ class Pipeline:
             if on_step:
                 on_step(i + 1, shot.steps)
 
-        i2v = cond.get("i2v")
         t_loop = time.perf_counter()
-        latent = denoise(
-            _ExpertView(self), self.preset.boundary, shot.guidance, sampler, latent, context, context_null,
-            group=self.group,
-            x_fn=(lambda x: torch.cat([x, i2v], dim=1)) if i2v is not None else None,  # [1, 36, F', h, w]
-            t_fn=(lambda t, x: self._timesteps(t, x, keep)) if keep is not None else None,
-            after_step=(lambda x, i: (1 - keep) * pinned + keep * x) if keep is not None else None,
-            callback=after_each_step)
+        latent = denoise(_ExpertView(self), conditioner, sampler, initial_noise.to(self.device),
+                         guider=make_guider(self.group), boundary=self.preset.boundary, guidances=shot.guidance,
+                         group=self.group, callback=after_each_step)
         bar.close()
         timings["denoise"] = time.perf_counter() - t_loop
         t0 = time.perf_counter()
@@ -333,14 +309,6 @@ class Pipeline:
         if self.group is None or not self.group.distributed or self.options.vae_tile is False:
             return False
         return self.options.vae_tile is True or latent.shape[-2] * latent.shape[-1] >= 32 * 32
-
-    def _timesteps(self, t: torch.Tensor, latent: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        t = t.to(self.device, torch.float32).reshape(1)
-        if keep is None:
-            return t  # [1]
-        pt, ph, pw = self.preset.dit.patch_size
-        token_keep = keep[0, 0, ::pt, ::ph, ::pw].flatten()  # [L]: 0 on the image's tokens
-        return (token_keep * t)[None]  # [1, L]: the pinned first frame is at t = 0
 
     def describe(self) -> dict:
         """What ran where: for logs and sidecars."""

@@ -15,7 +15,23 @@ from renderer.families import get_family
 from renderer.families.wan22.model import DiTConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-TASKS = ("t2v", "i2v", "ti2v")
+
+
+def all_tasks() -> tuple[str, ...]:
+    """Every task some registered family can do (the families declare them, renderer/families)."""
+    from renderer.families import family_names
+
+    return tuple(dict.fromkeys(t for name in family_names() for t in get_family(name).tasks))
+
+
+def default_task(preset: "ModelPreset", image: str | None) -> str:
+    """A shot without `task`: with an image, the preset's first task that takes one; else its first task."""
+    if image:
+        accepts = get_family(preset.family).accepts_image
+        for task in preset.tasks:
+            if task in accepts:
+                return task
+    return preset.tasks[0]
 
 
 @dataclass(frozen=True)
@@ -153,8 +169,9 @@ def check_shot(preset: ModelPreset, task: str, size: str, frames: int, steps: in
 
         if sampler not in SAMPLER_NAMES:
             problems.append(("sampler", f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLER_NAMES)}"))
-    if task not in TASKS:
-        problems.append(("task", f"unknown task {task!r}: use one of {', '.join(TASKS)}"))
+    tasks = all_tasks()
+    if task not in tasks:
+        problems.append(("task", f"unknown task {task!r}: use one of {', '.join(tasks)}"))
     elif task not in preset.tasks:
         problems.append(("task", f"model {preset.name} cannot do {task!r}: it does {', '.join(preset.tasks)}"))
     try:
@@ -171,8 +188,8 @@ def check_shot(preset: ModelPreset, task: str, size: str, frames: int, steps: in
         problems.append(("steps", f"steps must be a positive integer; got {steps!r}"))
     if prompt is None or not str(prompt).strip():
         problems.append(("prompt", "the prompt is empty: write what the shot shows"))
-    if task == "i2v" and not image:
-        problems.append(("image", "task i2v needs an input image: set image to a PNG/JPEG path"))
+    if task in get_family(preset.family).needs_image and not image:
+        problems.append(("image", f"task {task} needs an input image: set image to a PNG/JPEG path"))
     if image:
         p = Path(image)
         if not p.is_file():

@@ -51,6 +51,37 @@ def gather_stream(splitter: TokenSplit, stream: dict[str, torch.Tensor],
     return {name: splitter.gather(x, plan[name]) if name in plan else x for name, x in stream.items()}
 
 
+class Conditioner(Protocol):
+    """A task's conditioning for one shot: builds the model's keyword inputs for each guidance branch.
+
+    branches: the names a guider may ask for ("cond", "uncond"); "uncond" is whatever this task's unconditional
+    pass is (Wan2.2: the negative prompt; Animate: the negative prompt and a blank face).
+    """
+
+    branches: tuple[str, ...]
+
+    def prepare(self, latent: torch.Tensor) -> torch.Tensor: ...  # the initial noise -> the latent to denoise
+    def model_inputs(self, latent: torch.Tensor, t: float, branch: str) -> dict[str, torch.Tensor]: ...
+    def after_step(self, latent: torch.Tensor) -> torch.Tensor: ...  # re-impose what the task pins
+    def describe(self) -> dict[str, Any]: ...  # what the sidecar records about the conditioning
+
+
+@dataclass
+class ShotInputs:
+    """What the pipeline hands a family's conditioner builder for one shot (text already encoded)."""
+
+    task: str
+    context: torch.Tensor  # [1, Lc, text_dim] the prompt's embedding
+    context_null: torch.Tensor  # [1, Lc, text_dim] the negative prompt's embedding
+    latent_shape: tuple[int, ...]  # (C, F', h, w)
+    size: tuple[int, int]  # output (width, height)
+    frames: int
+    image: str | None  # input image path (i2v / ti2v)
+    vae: Any  # renderer.vae.WanVAE: encodes the conditioning image
+    device: torch.device
+    model_config: Any  # the family's model config (patch size, dims)
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     name: str                                   # what presets write in `family:`
@@ -63,3 +94,8 @@ class FamilySpec:
     key_maps: dict[str, Callable[[str], str]] = field(default_factory=dict)
     keeps_fp32: Callable[[str], bool] = lambda name: False  # parameters kept in fp32 at any render dtype
     sp_plan: SequenceParallelPlan | None = None  # None: the family cannot be split over ranks
+    # task -> builder of that task's Conditioner from a shot (the pipeline has no task branches)
+    conditioners: dict[str, Callable[[ShotInputs], Conditioner]] = field(default_factory=dict)
+    # task -> the presets' input rules: does it need / accept an input image
+    needs_image: tuple[str, ...] = ()
+    accepts_image: tuple[str, ...] = ()

@@ -11,7 +11,7 @@ Step 2 only sets attributes, so it must come before FSDP wraps the modules; cast
 (`model.set_dtype`) and loading weights must happen before step 3, because FSDP owns the parameters afterwards.
 
 CFG parallel needs nothing here: each half of the group runs the same parallelised model on its own prompt
-(renderer/parallel/denoise.py).
+(renderer/guidance.py, ParallelCFG).
 """
 from __future__ import annotations
 

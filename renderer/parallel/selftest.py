@@ -1,88 +1,89 @@
 """Tiny shots with random weights, for checking a parallel layout against one process (tests and launch --check).
 
-`tiny_shot(task)` builds everything `denoise` needs for a tiny t2v / i2v / ti2v render from the dims of
+`tiny_shot(task)` builds what `renderer.denoise.denoise` needs for a tiny t2v / i2v / ti2v render from
 conf/model/tiny_<task>.yaml: the experts (weights drawn from a fixed seed, so every rank and the reference agree),
-noise, text embeddings and the task hooks (i2v: image-latent channels; ti2v: per-token timesteps with t = 0 on the
-conditioning frame, which is put back after every step).  `run_shot(shot, group)` renders it.
+noise, random text embeddings, and the task's conditioner made by the family's own builder — the one the
+pipeline uses — from a seeded random input image and the preset's tiny VAE. `run_shot(shot, group)` renders it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from renderer.families.wan22.model import DiTConfig, build_dit
-from renderer.parallel.denoise import denoise
+from renderer.denoise import denoise
+from renderer.families import get_family
+from renderer.families.spec import Conditioner, ShotInputs
+from renderer.guidance import make_guider
 from renderer.parallel.group import RenderGroup
 from renderer.sampling import make_sampler
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+def load_model_preset(name: str):
+    from renderer.presets import load_preset
 
-
-def load_model_preset(name: str) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=True)
+    return load_preset(name)
 
 
 @dataclass
 class TinyShot:
     task: str
-    dit: DiTConfig
-    num_experts: int
-    boundary: float | None
-    guidances: tuple[float, float]
-    shift: float
+    preset: Any  # renderer.presets.ModelPreset
     steps: int
     sampler: str
     noise: torch.Tensor  # [1, C_out, F, H, W]
-    context: torch.Tensor  # [1, Lc, text_dim]
-    context_null: torch.Tensor  # [1, Lc', text_dim]
-    hooks: dict[str, Callable] = field(default_factory=dict)
-    weight_seed: int = 0
+    inputs: ShotInputs  # what the family's conditioner builder gets (fp32 contexts on the CPU)
+
+    def conditioner(self, device: torch.device, dtype: torch.dtype) -> Conditioner:
+        """The task's conditioner from the family's own builder, contexts in the render dtype on `device`."""
+        inputs = replace(self.inputs, context=self.inputs.context.to(device, dtype),
+                         context_null=self.inputs.context_null.to(device, dtype), device=device,
+                         vae=self.inputs.vae.to(device) if self.inputs.vae is not None else None)
+        return get_family(self.preset.family).conditioners[self.task](inputs)
+
+    @property
+    def dit(self):
+        return self.preset.dit
 
     def experts(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> list:
-        return [build_dit(self.dit, dtype=dtype, device=device, seed=self.weight_seed + i)
-                for i in range(self.num_experts)]
+        build = get_family(self.preset.family).build_model
+        return [build(self.preset.dit, dtype=dtype, device=device, seed=self.preset.seed_weights + i)
+                for i in range(len(self.preset.experts))]
+
+
+def _image_file(width: int, height: int, seed: int) -> str:
+    """A seeded random RGB PNG (the same bytes on every rank)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    path = Path(tempfile.mkdtemp(prefix="wanrender-selftest-")) / "image.png"
+    Image.fromarray(pixels).save(path)
+    return str(path)
 
 
 def tiny_shot(task: str, grid: tuple[int, int, int] = (3, 6, 10), steps: int = 3, sampler: str = "unipc",
-              seed: int = 0, preset: str | None = None, dit_overrides: dict | None = None) -> TinyShot:
+              seed: int = 0, preset: str | None = None) -> TinyShot:
     """grid: latent F×H×W (H, W even). (3, 6, 10) -> 3·3·5 = 45 tokens, which no world size > 1 divides."""
+    from renderer.vae import build_vae
+
     p = load_model_preset(preset or f"tiny_{task}")
-    dit = DiTConfig.from_dict({**p["dit"], **(dit_overrides or {})})
     g = torch.Generator().manual_seed(seed)
     f, h, w = grid
-    noise = torch.randn(1, dit.out_dim, f, h, w, generator=g)
-    context = torch.randn(1, 7, dit.text_dim, generator=g)
-    context_null = torch.randn(1, 4, dit.text_dim, generator=g)
-    hooks: dict[str, Callable] = {}
-    if task == "i2v":  # 4 mask channels + image latent, concatenated on channels as the i2v model expects
-        y = torch.randn(1, dit.in_dim - dit.out_dim, f, h, w, generator=g)
-        hooks["x_fn"] = lambda x: torch.cat([x, y.to(x.device)], dim=1)
-    elif task == "ti2v":
-        first = torch.randn(1, dit.out_dim, 1, h, w, generator=g)  # the conditioning frame's latent
-        per_frame = (h // dit.patch_size[1]) * (w // dit.patch_size[2])
-        noise[:, :, :1] = first
-
-        def t_fn(t, x):  # [B, L]: the first frame's tokens are clean (t = 0)
-            tt = torch.full((x.shape[0], (f // dit.patch_size[0]) * per_frame), float(t))
-            tt[:, :per_frame] = 0.0
-            return tt
-
-        def after_step(x, i):
-            x = x.clone()
-            x[:, :, :1] = first.to(x.device)
-            return x
-
-        hooks.update(t_fn=t_fn, after_step=after_step)
-    experts = len(p.get("experts") or [None])
-    boundary = p.get("boundary") if experts == 2 else None
-    gl, gh = p["guidance"]
-    return TinyShot(task, dit, experts, boundary, (float(gl), float(gh)), float(p["shift"]), steps, sampler,
-                    noise, context, context_null, hooks, int(p.get("seed_weights") or 0))
+    noise = torch.randn(1, p.vae.z_dim, f, h, w, generator=g)  # [1, z, F', h, w]
+    context = torch.randn(1, 7, p.dit.text_dim, generator=g)  # [1, 7, text_dim]
+    context_null = torch.randn(1, 4, p.dit.text_dim, generator=g)  # [1, 4, text_dim]
+    st, sh, sw = p.vae.stride
+    size = (w * sw, h * sh)
+    family = get_family(p.family)
+    image = _image_file(*size, seed) if task in family.accepts_image else None
+    vae = build_vae(p.vae.version, tiny=p.vae.tiny, dtype=torch.float32, seed=p.seed_weights) if image else None
+    inputs = ShotInputs(task=task, context=context, context_null=context_null, latent_shape=tuple(noise.shape[1:]),
+                        size=size, frames=(f - 1) * st + 1, image=image, vae=vae, device=torch.device("cpu"),
+                        model_config=p.dit)
+    return TinyShot(task, p, steps, sampler, noise, inputs)
 
 
 def run_shot(shot: TinyShot, group: RenderGroup | None = None, dtype: torch.dtype = torch.float32,
@@ -93,6 +94,7 @@ def run_shot(shot: TinyShot, group: RenderGroup | None = None, dtype: torch.dtyp
         experts = shot.experts(dtype, device)
         if group is not None and group.distributed:
             experts = group.parallelize_experts(experts, attention_backend)
-    sampler = make_sampler(shot.sampler, shot.steps, shot.shift)
-    return denoise(experts, shot.boundary, shot.guidances, sampler, shot.noise.to(device),
-                   shot.context.to(device, dtype), shot.context_null.to(device, dtype), group=group, **shot.hooks)
+    sampler = make_sampler(shot.sampler, shot.steps, shot.preset.shift)
+    return denoise(experts, shot.conditioner(device, dtype), sampler, shot.noise.to(device),
+                   guider=make_guider(group), boundary=shot.preset.boundary if len(experts) == 2 else None,
+                   guidances=shot.preset.guidance, group=group)
