@@ -23,14 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from kernels import autotune
-from kernels.attention import attention, resolved_backend, set_default_backend
-from kernels.fused import fused_active, set_fused, triton_failure
+from kernels.attention import attention, resolved_backend
+from kernels.fused import fused_active, triton_failure
+from kernels.settings import KernelSettings
 from renderer.families.wan22.model import DiTConfig, build_dit
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,10 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_preset(name: str) -> dict:
-    path = CONF / f"{name}.yaml"
-    if not path.exists():
-        raise SystemExit(f"no model preset {path}; choose one of {sorted(p.stem for p in CONF.glob('*.yaml'))}")
-    return yaml.safe_load(path.read_text())
+    """conf/model/<name>.yaml as Hydra composes it (renderer/conf.py: the one reader of conf/)."""
+    from renderer.conf import group_option
+
+    try:
+        return group_option("model", name)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def latent_shape(preset: dict, size: str, frames: int) -> tuple[int, int, int, int]:
@@ -171,19 +173,17 @@ def profile_split(fn, device: torch.device) -> dict:
             "top": [{"name": k[:120], "seconds": v, "category": kernel_category(k)} for k, v in top]}
 
 
-def configure(model, mode: str, args) -> None:
+def configure(model, mode: str, args) -> KernelSettings:
     if mode == "plain":
-        set_default_backend("sdpa")
-        set_fused(False)
-        model.compile_mode = "off"
+        kernels = KernelSettings(attention="sdpa", fused=False, compile="off")
     else:
-        set_default_backend(args.backend)
-        set_fused(args.fused == "on")
-        model.compile_mode = args.compile
+        kernels = KernelSettings(attention=args.backend, fused=args.fused == "on", compile=args.compile)
+    model.use_kernels(kernels)
+    return kernels
 
 
 def run_mode(model, mode: str, inputs, args, device: torch.device, full_layers: int) -> dict:
-    configure(model, mode, args)
+    kernels = configure(model, mode, args)
     call = lambda: model(*inputs)  # noqa: E731
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -191,7 +191,7 @@ def run_mode(model, mode: str, inputs, args, device: torch.device, full_layers: 
     warm = timed(call, device, max(args.warmup - 1, 0)) if args.warmup > 1 else []
     times = timed(call, device, args.iters)
     t_model = statistics.median(times)
-    res = {"mode": mode, "backend": resolved_backend(), "fused": fused_active(device),
+    res = {"mode": mode, "backend": resolved_backend(kernels.attention), "fused": fused_active(device, kernels.fused),
            "compiled": bool(getattr(model, "_blocks_compiled", False)), "first_forward_s": first,
            "compile_s": sum(model.compile_seconds.values()), "warmup_s": warm, "forward_s": times,
            "timed_layers": len(model.blocks), "triton_failure": triton_failure()}

@@ -8,24 +8,19 @@
 override of it. Each row is one `torchrun --nproc-per-node N -m benchmarks.worker` (a subprocess with its own
 timeout); the 1-GPU row uses the `single` layout, N > 1 every layout asked for ("auto": conf/parallel/gpus<N>.yaml).
 Results go to <out>/scaling.{json,md,png} after every row, so a run cut short keeps the rows it finished.
-
-Without Hydra installed (the GPU machines) the same YAML files are composed by a small fallback loader that knows
-what these configs use: defaults lists with `_self_`, the `model` group, `key=value` overrides with YAML values.
+Configs are composed by Hydra (hydra-core is an install requirement: `pip install -e .` on a GPU machine).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from copy import deepcopy
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -34,97 +29,27 @@ STAGES = ("text_encode", "denoise", "vae_decode", "total")
 
 # -- configuration ------------------------------------------------------------------------------------------------
 def load_config(bench: str = "scaling", overrides: list[str] | None = None) -> dict:
-    """conf/bench/<bench>.yaml + overrides -> a plain dict (Hydra's compose when installed, else the fallback)."""
-    overrides = list(overrides or [])
-    if not (CONF / "bench" / f"{bench}.yaml").is_file():
-        names = sorted(p.stem for p in (CONF / "bench").glob("*.yaml"))
-        raise ValueError(f"no benchmark config {bench!r}: choose one of {', '.join(names)}")
+    """conf/bench/<bench>.yaml + overrides -> a plain dict, composed by Hydra (renderer/conf.py)."""
+    from omegaconf import OmegaConf
+
+    from renderer.conf import compose, group_names
+
+    if bench not in group_names("bench"):
+        raise ValueError(f"no benchmark config {bench!r}: choose one of {', '.join(group_names('bench'))}")
     try:
-        from hydra import compose, initialize_config_dir
-        from omegaconf import OmegaConf
-    except ImportError:
-        return compose_without_hydra(bench, overrides)
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="bench"):
-        cfg = compose(config_name=f"bench/{bench}", overrides=overrides)
+        cfg = compose(list(overrides or []), config_name=f"bench/{bench}")
+    except Exception as e:  # Hydra's errors name the bad override (a key that does not exist, a bad value)
+        raise ValueError(f"benchmark config {bench}: {e}") from e
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-def _merge(base: dict, new: dict) -> dict:
-    out = deepcopy(base)
-    for k, v in new.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else deepcopy(v)
-    return out
-
-
-def _model_choice(name: str, choice: str | None) -> str | None:
-    for entry in yaml.safe_load((CONF / "bench" / f"{name}.yaml").read_text()).get("defaults", []):
-        if isinstance(entry, str) and entry != "_self_":
-            choice = _model_choice(entry, choice)
-        elif isinstance(entry, dict):
-            (key, value), = entry.items()
-            if key.split()[-1].lstrip("/") == "model":
-                choice = value
-    return choice
-
-
-def _compose_file(name: str, model: str) -> dict:
-    raw = yaml.safe_load((CONF / "bench" / f"{name}.yaml").read_text())
-    body = {k: v for k, v in raw.items() if k != "defaults"}
-    cfg: dict = {}
-    for entry in raw.get("defaults", ["_self_"]):
-        if entry == "_self_":
-            cfg = _merge(cfg, body)
-        elif isinstance(entry, str):
-            cfg = _merge(cfg, _compose_file(entry, model))
-        elif not next(iter(entry)).startswith("override"):  # the model group, at its first declaration
-            cfg = _merge(cfg, {"model": yaml.safe_load((CONF / "model" / f"{model}.yaml").read_text())})
-    return cfg
-
-
-class _OverrideLoader(yaml.SafeLoader):
-    """YAML for override values as Hydra's grammar reads them: only true/false are booleans (YAML 1.1 would also
-    turn on/off/yes/no into booleans, so render.compile=off would arrive as False)."""
-
-
-_OverrideLoader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_OverrideLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$", re.I), list("tTfF"))
-
-
-def compose_without_hydra(bench: str, overrides: list[str]) -> dict:
-    """What Hydra's compose gives for these configs, from PyYAML alone (tests check the two agree)."""
-    sets = []
-    model = _model_choice(bench, None)
-    for o in overrides:
-        key, sep, value = o.partition("=")
-        if not sep:
-            raise ValueError(f"override {o!r} is not key=value")
-        if key.lstrip("+") == "model":
-            model = value
-        else:
-            sets.append((key, yaml.load(value, Loader=_OverrideLoader) if value != "" else ""))
-    if not (CONF / "model" / f"{model}.yaml").is_file():
-        raise ValueError(f"unknown model {model!r}: choose one of "
-                         f"{', '.join(sorted(p.stem for p in (CONF / 'model').glob('*.yaml')))}")
-    cfg = _compose_file(bench, model)
-    for key, value in sets:
-        node, parts = cfg, key.lstrip("+").split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        if parts[-1] not in node and not key.startswith("+"):
-            raise ValueError(f"unknown config key {key!r} (prefix it with + to add one)")
-        node[parts[-1]] = value
-    return cfg
 
 
 # -- the rows to run ----------------------------------------------------------------------------------------------
 def parallel_preset(name: str) -> dict:
-    path = CONF / "parallel" / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in (CONF / "parallel").glob("*.yaml"))
-        raise ValueError(f"no parallel preset {name!r}: choose one of {', '.join(names)} or auto")
-    return yaml.safe_load(path.read_text())
+    from renderer.conf import group_names, group_option
+
+    if name not in group_names("parallel"):
+        raise ValueError(f"no parallel preset {name!r}: choose one of {', '.join(group_names('parallel'))} or auto")
+    return group_option("parallel", name)
 
 
 def plan_rows(cfg: dict, available_gpus: int | None) -> tuple[list[dict], list[dict]]:

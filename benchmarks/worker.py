@@ -133,7 +133,8 @@ def gather(group, value):
 
 
 def run(spec: dict) -> dict | None:
-    from kernels.attention import get_default_backend, resolved_backend, set_default_backend
+    from kernels.attention import resolved_backend
+    from kernels.settings import KernelSettings
     from renderer.pipeline import Pipeline, RenderOptions, ShotSpec
     from renderer.presets import ModelPreset
 
@@ -143,10 +144,11 @@ def run(spec: dict) -> dict | None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     preset = ModelPreset.from_dict(spec["model"])
     r = spec["render"]
-    set_default_backend(r.get("attention", "auto"))
     group = build_group(spec.get("parallel"), world, preset.dit.num_heads)
+    kernels = KernelSettings.from_dict({"attention": r.get("attention", "auto"), "precision": r.get("dtype", "auto"),
+                                        "compile": r.get("compile", "auto")})
     options = RenderOptions(device=str(group.device) if group else r.get("device", "auto"),
-                            dtype=r.get("dtype", "auto"), placement=r.get("placement", "auto"),
+                            kernels=kernels, placement=r.get("placement", "auto"),
                             t5_cpu=bool(r.get("t5_cpu", False)), vae_tile=r.get("vae_tile"),
                             random_weights=bool(r.get("random_weights", True)), progress=False)
     device = options.torch_device()
@@ -163,11 +165,6 @@ def run(spec: dict) -> dict | None:
     t0 = time.perf_counter()
     pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group)
     build_s = time.perf_counter() - t0
-    compile_mode = {True: "on", False: "off"}.get(r.get("compile", "auto"), r.get("compile", "auto"))
-    for m in pipe.experts:
-        m = getattr(m, "module", m)
-        if hasattr(m, "compile_mode"):
-            m.compile_mode = compile_mode
 
     shot = full
     if k < full_steps:  # K steps of the real schedule (see the module docstring)
@@ -204,7 +201,7 @@ def run(spec: dict) -> dict | None:
     meta = {"compiled": any(bool(getattr(getattr(m, "module", m), "_blocks_compiled", False)) for m in pipe.experts),
             "compile_s": {f"expert{i}:{key}": v for i, m in enumerate(pipe.experts)
                           for key, v in getattr(getattr(m, "module", m), "compile_seconds", {}).items()},
-            "attention_backend": resolved_backend() if device.type == "cuda" else get_default_backend()}
+            "attention_backend": resolved_backend(kernels.attention)}
     if group is not None:
         group.barrier()
         group.close()

@@ -1,4 +1,4 @@
-"""Ray jobs: the render farm and the nightly benchmark.
+"""Ray jobs: the render farm (the nightly benchmark lives with the benchmarks it runs: benchmarks/nightly.py).
 
 The render farm (`wanrender render manifest=FILE`), data flowing one way:
 

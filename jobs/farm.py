@@ -52,7 +52,7 @@ def gpus_per_group(cfg: DictConfig) -> tuple[int, dict | None]:
 
 
 def command_line(cfg: DictConfig) -> list[str]:
-    """The overrides given on the command line (renderer.cli.compose keeps them), for precedence."""
+    """The overrides given on the command line (renderer.conf.compose keeps them), for precedence."""
     return [str(o) for o in (_node(cfg, "command_line") or [])]
 
 
@@ -70,14 +70,12 @@ def choose_preset(cfg: DictConfig, manifest_model: Any) -> tuple[Any, list[str]]
         if cli_model is not None:
             notes.append(f"command line model={cli_model} overrides the manifest: model {manifest_model}")
         else:
-            from hydra import compose, initialize_config_dir
             from omegaconf import open_dict
 
-            from renderer.presets import CONF_DIR
+            from renderer.conf import compose
 
             load_preset(str(manifest_model))  # an unknown name raises here, with the choices
-            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="wanrender"):
-                recomposed = compose(config_name="config", overrides=[f"model={manifest_model}", *overrides])
+            recomposed = compose([f"model={manifest_model}", *overrides])
             with open_dict(cfg):
                 cfg.model = recomposed.model
     return load_preset(cfg.model), notes
@@ -128,7 +126,12 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
     if problems:
         raise ManifestError(problems, str(path))
     out = Path(str(_node(job, "output_root") or cfg.out))
-    plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force))
+    try:
+        kernels = job_settings(cfg).kernels
+    except ValueError as e:  # renderer.settings.SettingsError: bad kernel / render values
+        raise ManifestError([Problem("config", "kernels", str(e))], str(path))
+    plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force),
+                      kernels=kernels)
     from renderer.preflight import check_output
 
     room = [Problem("manifest", "out", m) for m in check_output(out, plan_bytes(plan), create=False)]
@@ -251,14 +254,18 @@ def save_config(cfg: DictConfig, out: Path) -> Path:
 
 
 def worker_spec(cfg: DictConfig, preset) -> dict[str, Any]:
-    from renderer.cli import options_from
-
-    options = asdict(options_from(cfg))
+    options = asdict(job_settings(cfg).render)  # RenderOptions with its KernelSettings, as plain data for Ray
     options["progress"] = False  # a progress bar per actor would only clutter the shot logs
     _, parallel = gpus_per_group(cfg)
     preset_dict = OmegaConf.to_container(cfg.model, resolve=True) if preset.name == cfg.model.name else preset.name
-    return {"preset": preset_dict, "options": options, "parallel": parallel, "attention": cfg.render.attention,
-            "cpu_threads": 1}
+    return {"preset": preset_dict, "options": options, "parallel": parallel, "cpu_threads": 1}
+
+
+def job_settings(cfg: DictConfig):
+    """The typed settings of the job (renderer/settings.py: the one conversion of the config)."""
+    from renderer.settings import Settings
+
+    return Settings.from_config(cfg)
 
 
 def run_job(cfg: DictConfig) -> int:
@@ -290,7 +297,7 @@ def run_job(cfg: DictConfig) -> int:
     try:
         if lock.waited:  # the other job may have rendered some of these shots meanwhile
             plan = build_plan(plan.manifest, preset, out, gpus_per_group=plan.gpus_per_group,
-                              force=bool(cfg.job.force))
+                              force=bool(cfg.job.force), kernels=job_settings(cfg).kernels)
         return _run_locked(cfg, plan, preset, t_start)
     finally:
         lock.release()

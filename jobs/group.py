@@ -54,7 +54,6 @@ class RenderRank:
         """Join the process group and load the models; returns where this rank runs and how long loading took."""
         import torch
 
-        from kernels.attention import set_default_backend
         from renderer.pipeline import Pipeline, RenderOptions
         from renderer.presets import load_preset
 
@@ -63,11 +62,10 @@ class RenderRank:
             from renderer.video_io import ffmpeg_exe
 
             ffmpeg_exe()
-        options = RenderOptions(**self.spec["options"])
+        options = RenderOptions.from_dict(self.spec["options"])
         if options.torch_device().type == "cpu":
             # Ray gives each rank one CPU; more torch threads than that only fight the other groups on the node
             torch.set_num_threads(max(1, int(self.spec.get("cpu_threads", 1))))
-        set_default_backend(self.spec.get("attention") or "sdpa")
         preset = load_preset(self.spec["preset"])
         supports_group = "group" in inspect.signature(Pipeline.__init__).parameters
         if self.world_size > 1:

@@ -262,8 +262,8 @@ def _check_value(name: str, value: Any, priorities: dict[str, int]) -> str | Non
             return f"steps must be a positive whole number, got {value}"
         if name == "frames" and value < 1:
             return f"frames must be 4n+1 (e.g. 9 or 13), got {value}"
-        if name == "seed" and not 0 <= value <= SEED_MAX:
-            return f"seed {value} is out of range: use 0 .. 2**63-1"
+        if name == "seed" and not -1 <= value <= SEED_MAX:
+            return f"seed {value} is out of range: use 0 .. 2**63-1, or -1 for a random seed"
     if name == "guidance":
         vals = value if isinstance(value, (list, tuple)) else [value]
         if len(vals) not in (1, 2) or not all(_is_number(v) for v in vals):

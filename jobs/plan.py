@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.manifest import Manifest, ShotRequest
+from kernels.settings import KernelSettings
 from renderer.output import render_hash
 from renderer.pipeline import ShotSpec
 from renderer.presets import ModelPreset, parse_size
@@ -148,14 +149,16 @@ def measured_rate(out_dir: Path, model: str) -> float | None:
 
 
 def build_plan(manifest: Manifest, preset: ModelPreset, out_dir: str | Path, *, gpus_per_group: int = 1,
-               force: bool = False) -> Plan:
+               force: bool = False, kernels: KernelSettings | None = None) -> Plan:
+    """kernels: the job's KernelSettings (part of every render hash; default: the defaults)."""
+    kernels = kernels or KernelSettings()
     out = Path(out_dir)
     fingerprint = model_fingerprint(preset)
     rate = measured_rate(out, preset.name) if out.is_dir() else None
     planned = []
     for req in manifest.shots:
         spec = req.spec.resolve(preset)
-        h = render_hash(spec, preset.name, fingerprint)
+        h = render_hash(spec, preset.name, fingerprint, kernels)
         mp4 = out / f"{req.output}.mp4"
         done, reason = output_status(mp4, h, spec)
         if force and done:

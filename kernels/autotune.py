@@ -15,6 +15,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -110,10 +111,18 @@ def _time_once(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def candidates(device: torch.device, allow_lossy: bool = False) -> list[str]:
+    """The backends "auto" may choose on `device`: the exact ones (kernels/backends.py EXACT) unless lossy ones are
+    allowed; never "math" (it materialises [B, H, Lq, Lk]: tens of GB at 720p)."""
+    from kernels.backends import EXACT, available_backends
+
+    return [n for n in available_backends(device) if n not in _NOT_MEASURED and (allow_lossy or n in EXACT)]
+
+
 def measure_backends(device: torch.device, dtype: torch.dtype, batch: int, lq: int, lk: int, heads: int,
-                     head_dim: int, reps: int = 3) -> dict[str, float]:
-    """Seconds per call of every available backend at one shape (backends that cannot run it are left out)."""
-    from kernels.attention import attention, available_backends
+                     head_dim: int, reps: int = 3, allow_lossy: bool = False) -> dict[str, float]:
+    """Seconds per call of every candidate backend at one shape (backends that cannot run it are left out)."""
+    from kernels.backends import available_backends, run_backend
 
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(0)
@@ -122,19 +131,17 @@ def measure_backends(device: torch.device, dtype: torch.dtype, batch: int, lq: i
     k = torch.randn(batch, lk, heads, head_dim, device=device, dtype=dtype, generator=g)  # [B, Lk, H, Dh]
     v = torch.randn(batch, lk, heads, head_dim, device=device, dtype=dtype, generator=g)  # [B, Lk, H, Dh]
     times: dict[str, float] = {}
-    for name in available_backends(device):
-        if name in _NOT_MEASURED:
-            continue
+    for name in candidates(device, allow_lossy):
         try:
             t0 = time.perf_counter()
-            attention(q, k, v, backend=name)
+            run_backend(name, q, k, v)
             torch.cuda.synchronize(device)
             first = time.perf_counter() - t0
             best = min(times.values(), default=None)
             if best is not None and first > 4 * best + 0.05:
                 times[name] = first  # clearly slower even counting its warm-up: not worth timed runs
                 continue
-            times[name] = _time_once(lambda: attention(q, k, v, backend=name), reps)
+            times[name] = _time_once(lambda: run_backend(name, q, k, v), reps)
         except (RuntimeError, NotImplementedError, ValueError):
             continue  # this kernel does not take this shape / dtype / head dim
     del q, k, v
@@ -151,24 +158,24 @@ def _assume_constant_result(fn):
 
 @_assume_constant_result
 def choose(device: torch.device, dtype: torch.dtype, head_dim: int, lq: int, lk: int,
-           batch: int = 1, heads: int = 1) -> str:
+           batch: int = 1, heads: int = 1, allow_lossy: bool = False) -> str:
     """The backend "auto" runs for this call. Arguments are plain Python values (shapes are ints), so under
     torch.compile (dynamic=False) dynamo calls this once while tracing and bakes the answer into the graph."""
     device = torch.device(device)
+    fast_key = (str(device), dtype, head_dim, length_bucket(lq), length_bucket(lk), allow_lossy)
+    if fast_key in _fast:  # decided (or pinned to rank 0's choice) before
+        return _fast[fast_key]
     if device.type != "cuda":
         _made[device.type] = "sdpa"
         return "sdpa"
-    fast_key = (str(device), dtype, head_dim, length_bucket(lq), length_bucket(lk))
-    if fast_key in _fast:
-        return _fast[fast_key]
-    key = cache_key(device, dtype, head_dim, lq, lk)
+    key = cache_key(device, dtype, head_dim, lq, lk) + ("|lossy" if allow_lossy else "")
     if not _disk_loaded:
         _load_disk()
     name = _memory.get(key)
     if name is None:
         name = ranked(device, dtype, head_dim)
         if measuring():
-            times = measure_backends(device, dtype, batch, lq, lk, heads, head_dim)
+            times = measure_backends(device, dtype, batch, lq, lk, heads, head_dim, allow_lossy=allow_lossy)
             if times:
                 name = min(times, key=times.get)
                 _save_disk(key, {"backend": name, "seconds": times, "shape": [batch, lq, lk, heads, head_dim],
@@ -180,9 +187,29 @@ def choose(device: torch.device, dtype: torch.dtype, head_dim: int, lq: int, lk:
 
 
 def prepare(device: torch.device, dtype: torch.dtype, batch: int, lq: int, lk: int, heads: int,
-            head_dim: int) -> str:
-    """Make the choice for a shape ahead of time, outside any compiled region (what WanDiT.forward does)."""
-    return choose(torch.device(device), dtype, head_dim, lq, lk, batch, heads)
+            head_dim: int, allow_lossy: bool = False, agree: Callable[[str], str] | None = None) -> str:
+    """Make the choice for a shape ahead of time, outside any compiled region (what WanDiT.forward does).
+
+    agree: in a render group, a function every rank calls at the same point that returns rank 0's value
+    (RenderGroup.agree); the group then runs rank 0's choice everywhere, whatever each rank measured."""
+    device = torch.device(device)
+    name = choose(device, dtype, head_dim, lq, lk, batch, heads, allow_lossy)
+    if agree is not None:
+        name = agree(name)
+        pin(device, dtype, head_dim, lq, lk, name, allow_lossy)
+    return name
+
+
+def pin(device: torch.device, dtype: torch.dtype, head_dim: int, lq: int, lk: int, name: str,
+        allow_lossy: bool = False) -> None:
+    """Make `choose` return `name` for this bucket in this process (rank 0's choice on the other ranks)."""
+    device = torch.device(device)
+    _fast[(str(device), dtype, head_dim, length_bucket(lq), length_bucket(lk), allow_lossy)] = name
+    if device.type == "cuda":
+        key = cache_key(device, dtype, head_dim, lq, lk) + ("|lossy" if allow_lossy else "")
+        _memory[key] = _made[key] = name
+    else:
+        _made[device.type] = name
 
 
 def choices_made() -> dict[str, str]:

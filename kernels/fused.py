@@ -8,16 +8,15 @@ several kernels and several round trips through device memory:
   gated_residual  x + y·gate (gate optional)                                          (fp32 + bf16 -> fp32)
 
 Each has a plain-PyTorch version (`*_plain`): the CPU path, and the exact math of the reference model, rounding
-steps included, so the diffusers parity of renderer/families/wan22/model.py does not move. The dispatchers (no suffix) run the
-Triton kernels (kernels/fused_triton.py) only on CUDA tensors when triton imports and fusion is on
-(`set_fused(False)` or WANRENDER_FUSED=0 turns it off). The Triton launches are wrapped as torch custom ops, so
-torch.compile treats them as single opaque ops instead of tracing Triton's launcher.
+steps included, so the diffusers parity of renderer/families/wan22/model.py does not move. The dispatchers (no
+suffix) run the Triton kernels (kernels/fused_triton.py) only on CUDA tensors when triton imports and the caller's
+`fused` flag (the pipeline's KernelSettings.fused, held by each block) is on. The Triton launches are wrapped as
+torch custom ops, so torch.compile treats them as single opaque ops instead of tracing Triton's launcher.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from typing import Optional
 
 import torch
@@ -26,27 +25,16 @@ import torch.nn.functional as F
 log = logging.getLogger("wanrender.fused")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 _triton_failed: str | None = None  # set when a Triton launch raised: later calls run the plain math
-_fused_on: bool = os.environ.get("WANRENDER_FUSED", "1").lower() not in ("0", "false", "no", "off")
 
 
-def set_fused(on: bool) -> None:
-    """Use the Triton kernels where they can run (True, the default) or always the plain versions (False)."""
-    global _fused_on
-    _fused_on = bool(on)
-
-
-def fused_enabled() -> bool:
-    return _fused_on
-
-
-def _use_triton(x: torch.Tensor) -> bool:
+def _use_triton(x: torch.Tensor, fused: bool) -> bool:
     # the kernels take token rows [B, L, D]; anything else takes the plain path
-    return _fused_on and HAS_TRITON and x.is_cuda and x.dim() == 3
+    return fused and HAS_TRITON and x.is_cuda and x.dim() == 3
 
 
-def fused_active(device: torch.device | str) -> bool:
-    """Whether the dispatchers run Triton on this device (for the run log)."""
-    return _fused_on and HAS_TRITON and _triton_failed is None and torch.device(device).type == "cuda"
+def fused_active(device: torch.device | str, fused: bool = True) -> bool:
+    """Whether the dispatchers given `fused` (the pipeline's KernelSettings.fused) run Triton on this device."""
+    return fused and HAS_TRITON and _triton_failed is None and torch.device(device).type == "cuda"
 
 
 def triton_failure() -> str | None:
@@ -165,24 +153,25 @@ def _(x, y, gate):
 
 
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                  rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  rope: tuple[torch.Tensor, torch.Tensor] | None = None, fused: bool = True) -> torch.Tensor:
     """RMSNorm over D (and RoPE per head when `rope` is given). x: [B, L, D] -> [B, L, D] in x's dtype."""
-    if _use_triton(x) and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+    if _use_triton(x, fused) and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
         cos, sin = rope if rope is not None else (None, None)
         return _rms_norm_rope_op(x, weight, cos, sin, eps)
     return rms_norm_rope_plain(x, weight, eps, rope)
 
 
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                out_dtype: torch.dtype) -> torch.Tensor:
+                out_dtype: torch.dtype, fused: bool = True) -> torch.Tensor:
     """LN(x)·(1 + scale) + shift, fp32 math. x: [B, L, D] fp32; shift/scale [B, 1|L, D] -> [B, L, D] out_dtype."""
-    if _use_triton(x):
+    if _use_triton(x, fused):
         return _ln_modulate_op(x, shift, scale, eps, out_dtype)
     return ln_modulate_plain(x, shift, scale, eps, out_dtype)
 
 
-def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None,
+                   fused: bool = True) -> torch.Tensor:
     """x + y·gate in fp32. x: [B, L, D] fp32; y: [B, L, D]; gate: [B, 1|L, D] fp32 or None -> [B, L, D] fp32."""
-    if _use_triton(x):
+    if _use_triton(x, fused):
         return _gated_residual_op(x, y, gate)
     return gated_residual_plain(x, y, gate)

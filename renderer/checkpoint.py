@@ -24,8 +24,7 @@ from typing import Iterable
 
 import torch
 
-from renderer.families.wan22.keys import diffusers_to_official
-from renderer.families.wan22.model import DiTConfig, WanDiT, keeps_fp32
+from renderer.families import get_family
 
 class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded; the message names the folder and what is wrong."""
@@ -102,11 +101,12 @@ def _describe(keys: list[str], what: str) -> str:
     return f"  {what} ({len(keys)}): {head}"
 
 
-def check_dit_folder(folder: str | Path, layout: str | None = None
-                     ) -> tuple[DiTConfig, dict[str, tuple[str, Path, tuple[int, ...]]]]:
-    """The folder's config and {our key: (checkpoint key, shard, shape)}, checked against the model its config.json
-    describes, from config.json, the index and the safetensors headers alone: no tensor is read. Raises
-    CheckpointError naming the folder, the missing and unexpected keys and any shape mismatch."""
+def check_dit_folder(folder: str | Path, layout: str | None = None, family: str = "wan22"):
+    """(config, {our key: (checkpoint key, shard, shape)}) of one expert folder, checked against the model its
+    config.json describes, from config.json, the index and the safetensors headers alone: no tensor is read (the
+    dry run and `generate` call it before anything loads). Raises CheckpointError naming the folder, the missing
+    and unexpected keys and any shape mismatch."""
+    spec = get_family(family)
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -114,14 +114,14 @@ def check_dit_folder(folder: str | Path, layout: str | None = None
     try:
         raw_cfg = json.loads(cfg_path.read_text())
         layout = layout or ("diffusers" if "num_attention_heads" in raw_cfg else "official")
-        cfg = DiTConfig.from_dict(raw_cfg)
+        cfg = spec.config_from_dict(raw_cfg)
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {cfg_path} is not a Wan2.2 transformer config ({e}): copy it again") from e
+        raise CheckpointError(f"checkpoint {cfg_path} is not a {family} transformer config ({e}): copy it again") from e
     with torch.device("meta"):
-        model = WanDiT(cfg)
+        model = spec.model_cls(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
-    to_ours = diffusers_to_official if layout == "diffusers" else (lambda k: k)
+    to_ours = spec.key_maps.get(layout) or (lambda k: k)  # official keys are our module names
     headers = _read_headers(_shard_files(folder))
     ours = {to_ours(k): (k, f, shape) for k, (f, shape) in headers.items()}
     missing = sorted(k for k in expected if k not in ours)
@@ -144,13 +144,15 @@ def check_dit_folder(folder: str | Path, layout: str | None = None
 
 
 def load_dit(folder: str | Path, layout: str | None = None, dtype: torch.dtype = torch.bfloat16,
-             device: str | torch.device = "cpu") -> WanDiT:
-    """Load one DiT (one expert) from an official or diffusers folder holding config.json + safetensors."""
+             device: str | torch.device = "cpu", family: str = "wan22") -> torch.nn.Module:
+    """Load one DiT (one expert) of `family` from an official or diffusers folder holding config.json +
+    safetensors; the family's spec gives the config reader, the model class, the key map and the fp32 rule."""
+    spec = get_family(family)
     from safetensors import safe_open
 
-    cfg, ours = check_dit_folder(folder, layout)  # every key and shape checked before a tensor is read
+    cfg, ours = check_dit_folder(folder, layout, family)  # every key and shape checked before a tensor is read
     with torch.device("meta"):
-        model = WanDiT(cfg)
+        model = spec.model_cls(cfg)
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for name, (src, f, _) in ours.items():
         by_file.setdefault(f, []).append((name, src))
@@ -160,7 +162,7 @@ def load_dit(folder: str | Path, layout: str | None = None, dtype: torch.dtype =
         try:
             with safe_open(str(f), framework="pt", device=str(dev) if dev.type != "cpu" else "cpu") as h:
                 for name, src in pairs:
-                    want = torch.float32 if keeps_fp32(name) else dtype
+                    want = torch.float32 if spec.keeps_fp32(name) else dtype
                     state[name] = h.get_tensor(src).to(want)
         except Exception as e:
             raise CheckpointError(f"checkpoint shard {f} cannot be read ({e}); it is truncated or corrupt: "
@@ -171,10 +173,10 @@ def load_dit(folder: str | Path, layout: str | None = None, dtype: torch.dtype =
 
 
 def load_experts(root: str | Path, expert_names: Iterable[str | None], dtype: torch.dtype = torch.bfloat16,
-                 device: str | torch.device = "cpu") -> list[WanDiT]:
+                 device: str | torch.device = "cpu", family: str = "wan22") -> list[torch.nn.Module]:
     """Every expert of a model, in preset order (A14B: high-noise first, then low-noise)."""
     layout, folders = expert_folders(root, expert_names)
-    return [load_dit(f, layout, dtype, device) for f in folders]
+    return [load_dit(f, layout, dtype, device, family) for f in folders]
 
 
 def fingerprint(root: str | Path) -> str:

@@ -12,37 +12,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
+from dataclasses import replace
 
 from omegaconf import DictConfig, OmegaConf
-
-from renderer.presets import CONF_DIR
 
 log = logging.getLogger("wanrender")
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="wanrender"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    with open_dict(cfg):  # kept so the farm can say which values the command line set (precedence messages)
-        cfg.command_line = list(overrides)
-    return cfg
-
-
-def options_from(cfg: DictConfig):
-    from renderer.pipeline import RenderOptions
-
-    r = cfg.render
-    return RenderOptions(device=r.device, dtype=r.dtype, placement=r.placement, t5_cpu=bool(r.t5_cpu),
-                         vae_tile=r.vae_tile, progress=bool(r.progress),
-                         random_weights=bool(r.get("random_weights", False)))
-
-
-def group_from(cfg: DictConfig, preset):
-    """Under torchrun (WORLD_SIZE > 1) the shot is rendered by a group laid out by the `parallel` config —
+def group_from(settings):
+    """Under torchrun (WORLD_SIZE > 1) the shot is rendered by a group laid out by the `parallel` settings —
     the same group code the Ray farm runs. Returns None for one process."""
     import os
 
@@ -51,52 +29,41 @@ def group_from(cfg: DictConfig, preset):
         return None
     from renderer.parallel import ParallelConfig, init_group
 
-    pcfg = ParallelConfig.from_dict(OmegaConf.to_container(cfg.parallel, resolve=True) if "parallel" in cfg
-                                    else {"ulysses": world})
-    pcfg.validate(world, preset.dit.num_heads)  # exact message before any process group forms
+    pcfg = settings.parallel or ParallelConfig(ulysses=world)
+    pcfg.validate(world, settings.model.dit.num_heads)  # exact message before any process group forms
     return init_group(pcfg)
 
 
-def shot_from(cfg: DictConfig):
-    from renderer.pipeline import ShotSpec
-
-    g = cfg.guidance
-    if g is not None and not isinstance(g, (int, float)):
-        g = tuple(float(v) for v in g)
-    return ShotSpec(prompt=cfg.prompt or "", task=cfg.task, negative_prompt=cfg.negative_prompt, image=cfg.image,
-                    size=None if cfg.size is None else str(cfg.size), frames=cfg.frames, steps=cfg.steps,
-                    seed=int(cfg.seed), guidance=g, sampler=cfg.sampler, shift=cfg.shift,
-                    shot_id=cfg.name or "shot")
-
-
 def cmd_generate(cfg: DictConfig) -> int:
-    from kernels.attention import set_default_backend
     from renderer.output import write_shot
-    from renderer.pipeline import Pipeline, ShotSpec
-    from renderer.presets import load_preset
-
-    preset = load_preset(cfg.model)
-    shot: ShotSpec = shot_from(cfg)
-    # every check on the request runs before a model is loaded or a GPU touched
+    from renderer.pipeline import Pipeline
     from renderer.presets import check_shot
+    from renderer.settings import Settings, SettingsError
 
+    try:
+        settings = Settings.from_config(cfg)
+    except SettingsError as e:
+        for field, msg in e.problems:
+            print(f"error: {field}: {msg}", file=sys.stderr)
+        return 2
+    preset, shot = settings.model, settings.shot
+    # every check on the request runs before a model is loaded or a GPU touched
     s = shot.resolve(preset)
-    problems = check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image, s.sampler,
+    problems = check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image, s.sampler, seed=s.seed,
                           guidance=s.guidance, shift=s.shift)
-    problems = problems or _folder_problems(cfg, preset, s)
+    problems = problems or _folder_problems(settings.out, preset, s)
     if problems:
         for field, msg in problems:
             print(f"error: shot {s.shot_id}: {field}: {msg}", file=sys.stderr)
         return 2
-    set_default_backend(cfg.render.attention)
     try:
-        group = group_from(cfg, preset)
+        group = group_from(settings)
     except ValueError as e:  # a parallel layout that does not fit the group: the exact message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    options = options_from(cfg)
+    options = settings.render
     if group is not None:
-        options.device = str(group.device)
+        options = replace(options, device=str(group.device))
     pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group)
     if not pipe.is_main:
         pipe.render(shot)  # every rank takes part in the denoising; rank 0 decodes and writes
@@ -105,8 +72,8 @@ def cmd_generate(cfg: DictConfig) -> int:
     print(f"wanrender: {preset.name} on {pipe.device} ({pipe.describe()['dtype']}, experts {pipe.placement}), "
           f"{s.task} {s.size} {s.frames} frames, {s.steps} steps, seed {s.seed}")
     result = pipe.render(shot)
-    mp4, side = write_shot(pipe, result, cfg.out, name=cfg.name, label=bool(cfg.label),
-                           extra={"config": OmegaConf.to_container(cfg, resolve=True)})
+    mp4, side = write_shot(pipe, result, settings.out, name=settings.name, label=settings.label,
+                           extra={"config": settings.resolved})
     t = result.timings
     print(f"wrote {mp4} and {side.name}: text {t['text_encode']:.1f}s, denoise {t['denoise']:.1f}s, "
           f"decode {t['vae_decode']:.1f}s, write {t['mp4_write']:.1f}s")
@@ -115,16 +82,16 @@ def cmd_generate(cfg: DictConfig) -> int:
     return 0
 
 
-def _folder_problems(cfg: DictConfig, preset, s) -> list[tuple[str, str]]:
+def _folder_problems(out: str, preset, s) -> list[tuple[str, str]]:
     """The output folder (writable, room for the clip) and the checkpoint folder, before anything loads."""
     from renderer.preflight import check_checkpoint, check_output, estimate_output_bytes
     from renderer.presets import parse_size
 
     w, h = parse_size(s.size)
-    out = [("out", m) for m in check_output(cfg.out, estimate_output_bytes([(w, h, s.frames)]), create=True)]
+    problems = [("out", m) for m in check_output(out, estimate_output_bytes([(w, h, s.frames)]), create=True)]
     if preset.checkpoint:
-        out += [("model.checkpoint", m) for m in check_checkpoint(preset, preset.checkpoint)]
-    return out
+        problems += [("model.checkpoint", m) for m in check_checkpoint(preset, preset.checkpoint)]
+    return problems
 
 
 def cmd_render(cfg: DictConfig) -> int:
@@ -151,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in commands:
         print(f"unknown command {command!r}: use {', '.join(commands)}\n{__doc__}", file=sys.stderr)
         return 2
+    from renderer.settings import compose
+
     try:
         cfg = compose(overrides)
     except Exception as e:  # Hydra's own errors name the bad override; show them without a traceback

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from kernels.settings import KernelSettings
 from renderer import __version__
 from renderer.pipeline import Pipeline, RenderResult, ShotSpec
 
@@ -43,12 +44,16 @@ def _image_digest(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def render_hash(shot: ShotSpec, model_name: str, fingerprint: str) -> str:
-    """Hash of the resolved render-relevant settings, the model and the checkpoint (and the image's bytes)."""
+def render_hash(shot: ShotSpec, model_name: str, fingerprint: str, kernels: KernelSettings) -> str:
+    """Hash of the resolved render-relevant settings, the model, the checkpoint (and the image's bytes) and the
+    kernel settings: a fast preview (another backend, a lossy kernel, FP8, a step cache) never counts as the
+    finished render."""
     d = {k: getattr(shot, k) for k in RENDER_FIELDS}
+    d["seed"] = shot.hash_seed()
     d["guidance"] = list(d["guidance"]) if isinstance(d["guidance"], tuple) else d["guidance"]
     d["image"] = _image_digest(shot.image)
     d["model"], d["fingerprint"] = model_name, fingerprint
+    d["kernels"] = kernels.to_dict()
     return hashlib.sha256(json.dumps(d, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
 
 
@@ -65,6 +70,7 @@ def sidecar(pipe: Pipeline, result: RenderResult, extra: dict | None = None) -> 
         "negative_prompt": shot.negative_prompt,
         "image": shot.image,
         "seed": shot.seed,
+        "seed_random": shot.random_seed,  # seed -1 was asked for; `seed` is the one drawn
         "size": shot.size,
         "frames": shot.frames,
         "fps": pipe.preset.fps,
@@ -77,13 +83,14 @@ def sidecar(pipe: Pipeline, result: RenderResult, extra: dict | None = None) -> 
         "model": pipe.preset.name,
         "checkpoint": pipe.checkpoint,
         "checkpoint_fingerprint": pipe.fingerprint,
-        "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint),
+        "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint, pipe.kernels),
         "code_version": code_version(),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
         "placement": pipe.placement,
-        "attention_backend": resolved_backend(),
-        "fused_kernels": fused_active(pipe.device),
+        "kernels": pipe.kernels.to_dict(),
+        "attention_backend": resolved_backend(pipe.kernels.attention),
+        "fused_kernels": fused_active(pipe.device, pipe.kernels.fused),
         "compile_seconds": {f"expert{i}:{k}": round(v, 2) for i, m in enumerate(pipe.experts)
                             for k, v in getattr(m, "compile_seconds", {}).items()},
         "timings_s": {**{k: round(v, 4) for k, v in result.timings.items()},

@@ -12,6 +12,8 @@ farm keeps one Pipeline per render group). Writing files is renderer/output.py's
 from __future__ import annotations
 
 import logging
+import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,16 +22,18 @@ from typing import Callable
 import torch
 
 from renderer import checkpoint as ckpt
+from kernels.settings import KernelSettings
 from renderer.denoise import denoise
 from renderer.families import get_family
 from renderer.families.spec import ShotInputs
 from renderer.guidance import make_guider
-from renderer.presets import ModelPreset, check_shot, default_task, parse_size
+from renderer.presets import ModelPreset, auto_size_of, check_shot, default_task, parse_size
 from renderer.sampling import make_sampler
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+NOISE_DEVICES = ("cpu", "device")
 
 
 class ShotError(ValueError):
@@ -52,23 +56,46 @@ class ShotSpec:
     sampler: str = "unipc"
     shift: float | None = None
     shot_id: str = "shot"
+    random_seed: bool = False  # seed -1 was asked for: `seed` holds the one drawn (the hash keeps -1)
 
     def resolve(self, preset: ModelPreset) -> "ShotSpec":
+        """Every unset field from the preset and the family, as the official generate() does: an empty negative
+        prompt is the family's default, seed -1 draws a random seed (once: a resolved shot keeps it), size auto
+        (the default for image tasks given an image) comes from the image's aspect ratio. Idempotent."""
+        family = get_family(preset.family)
         g = self.guidance if self.guidance is not None else preset.guidance
         g = (float(g), float(g)) if isinstance(g, (int, float)) else (float(g[0]), float(g[1]))
         task = self.task or default_task(preset, self.image)
+
         def given(v, default):  # 0 is a value to check, not "unset"
             return default if v is None else v
 
-        return replace(self, task=task, size=str(given(self.size, preset.size)),
-                       frames=given(self.frames, preset.frames), steps=given(self.steps, preset.steps), guidance=g,
+        negative = self.negative_prompt
+        if negative is None or not str(negative).strip():
+            negative = family.default_negative_prompt
+        seed, random_seed = self.seed, self.random_seed
+        if seed == -1 and isinstance(seed, int) and not isinstance(seed, bool):
+            seed, random_seed = random.SystemRandom().randint(0, sys.maxsize), True  # the official range
+        size = self.size
+        if size is None:
+            size = "auto" if task in family.accepts_image and self.image else preset.size
+        if str(size) == "auto":
+            size = auto_size_of(preset, task, self.image) or "auto"  # unreadable image: check_shot says so
+        return replace(self, task=task, negative_prompt=negative, seed=seed, random_seed=random_seed,
+                       size=str(size), frames=given(self.frames, preset.frames),
+                       steps=given(self.steps, preset.steps), guidance=g,
                        shift=float(self.shift if self.shift is not None else preset.shift))
+
+    def hash_seed(self):
+        """The seed as asked for: -1 for a random one (so a resubmitted job finds the shot done)."""
+        return -1 if self.random_seed else self.seed
 
 
 @dataclass
 class RenderOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    # attention backend, fused ops, compile, precision (auto: bf16 on GPU, fp32 on CPU), step cache
+    kernels: KernelSettings = field(default_factory=KernelSettings)
     # auto | resident (all experts on the device) | offload (idle expert in CPU memory) |
     # stream (blocks in CPU memory, streamed to the device one block ahead: cards smaller than one expert)
     placement: str = "auto"
@@ -76,6 +103,14 @@ class RenderOptions:
     vae_tile: bool | None = None  # None: tile the VAE decode when the frame is large
     random_weights: bool = False  # full-size models with random weights (benchmarks: speed ignores the values)
     progress: bool = True
+    # cpu: noise from a CPU generator (the same video from a seed on any machine); device: a torch.Generator on
+    # the render device, as the official code draws it (to compare with official renders)
+    noise_device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.noise_device not in NOISE_DEVICES:
+            raise ValueError(f"render.noise_device={self.noise_device!r}: use cpu (the same noise on any machine) "
+                             f"or device (drawn on the render GPU, as the official code)")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -83,11 +118,17 @@ class RenderOptions:
         return torch.device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
+        precision = self.kernels.precision
+        if precision == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r}: use one of auto, {', '.join(DTYPES)}")
-        return DTYPES[self.dtype]
+        return DTYPES[precision]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RenderOptions":
+        """From `asdict(options)` (what the farm ships to its actors)."""
+        d = dict(d)
+        d["kernels"] = KernelSettings.from_dict(d.get("kernels"))
+        return cls(**d)
 
 
 @dataclass
@@ -124,7 +165,8 @@ def _load_components(preset: ModelPreset, checkpoint: str | None, device: torch.
         vae_dtype = torch.float32 if preset.is_tiny or device.type != "cuda" else dtype
         vae = build_vae(preset.vae.version, tiny=preset.vae.tiny, dtype=vae_dtype, device=device,
                         seed=preset.seed_weights)
-        experts = [get_family(preset.family).build_model(preset.dit, dtype=dtype, device=expert_device, seed=preset.seed_weights + i)
+        build = get_family(preset.family).build_model
+        experts = [build(preset.dit, dtype=dtype, device=expert_device, seed=preset.seed_weights + i)
                    for i in range(len(preset.experts))]
         return text, vae, experts
     root = Path(checkpoint)
@@ -132,7 +174,7 @@ def _load_components(preset: ModelPreset, checkpoint: str | None, device: torch.
     layout, _ = ckpt.expert_folders(root, preset.experts)
     vae_path = root / "vae" if layout == "diffusers" else root / f"Wan{preset.vae.version}_VAE.pth"
     vae = load_vae(vae_path, version=preset.vae.version, dtype=dtype, device=device)
-    experts = ckpt.load_experts(root, preset.experts, dtype=dtype, device=expert_device)
+    experts = ckpt.load_experts(root, preset.experts, dtype=dtype, device=expert_device, family=preset.family)
     return text, vae, experts
 
 
@@ -163,6 +205,8 @@ class Pipeline:
             components = _load_components(preset, checkpoint, self.device, self.dtype, t5_device, expert_device,
                                           self.options.random_weights, need_text=self.is_main)
         self.text_encoder, self.vae, self.experts = components
+        self.kernels = self.options.kernels
+        self.experts = [m.use_kernels(self.kernels) for m in self.experts]  # before streaming / parallelizing
         if self.placement == "stream":
             from renderer.offload import stream_blocks
 
@@ -208,7 +252,7 @@ class Pipeline:
     # -- checks -------------------------------------------------------------------------------------------------
     def check(self, shot: ShotSpec) -> list[tuple[str, str]]:
         s = shot.resolve(self.preset)
-        return check_shot(self.preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image, s.sampler,
+        return check_shot(self.preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image, s.sampler, seed=s.seed,
                           guidance=s.guidance, shift=s.shift)  # a NaN scale renders grey: refused as ShotError
 
     def latent_shape(self, shot: ShotSpec) -> tuple[int, int, int, int]:
@@ -218,9 +262,7 @@ class Pipeline:
 
     # -- conditioning -------------------------------------------------------------------------------------------
     def encode_text(self, shot: ShotSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        from renderer.encoders.text import DEFAULT_NEGATIVE_PROMPT
-
-        negative = shot.negative_prompt if shot.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
+        negative = shot.negative_prompt  # resolved: the family's default when none was given
         distributed = self.group is not None and self.group.distributed
         if self.is_main:
             with torch.no_grad():
@@ -249,8 +291,7 @@ class Pipeline:
 
         shape = self.latent_shape(shot)
         if initial_noise is None:
-            gen = torch.Generator("cpu").manual_seed(int(shot.seed))
-            initial_noise = torch.randn((1, *shape), generator=gen, dtype=torch.float32)  # [1, z, F', h, w]
+            initial_noise = self.initial_noise(shape, shot.seed)  # [1, z, F', h, w]
         t0 = time.perf_counter()
         conditioner = self.family.conditioners[shot.task](ShotInputs(
             task=shot.task, context=context, context_null=context_null, latent_shape=shape,
@@ -301,6 +342,16 @@ class Pipeline:
         timings["vae_decode"] = time.perf_counter() - t0
         return RenderResult(frames=frames, shot=shot, timings=timings, step_seconds=step_seconds,
                             experts_used=experts_used, latent=latent.cpu() if keep_latent else None)
+
+    def initial_noise(self, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        """[1, *shape] fp32 standard normal from `seed`: on a CPU generator (any machine gives the same video), or
+        with render.noise_device=device as the official code (torch.Generator on the render device, one randn of
+        the latent shape without the batch dim)."""
+        if self.options.noise_device == "device":
+            gen = torch.Generator(device=self.device).manual_seed(int(seed))
+            return torch.randn(tuple(shape), dtype=torch.float32, device=self.device, generator=gen)[None]
+        gen = torch.Generator("cpu").manual_seed(int(seed))
+        return torch.randn((1, *shape), generator=gen, dtype=torch.float32)  # [1, z, F', h, w]
 
     def _decode_in_parallel(self, latent: torch.Tensor) -> bool:
         """Split the VAE decode over the group's ranks by spatial tiles (measured on 4× H200: TI2V-5B 720p decode

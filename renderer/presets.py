@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from renderer.conf import CONF_DIR, group_names, group_option  # noqa: F401 (CONF_DIR: API)
 from renderer.families import get_family
-from renderer.families.wan22.model import DiTConfig
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def all_tasks() -> tuple[str, ...]:
@@ -47,7 +46,7 @@ class ModelPreset:
     name: str
     family: str  # a package under renderer/families/ (renderer.families.get_family)
     tasks: tuple[str, ...]
-    dit: DiTConfig
+    dit: Any  # the family's model config (wan22: DiTConfig)
     experts: tuple[str | None, ...]
     boundary: float | None
     shift: float
@@ -84,7 +83,7 @@ class ModelPreset:
         g = d.get("guidance", (5.0, 5.0))
         guidance = (float(g), float(g)) if isinstance(g, (int, float)) else (float(g[0]), float(g[1]))
         return cls(
-            name=d["name"], family=family.name, tasks=tuple(d["tasks"]), dit=DiTConfig.from_dict(dict(d["dit"])),
+            name=d["name"], family=family.name, tasks=tuple(d["tasks"]), dit=family.config_from_dict(dict(d["dit"])),
             experts=tuple(d.get("experts") or [None]), boundary=d.get("boundary"), shift=float(d["shift"]),
             steps=int(d["steps"]), guidance=guidance, vae=VAESpec(**{**dict(d["vae"]),
                                                                      "stride": tuple(d["vae"]["stride"])}),
@@ -94,26 +93,22 @@ class ModelPreset:
 
 
 def _missing(key: str, d: dict[str, Any]) -> Any:
-    raise ValueError(f"model preset {d.get('name', '?')} has no `{key}:`: add it to conf/model/{d.get('name', '?')}.yaml")
+    name = d.get("name", "?")
+    raise ValueError(f"model preset {name} has no `{key}:`: add it to conf/model/{name}.yaml")
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    return group_names("model")
 
 
 def load_preset(name_or_cfg: str | dict[str, Any]) -> ModelPreset:
-    """A preset by name (conf/model/<name>.yaml) or from an already-composed Hydra `model` node."""
+    """A preset by name (conf/model/<name>.yaml, composed by Hydra) or from an already-composed `model` node."""
     if not isinstance(name_or_cfg, str):
         from omegaconf import DictConfig, OmegaConf
 
         d = OmegaConf.to_container(name_or_cfg, resolve=True) if isinstance(name_or_cfg, DictConfig) else name_or_cfg
         return ModelPreset.from_dict(d)
-    path = CONF_DIR / "model" / f"{name_or_cfg}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown model {name_or_cfg!r}: choose one of {', '.join(preset_names())}")
-    import yaml
-
-    return ModelPreset.from_dict(yaml.safe_load(path.read_text()))
+    return ModelPreset.from_dict(group_option("model", name_or_cfg))
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -157,13 +152,37 @@ def _number_problems(preset: ModelPreset, frames: Any, steps: Any, guidance: Any
     return out
 
 
+def auto_size_of(preset: "ModelPreset", task: str, image: str | None) -> str | None:
+    """size: auto -> "W*H" from the image's aspect ratio and the area of the preset's default size (the official
+    max_area); None when there is no readable image."""
+    family = get_family(preset.family)
+    if not image or family.auto_size is None:
+        return None
+    from renderer.video_io import open_rgb
+
+    try:
+        w, h = open_rgb(image).size  # as the conditioning frame will see it (EXIF rotation applied)
+    except (OSError, ValueError):  # a missing or unreadable image: check_shot reports it with its fix
+        return None
+    dw, dh = parse_size(preset.size)
+    ow, oh = family.auto_size(task, w, h, dw * dh, preset.vae.stride, preset.dit.patch_size)
+    return f"{ow}*{oh}"
+
+
+def size_multiple(preset: "ModelPreset") -> tuple[int, int]:
+    """Output width / height must be multiples of these (VAE stride × patch size)."""
+    return preset.vae.stride[2] * preset.dit.patch_size[2], preset.vae.stride[1] * preset.dit.patch_size[1]
+
+
 def check_shot(preset: ModelPreset, task: str, size: str, frames: int, steps: int,
-               prompt: str | None, image: str | None, sampler: str | None = None, *, guidance: Any = None,
-               shift: Any = None) -> list[tuple[str, str]]:
+               prompt: str | None, image: str | None, sampler: str | None = None,
+               seed: Any = 0, *, guidance: Any = None, shift: Any = None) -> list[tuple[str, str]]:
     """Every problem with a shot's settings for this model, as (field, message with the fix). Empty = fine.
 
     sampler=None skips the sampler check (the manifest validator checks it with a suggestion of its own)."""
     problems: list[tuple[str, str]] = _number_problems(preset, frames, steps, guidance, shift)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < -1 or seed > 2**63 - 1:
+        problems.append(("seed", f"seed must be an integer from 0 to 2^63-1, or -1 for a random one; got {seed!r}"))
     if sampler is not None:
         from renderer.sampling import SAMPLER_NAMES
 
@@ -174,13 +193,23 @@ def check_shot(preset: ModelPreset, task: str, size: str, frames: int, steps: in
         problems.append(("task", f"unknown task {task!r}: use one of {', '.join(tasks)}"))
     elif task not in preset.tasks:
         problems.append(("task", f"model {preset.name} cannot do {task!r}: it does {', '.join(preset.tasks)}"))
-    try:
-        parse_size(size)
-        if str(size).replace("x", "*") not in preset.sizes:
-            problems.append(("size", f"model {preset.name} does not support size {size}: use one of "
-                                     f"{', '.join(preset.sizes)}"))
-    except ValueError as e:
-        problems.append(("size", f"{e}: use one of {', '.join(preset.sizes)}"))
+    takes_image = task in get_family(preset.family).accepts_image
+    if str(size) == "auto":
+        if not takes_image or not image:
+            problems.append(("size", f"size auto derives the size from an input image: give image=... (task "
+                                     f"i2v/ti2v) or a size, one of {', '.join(preset.sizes)}"))
+    else:
+        try:
+            w, h = parse_size(size)
+            mw, mh = size_multiple(preset)
+            # image tasks take any size on the latent grid (size auto derives one from the image, as official)
+            free = takes_image and image and w % mw == 0 and h % mh == 0 and w > 0 and h > 0
+            if str(size).replace("x", "*") not in preset.sizes and not free:
+                extra = f", or with an input image any multiple of {mw}×{mh} (or auto)" if takes_image else ""
+                problems.append(("size", f"model {preset.name} does not support size {size}: use one of "
+                                         f"{', '.join(preset.sizes)}{extra}"))
+        except ValueError as e:
+            problems.append(("size", f"{e}: use one of {', '.join(preset.sizes)}"))
     if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1 or (frames - 1) % 4:
         near = max(1, (int(frames) - 1) // 4 * 4 + 1) if isinstance(frames, int) else preset.frames
         problems.append(("frames", f"frames must be 4n+1 (e.g. {near} or {near + 4}); got {frames!r}"))

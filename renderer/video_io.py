@@ -369,8 +369,8 @@ def extract_frames(path, indices: list[int]) -> list[np.ndarray]:
     return [batch[k] for k in range(len(idx))]
 
 
-def load_image(path, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Image file -> [3,H,W] float32 in [-1,1]; with size=(width, height), resize to cover then center-crop."""
+def open_rgb(path):
+    """Image file -> an RGB PIL image (EXIF rotation applied, transparency over white). ValueError if unreadable."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
@@ -389,6 +389,14 @@ def load_image(path, size: tuple[int, int] | None = None) -> torch.Tensor:
             im = im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
+    return im
+
+
+def load_image(path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Image file -> [3,H,W] float32 in [-1,1]; with size=(width, height), resize to cover then center-crop."""
+    from PIL import Image
+
+    im = open_rgb(path)
     if size is not None:
         tw, th = size
         if tw <= 0 or th <= 0:

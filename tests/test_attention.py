@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from kernels import autotune
-from kernels.attention import (BACKENDS, attention, available_backends, get_default_backend, reference_attention,
-                               resolved_backend, set_default_backend)
+from kernels.attention import BACKENDS, attention, available_backends, reference_attention, resolved_backend
+from kernels.settings import KernelSettings
 
 CPU_BACKENDS = available_backends("cpu")
 
@@ -37,32 +37,37 @@ def test_unknown_and_missing_backends_are_explained():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="unknown attention backend 'fa9'"):
         attention(q, q, q, backend="fa9")
-    with pytest.raises(ValueError, match="choose one of auto, sdpa"):
-        set_default_backend("nope")
+    with pytest.raises(ValueError, match="kernels.attention='nope': choose one of auto, sdpa"):
+        KernelSettings(attention="nope")
     for name in ("flash_attn", "xformers"):
         if name not in available_backends("cuda" if torch.cuda.is_available() else "cpu"):
             with pytest.raises(RuntimeError, match=f"'{name}' asked for but .* not installed"):
                 attention(q, q, q, backend=name)
 
 
-def test_default_backend_is_used():
+def test_named_backend_is_used():
     q = torch.randn(1, 4, 2, 8)
-    before = get_default_backend()
-    set_default_backend("math")
-    try:
-        assert torch.allclose(attention(q, q, q), reference_attention(q, q, q).float(), atol=1e-6)
-        assert resolved_backend() == "math"
-    finally:
-        set_default_backend(before)
-    assert set(CPU_BACKENDS) <= set(BACKENDS)
+    assert torch.allclose(attention(q, q, q, backend="math"), reference_attention(q, q, q).float(), atol=1e-6)
+    assert resolved_backend("math") == "math"
+    assert set(CPU_BACKENDS) - {"auto"} <= set(BACKENDS)
 
 
 def test_auto_is_the_default_and_is_sdpa_on_cpu():
-    assert get_default_backend() == "auto"
+    assert KernelSettings().attention == "auto"
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 33, 4, 16, generator=g) for _ in range(3))
     assert torch.equal(attention(q, k, v), attention(q, k, v, backend="sdpa"))  # CPU parity stays bit-exact
-    assert resolved_backend() == "auto:sdpa"
+    assert resolved_backend("auto") == "auto:sdpa"
+
+
+def test_auto_candidates_are_exact_unless_lossy_is_allowed(monkeypatch):
+    """A lossy backend (FP8 attention, say) is never "auto"'s pick unless the kernel settings allow it."""
+    from kernels import backends
+
+    monkeypatch.setattr(backends, "available_backends", lambda device="cpu": ["auto", "sdpa", "sdpa_flash", "fp8x"])
+    assert autotune.candidates(torch.device("cuda")) == ["sdpa", "sdpa_flash"]
+    assert autotune.candidates(torch.device("cuda"), allow_lossy=True) == ["sdpa", "sdpa_flash", "fp8x"]
+    assert "fp8x" not in backends.EXACT
 
 
 def test_auto_traces_into_one_graph():
@@ -111,9 +116,8 @@ def test_gpu_auto_measures_caches_and_matches_fp64(tmp_path, monkeypatch):
         entry = next(iter(json.loads(autotune.cache_path().read_text()).values()))
         assert entry["backend"] in available_backends("cuda") and entry["backend"] not in ("auto", "math")
         assert entry["backend"] == min(entry["seconds"], key=entry["seconds"].get)
-        set_default_backend("auto")
         attention(q, k, v)
-        assert resolved_backend() == f"auto:{entry['backend']}"
+        assert resolved_backend("auto") == f"auto:{entry['backend']}"
         # measuring off: the fixed ranking (cuDNN first on Hopper)
         autotune.forget()
         autotune.set_measuring(False)

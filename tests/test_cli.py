@@ -19,7 +19,7 @@ def image(tmp_path_factory):
 
 @pytest.mark.parametrize("model,extra,size,fps", [
     ("tiny_t2v", [], (64, 48), 16),
-    ("tiny_i2v", ["image={image}"], (64, 48), 16),
+    ("tiny_i2v", ["image={image}"], (64, 32), 16),  # size auto: the 96×64 image's aspect in 64·48 pixels
     ("tiny_ti2v", ["image={image}"], (96, 64), 24),
 ])
 def test_generate_writes_mp4_and_sidecar(tmp_path, image, model, extra, size, fps):

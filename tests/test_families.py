@@ -30,7 +30,7 @@ def test_every_preset_names_a_known_family(name):
 def test_preset_without_family_or_with_a_foreign_task_is_refused():
     import yaml
 
-    from renderer.presets import CONF_DIR
+    from renderer.conf import CONF_DIR
 
     d = yaml.safe_load((CONF_DIR / "model" / "tiny_t2v.yaml").read_text())
     with pytest.raises(ValueError, match="has no `family:`"):

@@ -13,7 +13,7 @@ import ray
 import yaml
 
 from jobs.farm import FAULTS_ENV, run_job
-from renderer.cli import compose
+from renderer.conf import compose
 from renderer.video_io import read_json, sidecar_path, video_info
 
 

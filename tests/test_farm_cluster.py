@@ -18,7 +18,7 @@ import ray
 import yaml
 
 from jobs.farm import run_job
-from renderer.cli import compose
+from renderer.conf import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 FOREIGN = """

@@ -24,7 +24,8 @@ from jobs.manifest import validate_manifest
 from jobs.plan import build_plan
 from jobs.scheduler import ShotRecord
 from renderer import video_io as vio
-from renderer.cli import compose, main
+from renderer.cli import main
+from renderer.conf import compose
 from renderer.presets import load_preset
 from tests.test_preflight import small_tmpfs
 

@@ -122,7 +122,7 @@ def test_safe_name():
 
 
 def _compose(overrides):
-    from renderer.cli import compose
+    from renderer.conf import compose
 
     return compose(overrides)
 

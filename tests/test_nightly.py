@@ -1,11 +1,11 @@
-"""jobs.nightly: regression rule, manifest checks, and real nights on an embedded Ray cluster with the tiny model."""
+"""benchmarks.nightly: regression rule, manifest checks, and real nights on an embedded Ray cluster with the tiny model."""
 import json
 from pathlib import Path
 
 import pytest
 import ray
 
-from jobs.nightly import NightlyError, load_settings, read_history, regressions, run_nightly
+from benchmarks.nightly import NightlyError, load_settings, read_history, regressions, run_nightly
 
 
 def _rec(key="b | row", bench="b", run="r", sleep=0, **figures):

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from jobs.farm import run_job
 from jobs.manifest import ManifestError, parse_csv, validate_manifest
-from renderer.cli import compose, main
+from renderer.cli import main
+from renderer.conf import compose
 from renderer.families.wan22.model import DiTConfig, WanDiT
 from renderer.presets import load_preset
 

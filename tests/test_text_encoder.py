@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from renderer.encoders.text import (DEFAULT_NEGATIVE_PROMPT, OFFICIAL_T5_FILE, OFFICIAL_TOKENIZER_DIR,
-                                   build_tiny_text_encoder, clean_prompt, hf_to_official_key,
-                                   load_text_encoder, official_to_hf_key)
+from renderer.encoders.text import (OFFICIAL_T5_FILE, OFFICIAL_TOKENIZER_DIR, build_tiny_text_encoder, clean_prompt,
+                                   hf_to_official_key, load_text_encoder, official_to_hf_key)
+from renderer.families.wan22.prompts import DEFAULT_NEGATIVE_PROMPT
 
 PROMPTS = ["a cat sits on a red sofa", "neon city street at night,   rain drops on a green leaf\n"]
 
@@ -202,7 +202,7 @@ def test_prompt_cleaning_like_reference():
 
 def test_tiny_tokenizer_is_the_same_every_build():
     """A trained tokenizer gave other ids on every build, so one seed rendered different videos."""
-    from renderer.encoders.text import DEFAULT_NEGATIVE_PROMPT, build_tiny_tokenizer
+    from renderer.encoders.text import build_tiny_tokenizer
 
     texts = ["a red kite over a beach, 4K!", DEFAULT_NEGATIVE_PROMPT]
     first = build_tiny_tokenizer()(texts).input_ids

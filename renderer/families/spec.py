@@ -99,3 +99,7 @@ class FamilySpec:
     # task -> the presets' input rules: does it need / accept an input image
     needs_image: tuple[str, ...] = ()
     accepts_image: tuple[str, ...] = ()
+    # size: auto -> (width, height) from (task, image width, image height, max_area, vae stride, patch size)
+    auto_size: Callable[..., tuple[int, int]] | None = None
+    # what an empty negative prompt means (the official default for the family); recorded in the sidecar
+    default_negative_prompt: str = ""

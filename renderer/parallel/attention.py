@@ -15,10 +15,12 @@ sliced off before any attention, so padding never takes softmax weight.  A block
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from kernels import autotune
 from kernels.attention import attention
 from renderer.parallel.sequence import SequenceSharder
 
@@ -148,16 +150,30 @@ class SequenceParallelAttention:
     q/k/v: [B, n, Hn, Dh] (this rank's slice) -> [B, n, Hn, Dh].
     """
 
-    def __init__(self, sharder: SequenceSharder, backend: str | None = None):
+    def __init__(self, sharder: SequenceSharder, backend: str = "auto", allow_lossy: bool = False,
+                 agree: Callable[[str], str] | None = None):
         self.sharder = sharder
-        self.backend = backend  # kernels.attention backend for the non-ring case (None: the process default)
+        # the pipeline's KernelSettings.attention / allow_lossy, for the non-ring case
+        self.backend, self.allow_lossy = backend, allow_lossy
+        self.agree = agree  # RenderGroup.agree: "auto" runs rank 0's choice on every rank
+        self._agreed: set[tuple] = set()
+
+    def _agree_on_choice(self, q: torch.Tensor, lk: int) -> None:
+        """The first call of a shape is the same call on every rank (they run the same forwards): agree there."""
+        key = (q.dtype, tuple(q.shape), lk)
+        if self.backend != "auto" or not q.is_cuda or key in self._agreed:
+            return
+        B, Lq, H, Dh = q.shape
+        autotune.prepare(q.device, q.dtype, B, Lq, lk, H, Dh, self.allow_lossy, self.agree)
+        self._agreed.add(key)
 
     def block_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of one ring block's queries. q/k/v: [B, Lb, Hh, Dh] with Lb = U·n -> [B, Lb, Hh, Dh]."""
         s = self.sharder
         if s.ring_size == 1:
             n = s.block_valid(0)  # = L: the whole (padded) sequence is here; drop the padded keys
-            return attention(q, k[:, :n], v[:, :n], backend=self.backend)
+            self._agree_on_choice(q, n)
+            return attention(q, k[:, :n], v[:, :n], self.backend, self.allow_lossy)  # [B, Lb, Hh, Dh]
         valid = [s.block_valid(r) for r in range(s.ring_size)]
         return ring_attention(q, k, v, s.ring_group, s.ring_size, s.ring_rank, valid)
 
@@ -174,8 +190,9 @@ class DeepSpeedUlyssesAttention(SequenceParallelAttention):
     """Same contract, with DeepSpeed's `DistributedAttention` doing the Ulysses all-to-alls (three separate ones,
     for q, k and v) around our block attention (ring or local).  For comparison with our own all-to-all."""
 
-    def __init__(self, sharder: SequenceSharder, backend: str | None = None):
-        super().__init__(sharder, backend)
+    def __init__(self, sharder: SequenceSharder, backend: str = "auto", allow_lossy: bool = False,
+                 agree: Callable[[str], str] | None = None):
+        super().__init__(sharder, backend, allow_lossy, agree)
         try:
             import deepspeed.comm as ds_comm
             from deepspeed.sequence.layer import DistributedAttention

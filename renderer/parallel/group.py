@@ -64,9 +64,9 @@ class RenderGroup:
             self.fsdp_mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("fsdp",))
         return self.fsdp_mesh
 
-    def parallelize_experts(self, experts: Sequence[torch.nn.Module],
-                            attention_backend: str | None = None) -> list[torch.nn.Module]:
-        """`parallelize` every expert (the A14B pair or the single 5B model).
+    def parallelize_experts(self, experts: Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
+        """`parallelize` every expert (the A14B pair or the single 5B model); their KernelSettings must be applied
+        (model.use_kernels) before.
 
         fsdp="auto" is decided once for all experts together, because both A14B experts stay resident.
         """
@@ -74,8 +74,16 @@ class RenderGroup:
 
         fsdp = self.pcfg.resolve_fsdp(sum(expert_bytes(m) for m in experts), self.device)
         fsdp_mesh = self.get_fsdp_mesh() if fsdp else None
-        return [parallelize(m, self.mesh, self.pcfg, fsdp_mesh=fsdp_mesh, fsdp=fsdp,
-                            attention_backend=attention_backend) for m in experts]
+        return [parallelize(m, self.mesh, self.pcfg, fsdp_mesh=fsdp_mesh, fsdp=fsdp, agree=self.agree)
+                for m in experts]
+
+    def agree(self, value: str) -> str:
+        """Rank 0's `value` on every rank (a collective: every rank calls it at the same point)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         if self.distributed:

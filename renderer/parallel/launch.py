@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.settings import KernelSettings
 from renderer.parallel.config import ParallelConfig
 from renderer.parallel.group import init_group
 from renderer.parallel.parallelize import is_sharded
@@ -50,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--sampler", default="unipc")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    ap.add_argument("--attention", default=None, help="kernels.attention backend (default: sdpa)")
+    ap.add_argument("--attention", default=None, help="attention backend (default: auto)")
     ap.add_argument("--repeat", type=int, default=1, help="time this many renders (the first one warms up)")
     ap.add_argument("--check", action="store_true", help="compare with a single-process render on rank 0")
     ap.add_argument("--backend", default=None, help="nccl or gloo (default: nccl on CUDA)")
@@ -70,15 +71,12 @@ def main(argv=None) -> dict:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     group = init_group(layout_from_args(args, world), args.backend)
-    if args.attention:
-        from kernels.attention import set_default_backend
-
-        set_default_backend(args.attention)
+    kernels = KernelSettings(attention=args.attention or "auto")
     try:
         dtype = DTYPES[args.dtype]
         shot = tiny_shot(args.task, tuple(args.grid), args.steps, args.sampler, preset=args.model)
         group.pcfg.validate(group.world_size, shot.dit.num_heads)
-        experts = shot.experts(dtype, group.device)
+        experts = shot.experts(dtype, group.device, kernels)
         if group.distributed:
             experts = group.parallelize_experts(experts)
         seconds = []
@@ -96,7 +94,7 @@ def main(argv=None) -> dict:
         if group.device.type == "cuda":
             report["peak_gb"] = torch.cuda.max_memory_allocated(group.device) / 1e9
         if args.check and group.is_main:
-            ref = run_shot(shot, _local(group), dtype)
+            ref = run_shot(shot, _local(group), dtype, kernels=kernels)
             report["max_rel_err"] = ((latent - ref).abs().max() / ref.abs().max()).item()
         if group.is_main:
             print(json.dumps(report, ensure_ascii=False), flush=True)

@@ -32,14 +32,16 @@ def make_sharder(mesh) -> SequenceSharder:
                            ring.get_group() if ring.size() > 1 else None, ring.size(), ring.get_local_rank())
 
 
-def apply_sequence_parallel(model: nn.Module, mesh, pcfg: ParallelConfig,
-                            attention_backend: str | None = None) -> SequenceSharder | None:
-    """Step 2. Returns the sharder (None when sp = 1: the model is left untouched)."""
+def apply_sequence_parallel(model: nn.Module, mesh, pcfg: ParallelConfig, agree=None) -> SequenceSharder | None:
+    """Step 2. Returns the sharder (None when sp = 1: the model is left untouched). The attention backend is the
+    model's KernelSettings (`model.kernels`, set by the pipeline before parallelizing); agree: RenderGroup.agree."""
     if pcfg.sp == 1:
         return None
     sharder = make_sharder(mesh)
     cls = DeepSpeedUlyssesAttention if pcfg.ulysses_impl == "deepspeed" else SequenceParallelAttention
-    attn = cls(sharder, attention_backend)  # one object for all blocks: they share the sharder's seq_len
+    kernels = model.kernels
+    # one object for all blocks: they share the sharder's seq_len
+    attn = cls(sharder, kernels.attention, kernels.allow_lossy, agree)
     model.token_split = sharder
     # The collectives stay outside torch.compile's graphs: a compiled block breaks its graph around this call
     # and fuses everything else (norms, RoPE, modulation, FFN), so sequence-parallel ranks compile like one GPU.
@@ -74,17 +76,18 @@ def expert_bytes(model: nn.Module) -> int:
 
 
 def parallelize(model: nn.Module, mesh, pcfg: ParallelConfig, *, fsdp_mesh=None, fsdp: bool | None = None,
-                attention_backend: str | None = None) -> nn.Module:
+                agree=None) -> nn.Module:
     """Apply steps 1–3 to one expert in place and return it.
 
     mesh: the ("cfg", "ring", "ulysses") DeviceMesh (None for a single GPU); fsdp_mesh: 1-D mesh of the whole
     group, needed when FSDP is on; fsdp: overrides pcfg.fsdp once resolved (the caller resolves "auto" over all
-    experts together — see `RenderGroup.parallelize_experts`).
+    experts together — see `RenderGroup.parallelize_experts`); agree: RenderGroup.agree.
     """
     world = mesh.size() if mesh is not None else 1
     pcfg.validate(world, model.cfg.num_heads)
     if mesh is not None:
-        apply_sequence_parallel(model, mesh, pcfg, attention_backend)
+        model.kernel_agree = agree  # "auto" attention: every rank runs rank 0's choice
+        apply_sequence_parallel(model, mesh, pcfg, agree)
     if fsdp is None:
         fsdp = pcfg.resolve_fsdp(expert_bytes(model), next(model.parameters()).device)
     if fsdp and world > 1:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from kernels.settings import KernelSettings
 from renderer.denoise import denoise
 from renderer.families import get_family
 from renderer.families.spec import Conditioner, ShotInputs
@@ -47,10 +48,11 @@ class TinyShot:
     def dit(self):
         return self.preset.dit
 
-    def experts(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> list:
+    def experts(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                kernels: KernelSettings | None = None) -> list:
         build = get_family(self.preset.family).build_model
         return [build(self.preset.dit, dtype=dtype, device=device, seed=self.preset.seed_weights + i)
-                for i in range(len(self.preset.experts))]
+                .use_kernels(kernels or KernelSettings()) for i in range(len(self.preset.experts))]
 
 
 def _image_file(width: int, height: int, seed: int) -> str:
@@ -87,13 +89,13 @@ def tiny_shot(task: str, grid: tuple[int, int, int] = (3, 6, 10), steps: int = 3
 
 
 def run_shot(shot: TinyShot, group: RenderGroup | None = None, dtype: torch.dtype = torch.float32,
-             experts: list | None = None, attention_backend: str | None = None) -> torch.Tensor:
+             experts: list | None = None, kernels: KernelSettings | None = None) -> torch.Tensor:
     """Render `shot` (parallelising fresh experts over `group` when it has more than one rank) -> final latent."""
     device = group.device if group is not None else torch.device("cpu")
     if experts is None:
-        experts = shot.experts(dtype, device)
+        experts = shot.experts(dtype, device, kernels)
         if group is not None and group.distributed:
-            experts = group.parallelize_experts(experts, attention_backend)
+            experts = group.parallelize_experts(experts)
     sampler = make_sampler(shot.sampler, shot.steps, shot.preset.shift)
     return denoise(experts, shot.conditioner(device, dtype), sampler, shot.noise.to(device),
                    guider=make_guider(group), boundary=shot.preset.boundary if len(experts) == 2 else None,

@@ -1,8 +1,10 @@
 """Wan2.2: T2V-A14B and I2V-A14B (two experts switched at a noise boundary) and TI2V-5B (one model)."""
 from renderer.families.spec import FamilySpec
 from renderer.families.wan22.conditioners import build_i2v, build_t2v, build_ti2v
+from renderer.families.wan22.images import auto_size
 from renderer.families.wan22.keys import diffusers_to_official
 from renderer.families.wan22.model import SP_PLAN, DiTConfig, WanDiT, build_dit, keeps_fp32
+from renderer.families.wan22.prompts import DEFAULT_NEGATIVE_PROMPT
 
 SPEC = FamilySpec(
     name="wan22",
@@ -17,4 +19,6 @@ SPEC = FamilySpec(
     conditioners={"t2v": build_t2v, "i2v": build_i2v, "ti2v": build_ti2v},
     needs_image=("i2v",),
     accepts_image=("i2v", "ti2v"),
+    auto_size=auto_size,
+    default_negative_prompt=DEFAULT_NEGATIVE_PROMPT,
 )

@@ -91,9 +91,10 @@ class FirstFrameConditioner(TextConditioner):
 
 
 def _image(inputs: ShotInputs) -> Tensor:
-    from renderer.video_io import load_image
+    """The input image prepared as the official code does for this task (images.py)."""
+    from renderer.families.wan22.images import prepare_image
 
-    return load_image(inputs.image, size=inputs.size).to(inputs.device)  # [3, H, W] in [-1, 1]
+    return prepare_image(inputs.task, inputs.image, inputs.size).to(inputs.device)  # [3, H, W] in [-1, 1]
 
 
 def build_t2v(inputs: ShotInputs) -> TextConditioner:

@@ -30,14 +30,15 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import autotune
-from kernels.attention import AttentionFn, attention, get_default_backend
+from kernels.attention import AttentionFn, attention
+from kernels.settings import KernelSettings
 from kernels.compile import blocks_compiled, compile_blocks, compile_wanted
 from kernels.fused import apply_rope, gated_residual, ln_modulate, rms_norm_rope  # noqa: F401 (apply_rope: API)
 from renderer.families.spec import SequenceParallelPlan, TokenSplit, gather_stream, split_stream
@@ -147,10 +148,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused = True  # KernelSettings.fused (WanDiT.use_kernels)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: [B, L, D] -> [B, L, D]; with `rope` (cos/sin [L, Dh/2]) the heads are rotated in the same pass."""
-        return rms_norm_rope(x, self.weight, self.eps, rope)
+        return rms_norm_rope(x, self.weight, self.eps, rope, fused=self.fused)
 
 
 def layer_norm_fp32(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = None) -> torch.Tensor:
@@ -172,6 +174,8 @@ class _Projections(nn.Module):
         super().__init__()
         d = cfg.dim
         self.num_heads = cfg.num_heads
+        # KernelSettings.attention / allow_lossy (WanDiT.use_kernels)
+        self.attn_backend, self.allow_lossy = "auto", False
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.norm_q = RMSNorm(d, cfg.eps)
         self.norm_k = RMSNorm(d, cfg.eps)
@@ -181,18 +185,22 @@ class _Projections(nn.Module):
 
 
 class WanSelfAttention(_Projections):
-    """RoPE on q and k (fused with their RMSNorm). `attn_fn` is what sequence parallelism replaces."""
+    """RoPE on q and k (fused with their RMSNorm). `attn_fn` is the slot sequence parallelism fills (SP_PLAN);
+    None: local attention with this pipeline's backend."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__(cfg)
-        self.attn_fn: AttentionFn = attention
+        self.attn_fn: AttentionFn | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         heads = (self.num_heads, -1)
         q = self.norm_q(self.q(x), rope).unflatten(-1, heads)  # [B, L, Hn, Dh], normalised and rotated
         k = self.norm_k(self.k(x), rope).unflatten(-1, heads)  # [B, L, Hn, Dh]
         v = self.v(x).unflatten(-1, heads)  # [B, L, Hn, Dh]
-        out = self.attn_fn(q, k, v)  # [B, L, Hn, Dh]
+        if self.attn_fn is not None:
+            out = self.attn_fn(q, k, v)  # [B, L, Hn, Dh]
+        else:
+            out = attention(q, k, v, self.attn_backend, self.allow_lossy)  # [B, L, Hn, Dh]
         return self.o(out.flatten(-2))  # [B, L, D]
 
 
@@ -204,18 +212,19 @@ class WanCrossAttention(_Projections):
     def __init__(self, cfg: DiTConfig):
         super().__init__(cfg, image_kv=cfg.image_dim is not None)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, image_context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                image_context: torch.Tensor | None = None) -> torch.Tensor:
         heads = (self.num_heads, -1)
         q = self.norm_q(self.q(x)).unflatten(-1, heads)  # [B, L, Hn, Dh]
         k = self.norm_k(self.k(context)).unflatten(-1, heads)  # [B, Lc, Hn, Dh]
         v = self.v(context).unflatten(-1, heads)  # [B, Lc, Hn, Dh]
-        out = attention(q, k, v).flatten(-2)  # [B, L, D]
+        out = attention(q, k, v, self.attn_backend, self.allow_lossy).flatten(-2)  # [B, L, D]
         if image_context is not None:
             if not hasattr(self, "k_img"):
                 raise ValueError("image context given to a model without image k/v (its config has no image_dim)")
             k_img = self.norm_k_img(self.k_img(image_context)).unflatten(-1, heads)  # [B, Li, Hn, Dh]
             v_img = self.v_img(image_context).unflatten(-1, heads)  # [B, Li, Hn, Dh]
-            out = out + attention(q, k_img, v_img).flatten(-2)  # [B, L, D]
+            out = out + attention(q, k_img, v_img, self.attn_backend, self.allow_lossy).flatten(-2)  # [B, L, D]
         return self.o(out)  # [B, L, D]
 
 
@@ -232,6 +241,7 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+        self.fused = True  # KernelSettings.fused (WanDiT.use_kernels)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor], image_context: torch.Tensor | None = None) -> torch.Tensor:
@@ -245,12 +255,13 @@ class WanBlock(nn.Module):
             # at once would hold a second [B, L, 6, D] copy per block. Same fp32 sums as the reference.
             return mod[:, i] + e0[:, :, i]  # [B, 1|L, D]
 
-        h = ln_modulate(x, chunk(0), chunk(1), self.eps, dt)  # LN(x)·(1 + scale1) + shift1: [B, L, D] in dt
-        x = gated_residual(x, self.self_attn(h, rope), chunk(2))  # x + attn·gate1: [B, L, D] fp32
+        f = self.fused
+        h = ln_modulate(x, chunk(0), chunk(1), self.eps, dt, f)  # LN(x)·(1 + scale1) + shift1: [B, L, D] in dt
+        x = gated_residual(x, self.self_attn(h, rope), chunk(2), f)  # x + attn·gate1: [B, L, D] fp32
         h = layer_norm_fp32(x, self.eps, self.norm3) if self.norm3 is not None else x  # [B, L, D]
-        x = gated_residual(x, self.cross_attn(h.to(dt), context, image_context))  # [B, L, D] fp32
-        h = ln_modulate(x, chunk(3), chunk(4), self.eps, dt)  # [B, L, D] in dt
-        return gated_residual(x, self.ffn(h), chunk(5))  # x + ffn·gate2: [B, L, D] fp32
+        x = gated_residual(x, self.cross_attn(h.to(dt), context, image_context), None, f)  # [B, L, D] fp32
+        h = ln_modulate(x, chunk(3), chunk(4), self.eps, dt, f)  # [B, L, D] in dt
+        return gated_residual(x, self.ffn(h), chunk(5), f)  # x + ffn·gate2: [B, L, D] fp32
 
 
 class ImageEmbedding(nn.Module):
@@ -317,10 +328,28 @@ class WanDiT(nn.Module):
         if cfg.image_dim is not None:
             self.img_emb = ImageEmbedding(cfg.image_dim, d)
         self.token_split: TokenSplit | None = None
+        self.kernels = KernelSettings()  # the pipeline's kernel choices (use_kernels)
+        # in a render group: returns rank 0's value on every rank (set from outside by renderer/parallel), so
+        # "auto" attention runs rank 0's choice everywhere
+        self.kernel_agree: Callable[[str], str] | None = None
+        self._agreed: set[tuple] = set()
         # "auto": compile the blocks at the first forward on a CUDA device; "on" / "off" force it (kernels/compile.py)
         self.compile_mode: str = "auto"
         self.compile_seconds: dict[str, float] = {}  # shape key -> first (compiling) call of a block, seconds
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- kernels --------------------------------------------------------------------------------------------
+    def use_kernels(self, kernels: KernelSettings) -> "WanDiT":
+        """Apply a pipeline's KernelSettings: attention backend (and whether "auto" may be lossy) in every
+        attention, fused ops in every block and norm, the compile mode. Returns the model."""
+        self.kernels = kernels
+        self.compile_mode = kernels.compile
+        for m in self.modules():
+            if isinstance(m, _Projections):
+                m.attn_backend, m.allow_lossy = kernels.attention, kernels.allow_lossy
+            if isinstance(m, (WanBlock, RMSNorm)):
+                m.fused = kernels.fused
+        return self
 
     # -- precision ------------------------------------------------------------------------------------------
     def set_dtype(self, dtype: torch.dtype) -> "WanDiT":
@@ -446,12 +475,19 @@ class WanDiT(nn.Module):
             return
         if not blocks_compiled(self) and compile_wanted(self.compile_mode, tokens.device, _fsdp_sharded(self)):
             compile_blocks(self)
-        if get_default_backend() == "auto" and tokens.is_cuda:
+        if self.kernels.attention == "auto" and tokens.is_cuda:
             b, n = tokens.shape[:2]
             hn, dh, dt = self.cfg.num_heads, self.cfg.head_dim, self.dtype
-            autotune.prepare(tokens.device, dt, b, n, ctx.shape[1], hn, dh)  # cross-attention: text keys
-            if self.blocks[0].self_attn.attn_fn is attention:  # sequence parallel attention sees other shapes
-                autotune.prepare(tokens.device, dt, b, n, n, hn, dh)
+            shapes = [(b, n, ctx.shape[1])]  # cross-attention: text keys
+            if self.blocks[0].self_attn.attn_fn is None:  # sequence parallel attention agrees on its own shapes
+                shapes.append((b, n, n))
+            for shape in shapes:
+                # every rank of a group runs the same forwards, so the first sight of a shape is the same call on
+                # every rank: the one place where they can agree on rank 0's choice
+                agree = self.kernel_agree if (dt, *shape) not in self._agreed else None
+                autotune.prepare(tokens.device, dt, shape[0], shape[1], shape[2], hn, dh,
+                                 self.kernels.allow_lossy, agree)
+                self._agreed.add((dt, *shape))
 
     def _first_block_timed(self, block: nn.Module, tokens: torch.Tensor, *args) -> torch.Tensor:
         """Block 0 of a compiled model; the first call per shape compiles (the other blocks reuse its graph), so

@@ -1,7 +1,7 @@
 """The nightly benchmark: a fixed manifest of scaling benchmarks, a history file, a trend plot, regression flags.
 
-    python -m jobs.nightly                                        # jobs/nightly_manifest.yaml, embedded Ray
-    python -m jobs.nightly manifest=my.yaml margin=0.05 address=10.0.0.5:6379
+    python -m benchmarks.nightly                                        # benchmarks/nightly_manifest.yaml, embedded Ray
+    python -m benchmarks.nightly manifest=my.yaml margin=0.05 address=10.0.0.5:6379
 
 Every benchmark of the manifest is one `python -m benchmarks.scaling bench=NAME <overrides>` run inside a Ray task
 (the embedded local cluster by default, like the render farm; `address=` joins a running one), one after another:
@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MANIFEST = ROOT / "jobs" / "nightly_manifest.yaml"
+DEFAULT_MANIFEST = ROOT / "benchmarks" / "nightly_manifest.yaml"
 # figure -> direction: +1 lower is better (seconds, memory), -1 higher is better (throughput)
 FIGURES = {"total_s": 1, "step_median_s": 1, "denoise_s": 1, "text_encode_s": 1, "vae_decode_s": 1,
            "peak_gpu_gb": 1, "tflops_per_gpu": -1}
