@@ -7,14 +7,18 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test render bench clean
+.PHONY: install test render render-animate bench stamp clean
 
 install: $(STAMP)
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,prepare]"
+	@# sam2 (Animate replacement masks): no deps (its torchvision pin would replace torch), no CUDA build, built
+	@# against the installed torch (its build requirements would pull a second torch into an isolated env)
+	$(PY) -m pip install -q setuptools wheel
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-deps --no-build-isolation "sam2==1.1.0"
 	@touch $(STAMP)
 
 test: install
@@ -23,8 +27,19 @@ test: install
 render: install
 	$(VENV)/bin/wanrender render manifest=examples/previs.yaml out=out/previs
 
+# Animate shots from a synthetic plate (needs the Animate model family, issue 12, for the render step)
+render-animate: install
+	$(PY) -m renderer.prepare.synthetic examples/animate
+	$(VENV)/bin/wanrender render manifest=examples/animate.yaml out=out/animate \
+	    prepare.checkpoint=examples/animate/process_checkpoint \
+	    prepare.sam2_config=examples/animate/process_checkpoint/sam2/tiny_sam2.yaml "prepare.area=[160,96]"
+
 bench: install
 	$(PY) -m benchmarks.scaling bench=smoke out=out/bench
+
+# before sending the working tree (no .git) to a GPU machine: results there then name this commit
+stamp:
+	$(PYTHON) -m renderer.provenance stamp
 
 clean:
 	rm -rf $(VENV) out

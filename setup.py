@@ -31,9 +31,18 @@ setup(
         "tqdm",
         "rich",
         "matplotlib",
+        "fastapi>=0.110",  # `wanrender serve`: the HTTP submission service
+        "uvicorn>=0.29",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "diffusers>=0.35", "accelerate"],
+        # triton: the Triton kernels run in CI through Triton's interpreter (TRITON_INTERPRET=1, tests/conftest.py)
+        # onnx + onnxscript: the preprocessing tests export tiny stand-ins of the official ONNX checkpoints
+        "test": ["pytest>=8", "hypothesis>=6", "diffusers>=0.35", "accelerate", "onnx>=1.16", "onnxscript",
+                 "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        # Animate preprocessing (wanrender prepare): detector + pose through onnxruntime, image ops through OpenCV,
+        # iopath for sam2. sam2 itself pins torchvision (which would replace torch), so it is installed apart,
+        # without its dependencies: SAM2_BUILD_CUDA=0 pip install --no-deps --no-build-isolation sam2==1.1.0
+        "prepare": ["onnxruntime>=1.17", "opencv-python-headless>=4.8", "iopath>=0.1.10"],
         "gpu": ["flash-attn", "xformers"],
         # DeepSpeed builds against the installed torch: pip install --no-build-isolation -e .[deepspeed]
         "deepspeed": ["deepspeed>=0.16"],

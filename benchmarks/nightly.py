@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from renderer.provenance import code_version, provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MANIFEST = ROOT / "benchmarks" / "nightly_manifest.yaml"
 # figure -> direction: +1 lower is better (seconds, memory), -1 higher is better (throughput)
@@ -127,7 +129,8 @@ def record(bench_name: str, row: dict, run: dict) -> dict:
     return {"run_id": run["run_id"], "date": run["date"], "commit": run["commit"], "benchmark": bench_name,
             "key": row_key(bench_name, row), "device": row["device_name"], "gpus": row["gpus"],
             "layout": row["layout"], "scaled": row.get("scaled"),
-            "inject_step_sleep_s": row.get("inject_step_sleep_s") or 0, "figures": figures}
+            "inject_step_sleep_s": row.get("inject_step_sleep_s") or 0, "sampler_ran": row.get("sampler_ran"),
+            "code_version": run.get("code_version"), "figures": figures}
 
 
 def read_history(path: Path) -> list[dict]:
@@ -211,26 +214,25 @@ def plot_trend(history: list[dict], figures: list[str], path: Path, flagged: lis
 
 # -- the job ------------------------------------------------------------------------------------------------------
 def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The commit the code ran at, "-dirty" when tracked files differ from it (renderer/provenance.py: git, or the
+    stamp on a machine without .git); "src.<digest>" of the source files when neither says which commit."""
+    p = provenance()
+    if p["commit"] is None:
+        return f"src.{p['digest']}"
+    return p["commit"] + ("-dirty" if p["dirty"] else "")
 
 
 def run_nightly(s: dict) -> int:
     import ray
 
     run = {"run_id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}",
-           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": _commit()}
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": _commit(),
+           "code_version": code_version()}
     history_path, out_root = Path(s["history"]), Path(s["out"]) / run["run_id"]
     history = read_history(history_path)
     started = not ray.is_initialized()  # reuse a Ray already up in this process (tests); else start or join one
     if started:
-        ray.init(address=s["address"], num_cpus=s["num_cpus"] if not s["address"] else None,
+        ray.init(address=s["address"] or "local", num_cpus=s["num_cpus"] if not s["address"] else None,
                  num_gpus=s["num_gpus"] if not s["address"] else None, include_dashboard=False,
                  log_to_driver=False, logging_level=logging.WARNING)
     task = ray.remote(run_benchmark)

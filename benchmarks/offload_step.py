@@ -15,6 +15,7 @@ import torch
 from renderer.families.wan22.model import build_dit
 from renderer.offload import stream_blocks
 from renderer.presets import load_preset, parse_size
+from renderer.provenance import code_version, provenance
 
 
 def timed_forwards(model, x, t, ctx, n: int) -> list[float]:
@@ -45,7 +46,7 @@ def main(argv=None) -> dict:
     model = build_dit(preset.dit, dtype=torch.bfloat16, device=dev, seed=0)
     model.compile_mode = "off"
     report = {"model": args.model, "size": args.size, "frames": args.frames, "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__}
+              "torch": torch.__version__, "code_version": code_version(), "provenance": provenance()}
     timed_forwards(model, x, t, ctx, 1)  # warm-up
     torch.cuda.reset_peak_memory_stats()
     report["resident_s"] = timed_forwards(model, x, t, ctx, args.iters)

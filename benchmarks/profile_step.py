@@ -3,11 +3,13 @@
     python -m benchmarks.profile_step --model t2v_a14b --size 1280*720 --frames 81 --mode both --out out/step.json
     python -m benchmarks.profile_step --model tiny_t2v --size 64*48 --frames 9        # CPU smoke test
 
-Random bf16 weights (renderer.families.wan22.model.build_dit, DiTConfig from conf/model/<model>.yaml's `dit` block). Prints
-the time split into attention / matmul / other kernels / idle (torch.profiler, grouped by kernel name), the
-achieved TFLOP/s, and the floor: this forward's FLOPs over ceilings measured in the same run (a large bf16
-matmul, and every attention backend at the real shape). --mode both runs the plain path (SDPA default kernel,
-no fused kernels, no compile) and then the fast path (auto attention + Triton fused ops + compiled blocks).
+Random bf16 weights (renderer.families.wan22.model.build_dit, DiTConfig from conf/model/<model>.yaml's `dit`
+block). Prints the achieved TFLOP/s; from one more forward under torch.profiler, the raw kernel times of that
+profiled forward grouped into attention / matmul / other / idle beside its own wall time (not rescaled into the
+unprofiled or depth-scaled time); and the floor: this forward's FLOPs over ceilings measured in the same run
+(a large bf16 matmul, and every attention backend at the real shape). --mode both runs the plain path (SDPA
+default kernel, no fused kernels, no compile) and then the fast path (auto attention + Triton fused ops +
+compiled blocks).
 --layers N builds and times N blocks and scales the block part to the full depth (the embeddings and the head
 are timed once, separately); the report says so.
 """
@@ -29,6 +31,7 @@ from kernels.attention import attention, resolved_backend
 from kernels.fused import fused_active, triton_failure
 from kernels.settings import KernelSettings
 from renderer.families.wan22.model import DiTConfig, build_dit
+from renderer.provenance import code_version, provenance
 
 
 
@@ -211,9 +214,14 @@ def run_mode(model, mode: str, inputs, args, device: torch.device, full_layers: 
     res["forward_timed_model_s"] = t_model
     res["forward_full_s"] = t_full
     if not args.no_profile:
+        # the raw times of the profiled forward (the timed model, profiler on), not rescaled into the unprofiled
+        # or depth-scaled time: the split and the wall beside it are one measurement
         prof = profile_split(call, device)
-        k = t_full / max(prof["profiled_wall"], 1e-9)  # the split's fractions, applied to the scaled time
-        res["split_s"] = {c: v * k for c, v in prof["seconds"].items()} | {"idle": prof["idle"] * k}
+        res["profile"] = {"kernel_s": prof["seconds"], "busy_s": sum(prof["seconds"].values()), "idle_s": prof["idle"],
+                          "profiled_wall_s": prof["profiled_wall"], "layers": n,
+                          "what": ("CUDA kernel time per category" if device.type == "cuda"
+                                   else "aten op self CPU time per category") + f" of one profiled forward of the "
+                                  f"{n}-block model, profiler on; not rescaled"}
         res["top_kernels"] = prof["top"]
     if device.type == "cuda":
         res["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -252,7 +260,8 @@ def main(argv=None) -> dict:
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results: list[dict] = []
-    report = {"model": args.model, "size": size, "frames": frames, "latent": [c, f, h, w], "tokens": tokens,
+    report = {"code_version": code_version(), "provenance": provenance(),
+              "model": args.model, "size": size, "frames": frames, "latent": [c, f, h, w], "tokens": tokens,
               "batch": args.batch, "dtype": str(dtype), "layers_full": full_cfg.num_layers, "layers_timed": layers,
               "device": dev_name, "torch": torch.__version__, "build_s": build_s, "weights_gb": weights_gb,
               "flops": flops, "ceilings": ceil, "floor_s": floor, "results": results}
@@ -296,15 +305,21 @@ def print_report(r: dict) -> None:
           f"attention at this shape, TFLOP/s: {others}")
     print(f"FLOPs per forward: self-attn {pf['self_attention']:.4g} PF, cross-attn {pf['cross_attention']:.4g} PF, "
           f"linear {pf['linear']:.4g} PF, total {pf['total']:.4g} PF -> floor {r['floor_s']:.3f} s at these ceilings")
-    print(f"{'mode':<6}{'s/fwd':>9}{'TFLOP/s':>10}{'×floor':>8}{'attn':>8}{'matmul':>8}{'other':>8}{'idle':>8}"
-          f"{'peak GB':>9}{'compile s':>10}  backend")
+    print(f"{'mode':<6}{'s/fwd':>9}{'TFLOP/s':>10}{'×floor':>8}{'peak GB':>9}{'compile s':>10}  backend")
     for x in r["results"]:
-        sp = x.get("split_s", {})
-        cols = "".join(f"{sp[k]:>8.3f}" if k in sp else f"{'-':>8}" for k in ("attention", "matmul", "other", "idle"))
         mem = f"{x['peak_memory_gb']:>9.1f}" if "peak_memory_gb" in x else f"{'-':>9}"
-        print(f"{x['mode']:<6}{x['forward_full_s']:>9.3f}{x['tflops']:>10.4g}{x['x_floor']:>8.2f}{cols}{mem}"
+        print(f"{x['mode']:<6}{x['forward_full_s']:>9.3f}{x['tflops']:>10.4g}{x['x_floor']:>8.2f}{mem}"
               f"{x['compile_s']:>10.1f}  {x['backend']}{' +fused' if x['fused'] else ''}"
               f"{' +compile' if x['compiled'] else ''}")
+    profiled = [x for x in r["results"] if "profile" in x]
+    if profiled:
+        print(f"profiled forward, raw ({profiled[0]['profile']['what'].split(' of one')[0]}; "
+              f"{profiled[0]['profile']['layers']} blocks, profiler on, not rescaled), seconds:")
+        print(f"{'mode':<6}{'attn':>9}{'matmul':>9}{'other':>9}{'busy':>9}{'idle':>9}{'wall':>9}")
+        for x in profiled:
+            p, k = x["profile"], x["profile"]["kernel_s"]
+            print(f"{x['mode']:<6}{k['attention']:>9.4f}{k['matmul']:>9.4f}{k['other']:>9.4f}{p['busy_s']:>9.4f}"
+                  f"{p['idle_s']:>9.4f}{p['profiled_wall_s']:>9.4f}")
     if "speedup" in r:
         print(f"speedup fast / plain: {r['speedup']:.2f}×")
     for x in r["results"]:

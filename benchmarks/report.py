@@ -48,6 +48,8 @@ def markdown(report: dict) -> str:
             notes.append(f"placement {r['placement']}, t5_cpu {r['t5_cpu']}")
         if r.get("inject_step_sleep_s"):
             notes.append(f"TEST: {r['inject_step_sleep_s']} s sleep injected per step")
+        if r.get("sampler_ran") and not r["sampler_ran"].startswith(f"{r.get('sampler')} "):
+            notes.append(f"sampler {r['sampler_ran']}")
         notes.append(f"attention {r.get('attention_backend')}, {'compiled' if r.get('compiled') else 'eager'}")
         notes.append("random weights" if r.get("random_weights") else f"checkpoint {r.get('checkpoint')}")
         lines.append("| " + " | ".join([

@@ -206,6 +206,7 @@ def build_report(cfg: dict, rows: list[dict], skipped: list[dict], argv: list[st
     from benchmarks.anchors import anchors_for
 
     from renderer.presets import ModelPreset
+    from renderer.provenance import code_version, provenance
 
     preset = ModelPreset.from_dict(cfg["model"])
     s = cfg["shot"]
@@ -215,19 +216,11 @@ def build_report(cfg: dict, rows: list[dict], skipped: list[dict], argv: list[st
     return {"title": cfg.get("name") or f"{preset.name} {size}", "model": preset.name, "size": size,
             "frames": frames, "steps": steps, "timed_steps": k,
             "scaled": f"scaled from {k} of {steps} steps" if k < steps else None,
-            "command": "python -m benchmarks.scaling " + " ".join(argv), "code_version": _code_version(),
+            "command": "python -m benchmarks.scaling " + " ".join(argv), "code_version": code_version(),
+            "provenance": provenance(),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "rows": [r for r in rows if "error" not in r], "failed": [r for r in rows if "error" in r],
             "skipped": skipped, "anchors": [a.to_dict() for a in anchors_for(preset.name, size)], "config": cfg}
-
-
-def _code_version() -> str:
-    try:
-        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-        return sha or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def check_report(report: dict, planned: int, files: list[Path]) -> list[str]:

@@ -13,7 +13,10 @@ by the Pipeline -> MP4 write on rank 0 when ffmpeg is there -> per-rank peak mem
 
 Timed steps: with timed_steps=K < the schedule's N steps the render runs K steps *of the real N-step schedule*
 (the first ceil(K/2) and the last floor(K/2) timesteps), so an A14B run times both experts; the denoise figure
-for the whole shot is then median step × N, and the JSON says "scaled from K of N steps".
+for the whole shot is then median step × N, and the JSON says "scaled from K of N steps". Those K steps are
+stepped with Euler (a multistep sampler such as UniPC cannot skip steps): the row's `sampler` is the shot's,
+`sampler_ran` what the render really stepped with (recorded from the sampler it built, not assumed). With K = N
+the shot's own sampler runs. Every row carries the code version and provenance (renderer/provenance.py).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import torch
 
 from renderer.parallel.config import ParallelConfig
 from renderer.denoise import select_expert
+from renderer.provenance import code_version, provenance
 from renderer.sampling import FlowEuler, build_schedule
 
 STEP_SLEEP_KEY = "inject_step_sleep_s"  # test hook (nightly regression tests): seconds slept after every step
@@ -167,10 +171,23 @@ def run(spec: dict) -> dict | None:
     build_s = time.perf_counter() - t0
 
     shot = full
+    grid = "dpm++" if full.sampler == "dpm++" else "unipc"
     if k < full_steps:  # K steps of the real schedule (see the module docstring)
-        grid = "dpm++" if full.sampler == "dpm++" else "unipc"
         shot = replace(full, steps=k)
-        pipeline_mod.make_sampler = lambda name, steps, shift: SubsetSchedule(full_steps, shift, indices, grid)
+    samplers_ran: list[str] = []  # what the render really stepped with, for the row
+    real_make_sampler = pipeline_mod.make_sampler
+
+    def make_sampler(name, steps, shift):
+        if k < full_steps:
+            sampler = SubsetSchedule(full_steps, shift, indices, grid)
+            samplers_ran.append(f"euler over {k} of the {full_steps} timesteps of the {grid} schedule "
+                                f"(the shot's {name} needs every step)")
+        else:
+            sampler = real_make_sampler(name, steps, shift)
+            samplers_ran.append(f"{name} ({type(sampler).__name__}, {steps} steps)")
+        return sampler
+
+    pipeline_mod.make_sampler = make_sampler
 
     warm = spec.get("warmup", "auto")
     warmup_s = None
@@ -184,8 +201,15 @@ def run(spec: dict) -> dict | None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    result = pipe.render(shot, on_step=on_step)
+    try:
+        result = pipe.render(shot, on_step=on_step)
+    finally:
+        pipeline_mod.make_sampler = real_make_sampler
     render_s = time.perf_counter() - t0
+    if len(samplers_ran) != 1:
+        raise RuntimeError(f"the render built {len(samplers_ran)} samplers through renderer.pipeline.make_sampler, "
+                           f"expected 1: the row could not say which sampler ran")
+    meta_sampler = samplers_ran[0]
 
     want = expected_experts(preset, full_steps, full.shift, indices, full.guidance)
     if list(result.experts_used) != want or len(result.step_seconds) != k:
@@ -201,7 +225,7 @@ def run(spec: dict) -> dict | None:
     meta = {"compiled": any(bool(getattr(getattr(m, "module", m), "_blocks_compiled", False)) for m in pipe.experts),
             "compile_s": {f"expert{i}:{key}": v for i, m in enumerate(pipe.experts)
                           for key, v in getattr(getattr(m, "module", m), "compile_seconds", {}).items()},
-            "attention_backend": resolved_backend(kernels.attention)}
+            "attention_backend": resolved_backend(kernels.attention), "sampler_ran": meta_sampler}
     if group is not None:
         group.barrier()
         group.close()
@@ -267,6 +291,7 @@ def _row(spec, preset, pipe, full, result, k, indices, build_s, warmup_s, render
         "parallel": pipe.group.pcfg.describe() if pipe.group else "single process",
         "model": preset.name, "checkpoint": preset.checkpoint, "random_weights": preset.checkpoint is None,
         "task": full.task, "size": full.size, "frames": full.frames, "steps": n, "timed_steps": k,
+        "sampler": full.sampler, "sampler_ran": meta["sampler_ran"],
         "timed_step_indices": indices, "experts_used": result.experts_used, "scaled": label,
         "device": str(device), "device_name": device_name(device), "dtype": str(pipe.dtype).replace("torch.", ""),
         "placement": pipe.placement, "t5_cpu": pipe.options.t5_cpu, "torch": torch.__version__,
@@ -285,6 +310,7 @@ def _row(spec, preset, pipe, full, result, k, indices, build_s, warmup_s, render
         "peak_gpu_allocated_gb_max": max((m["peak_gpu_allocated_gb"] or 0.0) for m in ranks) if device.type == "cuda"
         else None,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code_version": code_version(), "provenance": provenance(),
     }
 
 

@@ -116,6 +116,7 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
     if _node(cfg, "cluster.kind") != "local" and cluster_address(cfg)[0] is None:
         problems.append(Problem("manifest", "cluster.address", "cluster=ray needs the cluster's address: "
                                                                "cluster.address=HOST:6379, or set RAY_ADDRESS"))
+    problems += accounting_problems(job)
     defaults = OmegaConf.to_container(job.shot_defaults, resolve=True) if _node(job, "shot_defaults") is not None else {}
     priorities = OmegaConf.to_container(job.priorities, resolve=True) if _node(job, "priorities") else None
     try:
@@ -123,6 +124,10 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
                                      priorities=priorities, source=str(path))
     except ManifestError as e:
         problems += e.problems
+    else:
+        from jobs.prepare_stage import check_prepare_config  # Animate plates: preprocessing config and weights
+
+        problems += [Problem("manifest", f, m) for f, m in check_prepare_config(cfg, manifest.shots)]
     if problems:
         raise ManifestError(problems, str(path))
     out = Path(str(_node(job, "output_root") or cfg.out))
@@ -148,6 +153,22 @@ def plan_bytes(plan: Plan) -> int:
     from renderer.presets import parse_size
 
     return estimate_output_bytes([(*parse_size(s.spec.size), s.spec.frames) for s in plan.todo])
+
+
+def accounting_problems(job: DictConfig) -> list[Problem]:
+    """job.gpu_hour_cost (>= 0) and job.budget_gpu_hours (> 0): finite numbers or null."""
+    import math
+
+    problems = []
+    for key, low, fix in (("gpu_hour_cost", 0.0, "job.gpu_hour_cost=2.5 (money per GPU-hour) or null"),
+                          ("budget_gpu_hours", 1e-9, "job.budget_gpu_hours=10 (GPU-hours) or null for no cap")):
+        v = _node(job, key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+            problems.append(Problem("manifest", f"job.{key}", f"must be a finite number "
+                                                              f"{'>= 0' if low == 0 else '> 0'}, got {v!r}: {fix}"))
+    return problems
 
 
 def planned_groups(cfg: DictConfig, plan: Plan) -> tuple[int | None, str]:
@@ -211,6 +232,7 @@ def ray_session(cfg: DictConfig):
     cluster = cfg.cluster
     common = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
     if cluster.kind == "local":
+        # address="local": always a fresh cluster of our own, never one someone else started on this machine
         ctx = ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                        include_dashboard=bool(cluster.dashboard), **common)
         res = ray.cluster_resources()
@@ -314,7 +336,8 @@ def _run_locked(cfg: DictConfig, plan: Plan, preset, t_start: float) -> int:
     job_info = {"name": plan.manifest.name, "manifest": str(Path(cfg.manifest).resolve()), "model": plan.model,
                 "fingerprint": plan.fingerprint, "gpus_per_group": plan.gpus_per_group,
                 "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
-                "config": str(out / "config.yaml"), "overrides": list(plan.manifest.overrides)}
+                "config": str(out / "config.yaml"), "overrides": list(plan.manifest.overrides),
+                "gpu_hour_cost": _node(cfg, "job.gpu_hour_cost"), "budget_gpu_hours": _node(cfg, "job.budget_gpu_hours")}
     if not plan.todo:
         records = _records_without_render(plan)
         paths = write_report_or_say_why(out, job_info, records, time.time() - t_start)
@@ -330,10 +353,15 @@ def _run_locked(cfg: DictConfig, plan: Plan, preset, t_start: float) -> int:
     wall = time.time() - t_start
     job_info["stopped"] = stopped
     paths = write_report_or_say_why(out, job_info, records, wall)
-    failed = [r for r in records.values() if r.status != "done" and r.status != "skipped"]
+    not_started = [r.shot.id for r in records.values() if r.status == "not_started"]
+    failed = [r for r in records.values() if r.status not in ("done", "skipped", "not_started")]
     done = sum(1 for r in records.values() if r.status == "done")
+    gpu_s = sum(r.gpu_seconds for r in records.values())
     print(f"\njob {plan.manifest.name}: {done} rendered, {len(plan.done)} already done, {len(failed)} failed "
-          f"in {format_duration(wall)}")
+          f"in {format_duration(wall)}; {gpu_s:.1f} GPU-seconds" + _money(cfg, gpu_s))
+    if not_started:
+        print(f"  budget job.budget_gpu_hours={cfg.job.budget_gpu_hours} reached: {len(not_started)} shot(s) not "
+              f"started: {', '.join(not_started)}")
     for r in failed:
         last = r.attempts[-1]["log"] if r.attempts else "-"
         print(f"  FAILED {r.shot.id} ({r.failure_class or r.status}): {r.error or r.status} "
@@ -345,7 +373,12 @@ def _run_locked(cfg: DictConfig, plan: Plan, preset, t_start: float) -> int:
     if stopped:
         print(f"error: the job stopped: {stopped}", file=sys.stderr)
         return 3
-    return 1 if failed else 0
+    return 1 if failed or not_started else 0
+
+
+def _money(cfg: DictConfig, gpu_s: float) -> str:
+    rate = _node(cfg, "job.gpu_hour_cost")
+    return "" if rate is None else f", cost {gpu_s / 3600 * rate:.2f} at {rate:g} per GPU-hour"
 
 
 def write_report_or_say_why(out: Path, job_info: dict, records: dict, wall: float) -> tuple[Path, Path] | None:
@@ -413,13 +446,18 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
         except Exception as e:  # noqa: BLE001 - the final report says what matters; this one is a courtesy
             log.warning("report at the start of the job not written: %s", e)
         use_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        from jobs.prepare_stage import run_prepare_stage, settings_from, shots_needing_prepare
+
+        if shots_needing_prepare(plan):  # Animate plates become preprocessed folders before any group starts
+            job_info["prepare_failures"] = run_prepare_stage(plan, settings_from(cfg), _node(cfg, "prepare.checkpoint"),
+                                                             use_ray=True)
         settings = FarmSettings(
             gpus_per_group=plan.gpus_per_group, use_gpus=use_gpus, max_groups=_node(job, "max_groups"),
             max_retries=int(job.max_retries), shot_timeout_s=float(job.shot_timeout_s),
             group_start_timeout_s=float(_node(job, "group_start_timeout_s", 900)),
             node_failure_limit=int(job.node_failure_limit), worker_spec=worker_spec(cfg, preset),
             max_preemptions=int(_node(job, "max_preemptions", 5)),
-            faults=parse_faults(os.environ.get(FAULTS_ENV)),
+            faults=parse_faults(os.environ.get(FAULTS_ENV)), budget_gpu_hours=_node(job, "budget_gpu_hours"),
             job_meta={"name": plan.manifest.name, "manifest": job_info["manifest"]})
         progress = JobProgress(len(plan.todo), len(plan.done), live=_node(job, "live_progress"))
         farm = Farm(plan, settings, progress)

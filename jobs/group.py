@@ -15,7 +15,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -120,8 +120,16 @@ class RenderRank:
             if getattr(self.pipe, "is_main", self.rank == 0):  # rank 0 decoded the frames: it writes
                 from renderer.output import write_shot
 
-                mp4, side = write_shot(self.pipe, result, task["out_dir"], name=task["output"],
-                                       extra={"job": task["job"]})
+                job = dict(task["job"])
+                # accounting up to this write: the driver's figure for earlier attempts + this one's wall so far
+                job["gpu_seconds"] = round(job.get("earlier_attempts_gpu_seconds", 0.0)
+                                           + job.get("gpus", self.world_size) * (time.perf_counter() - t0), 3)
+                extra = {"job": job}
+                if task.get("video") and (Path(task["video"]) / "meta.json").is_file():
+                    from renderer.prepare.folder import provenance
+
+                    extra["preprocessing"] = provenance(task["video"])  # plate hash, models, settings
+                mp4, side = write_shot(self.pipe, result, task["out_dir"], name=task["output"], extra=extra)
                 out.update(mp4=str(mp4), sidecar=str(side))
             out.update(seconds=round(time.perf_counter() - t0, 3),
                        timings={k: round(v, 4) for k, v in (getattr(result, "timings", None) or {}).items()},
@@ -177,6 +185,7 @@ class GroupHandle:
     pending_ranks: int = 0
     result: dict | None = None
     label_selector_ok: bool = True
+    actor_class: ClassVar[Any] = RenderRankActor  # what each rank runs (a benchmark's stub subclasses this)
 
     def start(self) -> list:
         """Reserve the bundles and start the ranks; returns the setup refs (one per rank)."""
@@ -195,7 +204,7 @@ class GroupHandle:
                "TOKENIZERS_PARALLELISM": "false"}
         for rank in range(self.size):
             spec = {**self.worker_spec, "rank": rank, "world_size": self.size}
-            actor = RenderRankActor.options(
+            actor = self.actor_class.options(
                 num_cpus=1, num_gpus=1 if self.use_gpus else 0, name=None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
                 runtime_env={"env_vars": env}).remote(spec)

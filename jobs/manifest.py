@@ -32,11 +32,11 @@ from renderer.presets import ModelPreset, check_shot
 
 # what a shot (and `defaults`) may set; the farm's own fields (priority, output, tags, video) are not ShotSpec's
 SHOT_FIELDS = ("id", "task", "prompt", "negative_prompt", "image", "video", "size", "frames", "steps", "seed",
-               "guidance", "sampler", "shift", "priority", "output", "tags")
+               "guidance", "sampler", "shift", "priority", "output", "tags", "mask", "refert_num", "loras")
 NOT_DEFAULTABLE = ("id", "output")  # one value per shot: a default would make every shot collide
 TOP_LEVEL_FIELDS = ("name", "model", "description", "defaults", "shots")
 TEXT_FIELDS = ("task", "prompt", "negative_prompt", "sampler")
-PATH_FIELDS = ("image", "video")
+PATH_FIELDS = ("image", "video", "mask")
 INT_FIELDS = ("frames", "steps", "seed")
 DEFAULT_PRIORITIES = {"urgent": 100, "high": 10, "normal": 0, "low": -10}
 # column names spreadsheets and other tools use for our fields (difflib alone maps "shot_id" to "shift")
@@ -88,7 +88,11 @@ class ShotRequest:
     priority: int
     index: int  # position in the manifest: ties in priority keep manifest order
     tags: dict | list = field(default_factory=dict)
-    video: str | None = None
+    video: str | None = None  # animate/replace: the plate, or a folder `wanrender prepare` made
+    mask: str | None = None
+    refert_num: int | None = None
+    loras: list | None = None
+    clip_plan: object | None = None  # animate/replace: renderer.prepare.shots.ClipPlan (clips, estimate)
 
 
 @dataclass
@@ -287,6 +291,8 @@ def _check_value(name: str, value: Any, priorities: dict[str, int]) -> str | Non
         if isinstance(value, bool) or not isinstance(value, int):
             names = ", ".join(f"{k} ({v})" for k, v in priorities.items())
             return f"priority {value!r} is neither a whole number nor a named priority: use a number or {names}"
+    if name == "loras" and not (isinstance(value, list) and all(isinstance(v, (str, dict)) for v in value)):
+        return f"must be a list of LoRA files (or {{path: ..., scale: ...}}), got {value!r}"
     if name == "tags":
         if isinstance(value, dict):
             bad = [k for k, v in value.items() if isinstance(v, (dict, list))]
@@ -339,7 +345,10 @@ def _resolve_path(value: str | None, base_dir: Path) -> str | None:
     if not value:
         return None
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base_dir / p).resolve())
+    try:
+        return str(p if p.is_absolute() else (base_dir / p).resolve())
+    except (ValueError, OSError):  # a NUL byte or a loop in the path: left as given, the image check names it
+        return str(base_dir / p)
 
 
 def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str | Path = ".",
@@ -439,9 +448,18 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
                                                  cli_values.get("tags"))) or {}
         image = _resolve_path(values.get("image"), base_dir) if "image" not in bad_fields else None
         video = _resolve_path(values.get("video"), base_dir) if "video" not in bad_fields else None
-        if video and not Path(video).is_file():
+        animate = values.get("task") in ("animate", "replace")
+        if video and not Path(video).is_file() and not (animate and Path(video).is_dir()):
             shot_problems.append(Problem(label, "video", f"input video {values.get('video')} does not exist "
                                                          f"(looked in {video}): check the path"))
+        plan = None
+        if animate:  # the plate's and image's headers are read now: clip count and estimate, or the problems
+            from renderer.prepare.shots import check_animate_shot
+
+            plan, found = check_animate_shot(values["task"], video, image, _resolve_path(values.get("mask"), base_dir),
+                                             values.get("refert_num", 1), steps=values.get("steps") or 20,
+                                             guidance=values.get("guidance") or 1.0)
+            shot_problems += [Problem(label, f, m) for f, m in found if f not in bad_fields]
         priority = values.get("priority", 0)
         priority = priorities.get(priority, priority) if isinstance(priority, str) else priority
         # the model's checks run even when other fields are wrong (every problem at once); a field already
@@ -458,7 +476,9 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
         shot_problems += [p for p in _model_problems(spec, preset, label, values) if p.field not in bad_fields]
         if not shot_problems:
             shots.append(ShotRequest(id=str(sid), output=output, spec=spec, priority=int(priority), index=index,
-                                     tags=values["tags"], video=video))
+                                     tags=values["tags"], video=video,
+                                     mask=_resolve_path(values.get("mask"), base_dir),
+                                     refert_num=values.get("refert_num"), loras=values.get("loras"), clip_plan=plan))
         problems += shot_problems
     if problems:
         raise ManifestError(problems, source)

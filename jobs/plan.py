@@ -194,6 +194,9 @@ def format_plan(plan: Plan, groups: int | None, cluster_note: str = "") -> str:
     eta = plan.estimate_seconds(groups or 1)
     lines.append(f"{todo} to render, {len(plan.done)} already done; estimated {format_duration(eta)} on "
                  f"{groups or 1} group{'s' if (groups or 1) != 1 else ''} ({plan.estimate_basis})")
+    for p in plan.todo:  # Animate shots: the clip plan read from the plate's header, and its full-size cost
+        if getattr(p.request, "clip_plan", None) is not None:
+            lines.append(f"  {p.id}: {p.request.clip_plan.describe()}")
     return "\n".join(lines)
 
 

@@ -53,6 +53,21 @@ def thumbnails(mp4: Path) -> list[str]:
     return uris
 
 
+def _image_uri(path: str) -> str | None:
+    """A PNG (the Animate preprocessing preview) as a JPEG data URI, 480 px tall at most."""
+    from PIL import Image
+
+    try:
+        im = Image.open(path).convert("RGB")
+    except OSError:
+        return None
+    if im.height > 480:
+        im = im.resize((round(im.width * 480 / im.height), 480), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def _ffmpeg_frames(mp4: Path, indices: list[int], width: int, height: int) -> list:
     import subprocess
 
@@ -95,16 +110,50 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
         "negative_prompt": spec.negative_prompt, "seed": spec.seed, "size": spec.size, "frames": spec.frames,
         "steps": spec.steps, "sampler": spec.sampler, "guidance": list(spec.guidance), "render_hash": p.render_hash,
         "mp4": _link(p.mp4, out_dir) if p.mp4.is_file() else None,
+        # Animate shots: the preprocessing preview (plate + keypoints + mask, pose, face) beside the result
+        "preview": (str(Path(p.request.video) / "preview.png")
+                    if getattr(p.request, "video", None) and (Path(p.request.video) / "preview.png").is_file() else None),
         "attempts": rec.attempts, "attempt_count": len(rec.attempts), "seconds": seconds, "timings_s": timings,
         "error": rec.error if rec.status not in ("done", "skipped") else None,
         "failure_class": (getattr(rec, "failure_class", None) or "render") if rec.status == "failed" else None,
         "log": _link(rec.attempts[-1]["log"], out_dir) if rec.attempts else None,
+        "gpu_seconds": round(sum(float(a.get("gpu_seconds", 0.0)) for a in rec.attempts), 3),
     }
 
 
 def _link(path: str | Path, out_dir: Path) -> str:
     """Relative to the report's folder (the folder moves as a whole), POSIX separators for the browser."""
     return Path(os.path.relpath(Path(path).absolute(), Path(out_dir).absolute())).as_posix()
+
+
+def accounting(shots: list[dict[str, Any]], job: dict[str, Any]) -> dict[str, Any]:
+    """The job's GPU-seconds (every attempt of every shot, failed ones included), money and budget."""
+    gpu_s = round(sum(s["gpu_seconds"] for s in shots), 3)
+    rate = job.get("gpu_hour_cost")
+    for s in shots:
+        s["cost"] = None if rate is None else round(s["gpu_seconds"] / 3600 * rate, 6)
+    not_started = [s["id"] for s in shots if s["status"] == "not_started"]
+    return {"gpu_seconds": gpu_s, "gpu_hours": round(gpu_s / 3600, 6), "gpu_hour_cost": rate,
+            "cost": None if rate is None else round(gpu_s / 3600 * rate, 6),
+            "budget_gpu_hours": job.get("budget_gpu_hours"), "budget_reached": bool(not_started),
+            "not_started": not_started}
+
+
+def write_accounting_csv(path: Path, shots: list[dict[str, Any]], acct: dict[str, Any]) -> Path:
+    """<out>/accounting.csv: one row per shot and a TOTAL row, for a studio's cost sheets."""
+    import csv
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["shot", "status", "attempts", "gpu_seconds", "gpu_hours", "cost"])
+        for s in shots:
+            w.writerow([s["id"], s["status"], s["attempt_count"], f"{s['gpu_seconds']:.3f}",
+                        f"{s['gpu_seconds'] / 3600:.6f}", "" if s["cost"] is None else f"{s['cost']:.6f}"])
+        w.writerow(["TOTAL", "", sum(s["attempt_count"] for s in shots), f"{acct['gpu_seconds']:.3f}",
+                    f"{acct['gpu_hours']:.6f}", "" if acct["cost"] is None else f"{acct['cost']:.6f}"])
+    os.replace(tmp, path)
+    return path
 
 
 def write_report(out_dir: str | Path, job: dict[str, Any], records: dict, wall_s: float, *,
@@ -123,12 +172,17 @@ def write_report(out_dir: str | Path, job: dict[str, Any], records: dict, wall_s
     counts: dict[str, int] = {}
     for s in shots:
         counts[s["status"]] = counts.get(s["status"], 0) + 1
+    acct = accounting(shots, job)
     report = {"job": job, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "wall_s": round(wall_s, 2), "counts": counts,
+              "wall_s": round(wall_s, 2), "counts": counts, "accounting": acct,
               "ok": all(s["status"] in ("done", "skipped") for s in shots), "shots": shots}
+    write_accounting_csv(out / "accounting.csv", shots, acct)
     json_path = write_json_atomic(out / "report.json", report)
     uris = {s["id"]: thumbnails(out / s["mp4"]) if thumbs and s["mp4"] and s["status"] in ("done", "skipped")
             else [] for s in shots}
+    for s in shots:
+        if s.get("preview"):
+            uris[s["id"]] = uris[s["id"]] + [None] * (3 - len(uris[s["id"]])) + [_image_uri(s["preview"])]
     html_path = out / "report.html"
     tmp = out / f".report.html.tmp-{os.getpid()}"
     try:
@@ -148,7 +202,8 @@ h1{font-size:20px;margin:0 0 4px} .meta{color:#9aa0a6;margin-bottom:16px} .meta 
 .shot{background:#1f2228;border:1px solid #2f343c;border-radius:8px;padding:10px 12px}
 .shot.st-failed{border-color:#b3261e} .shot h2{font-size:15px;margin:0 0 6px;display:flex;gap:8px;align-items:center}
 .badge{font-size:11px;padding:1px 7px;border-radius:9px;text-transform:uppercase;letter-spacing:.04em}
-.done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}.queued,.interrupted{background:#5c4a12}
+.done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}
+.queued,.interrupted,.not_started{background:#5c4a12}
 .frames{display:flex;gap:6px;margin:6px 0} video{height:120px;border-radius:3px;background:#000}
 .neg{color:#9aa0a6;font-size:12px;white-space:pre-wrap} .cls{font-weight:600;color:#ffb4ab}
 .frames figure{margin:0;text-align:center;font-size:11px;color:#9aa0a6}
@@ -185,12 +240,16 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
     status = s["status"]
     frames_html = []
     for which, label in enumerate(("first", "middle", "last")):
-        if which < len(uris):
+        if which < len(uris) and uris[which]:
             img = (f'<img class="thumb" alt="{e(s["id"])} {label} frame" data-shot="{e(s["id"])}" '
                    f'data-which="{label}" src="{uris[which]}">')
         else:
             img = '<div class="noimg">no frame</div>'
         frames_html.append(f"<figure>{img}<figcaption>{label}</figcaption></figure>")
+    if len(uris) > 3 and uris[3]:  # Animate: what the shot was driven by, beside what came out
+        frames_html.insert(0, f'<figure><img class="thumb preview" alt="{e(s["id"])} preprocessing preview" '
+                              f'data-shot="{e(s["id"])}" data-which="preview" src="{uris[3]}">'
+                              '<figcaption>plate · pose · face (preprocessing)</figcaption></figure>')
     t = s.get("timings_s") or {}
     timing = " · ".join(f"{k} {_fmt_s(t[k])}" for k in ("text_encode", "denoise", "vae_decode", "mp4_write",
                                                          "model_load") if t.get(k) is not None)
@@ -205,7 +264,7 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
     error = (f'<div class="error">{cls}{e(s["error"] or "")}\nlog: {e(s["log"] or "-")}</div>'
              if status not in ("done", "skipped") else "")
     file_line = f'<a href="{e(s["mp4"])}"><b>{e(s["mp4"])}</b></a>' if s["mp4"] else "-"
-    poster = f' poster="{uris[0]}"' if uris else ""
+    poster = f' poster="{uris[0]}"' if uris and uris[0] else ""
     video = (f'<figure><video controls preload="none"{poster} src="{e(s["mp4"])}" data-shot="{e(s["id"])}">'
              f'</video><figcaption>play</figcaption></figure>'
              if s["mp4"] and status in ("done", "skipped") else "")
@@ -225,9 +284,31 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
   <div class="kv">seed <b>{s['seed']}</b> · priority <b>{s['priority']}</b> · {e(s['task'])} <b>{e(s['size'])}</b>
    · <b>{s['frames']}</b> frames · <b>{s['steps']}</b> steps {e(s['sampler'])} · guidance <b>{e(str(s['guidance']))}</b></div>
   <div class="kv">attempts: <b>{e(attempts)}</b> · render {_fmt_s(s['seconds'])}{' · ' + e(timing) if timing else ''}</div>
+  <div class="kv">GPU time <b>{s.get('gpu_seconds', 0.0):.1f} GPU-s</b>{_cost_txt(s.get('cost'))}</div>
   <div class="kv">file {file_line}{' · tags ' + e(tags_txt) if tags_txt else ''}</div>
   {error}
 </section>"""
+
+
+def _cost_txt(cost: float | None) -> str:
+    return "" if cost is None else f" · cost <b>{cost:.2f}</b>"
+
+
+def _accounting_html(acct: dict[str, Any] | None) -> str:
+    if not acct:
+        return ""
+    e = html.escape
+    rate = acct.get("gpu_hour_cost")
+    money = f" · cost <b>{acct['cost']:.2f}</b> (at {rate:g} per GPU-hour)" if rate is not None else ""
+    budget = acct.get("budget_gpu_hours")
+    line = (f'<div class="meta" id="accounting">GPU time <b>{acct["gpu_seconds"]:.1f} GPU-s</b> '
+            f'({acct["gpu_hours"]:.4f} GPU-hours, every attempt counted){money}'
+            + (f" · budget {budget:g} GPU-hours" if budget is not None else "") + " · <a href=\"accounting.csv\">"
+            "accounting.csv</a></div>")
+    if acct.get("not_started"):
+        line += (f'<div class="error" id="not-started">budget reached: {len(acct["not_started"])} shot(s) not '
+                 f'started: {e(", ".join(acct["not_started"]))}</div>')
+    return line
 
 
 def render_html(report: dict[str, Any], thumbs: dict[str, list[str]]) -> str:
@@ -253,6 +334,7 @@ def render_html(report: dict[str, Any], thumbs: dict[str, list[str]]) -> str:
 <div class="meta">model <b>{e(str(job.get('model')))}</b> ({e(str(job.get('fingerprint')))}) · manifest
  <b>{e(str(job.get('manifest')))}</b> · submitted {e(str(job.get('submitted_at')))} · wall
  <b>{e(format_duration(report['wall_s']))}</b> · {job.get('gpus_per_group', 1)} GPU(s) per group{dash_html}</div>
+{_accounting_html(report.get("accounting"))}
 <div class="counts">{counts}</div>
 <div id="thumbcheck">checking thumbnails…</div>
 <div class="sheet">{cards}</div>

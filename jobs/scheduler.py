@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -42,12 +42,14 @@ class FarmSettings:
     worker_spec: dict[str, Any] = field(default_factory=dict)
     faults: dict[tuple[str, int], dict] = field(default_factory=dict)  # (shot id, attempt) -> fault (tests)
     job_meta: dict[str, Any] = field(default_factory=dict)  # copied into every sidecar under "job"
+    budget_gpu_hours: float | None = None  # job.budget_gpu_hours: no new shot starts once this much is spent
+    progress_every_s: float = 1.0  # <out>/progress.json is rewritten at most this often (the service reads it)
 
 
 @dataclass
 class ShotRecord:
     shot: PlannedShot
-    status: str  # skipped | queued | running | done | failed
+    status: str  # skipped | queued | running | done | failed | not_started (budget reached)
     attempts: list[dict] = field(default_factory=list)
     error: str | None = None
     result: dict | None = None
@@ -60,6 +62,26 @@ class ShotRecord:
 
     def preemptions(self) -> int:
         return sum(1 for a in self.attempts if a.get("class") == PREEMPTION)
+
+    @property
+    def gpu_seconds(self) -> float:
+        """Group size × wall time of every attempt of this job, failed and running ones included."""
+        return sum(attempt_gpu_seconds(a) for a in self.attempts)
+
+
+def attempt_gpu_seconds(attempt: dict, now: float | None = None) -> float:
+    """A finished attempt's recorded GPU-seconds, or a running one's so far (its GPUs are held the whole time)."""
+    if "gpu_seconds" in attempt:
+        return float(attempt["gpu_seconds"])
+    return attempt.get("gpus", 1) * max(0.0, (now or time.time()) - attempt["started_at"])
+
+
+def close_attempt(attempt: dict, status: str, **extra: Any) -> None:
+    """End an attempt: its wall time and GPU-seconds are fixed from here on."""
+    ended = time.time()
+    wall = max(0.0, ended - attempt["started_at"])
+    attempt.update(ended_at=ended, wall_s=round(wall, 3), gpu_seconds=round(attempt.get("gpus", 1) * wall, 3),
+                   status=status, **extra)
 
 
 def earlier_attempts(log_dir: Path, shot_id: str) -> int:
@@ -80,7 +102,8 @@ def short_error(e: BaseException) -> str:
 
 
 class Farm:
-    def __init__(self, plan: Plan, settings: FarmSettings, progress: JobProgress | None = None):
+    def __init__(self, plan: Plan, settings: FarmSettings, progress: JobProgress | None = None,
+                 group_factory: Callable[..., GroupHandle] = GroupHandle):
         self.plan = plan
         self.s = settings
         self.out_dir = plan.out_dir
@@ -103,6 +126,9 @@ class Farm:
         self.speed = 1.0  # measured seconds / estimated seconds, for the ETA
         self.stopped: str | None = None  # why the job stopped early (an environment fault), with the fix
         self._warned_solo = False
+        self.group_factory = group_factory  # benchmarks pass a stub group; the scheduling is this code either way
+        self.budget_reached = False
+        self._progress_written = 0.0
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
     def _event(self, msg: str) -> None:
@@ -121,6 +147,32 @@ class Farm:
         eta = left * self.speed / active if (self.queue or busy) else 0.0
         self.progress.update(done=self._count("done"), running=len(busy), failed=self._count("failed"),
                              queued=len(self.queue), retries=self.retries, eta_s=eta)
+        self._write_progress(eta)
+
+    def gpu_seconds_spent(self) -> float:
+        now = time.time()
+        return sum(attempt_gpu_seconds(a, now) for r in self.records.values() for a in r.attempts)
+
+    def _write_progress(self, eta_s: float, force: bool = False) -> None:
+        """<out>/progress.json: per-shot status for anyone watching the job (the submission service)."""
+        if not force and time.monotonic() - self._progress_written < self.s.progress_every_s:
+            return
+        self._progress_written = time.monotonic()
+        from renderer.video_io import write_json_atomic
+
+        now = time.time()
+        shots = {r.shot.id: {"status": r.status, "attempts": len(r.attempts), "error": r.error,
+                             "started_at": r.attempts[-1]["started_at"] if r.attempts else None,
+                             "estimate_s": round(r.shot.estimate_s * self.speed, 1),
+                             "gpu_seconds": round(sum(attempt_gpu_seconds(a, now) for a in r.attempts), 3)}
+                 for r in self.records.values()}
+        try:
+            write_json_atomic(self.out_dir / "progress.json", {
+                "updated_at": now, "eta_s": round(eta_s, 1), "counts": dict(self.progress.counts),
+                "gpu_seconds": round(sum(s["gpu_seconds"] for s in shots.values()), 3),
+                "budget_reached": self.budget_reached, "shots": shots})
+        except OSError as e:  # watching is optional; rendering goes on
+            self._event(f"note: progress.json not written: {e}")
 
     # -- capacity -------------------------------------------------------------------------------------------------
     def capacity(self) -> int:
@@ -144,7 +196,7 @@ class Farm:
         while len(self._live_groups()) < target:
             gid = f"g{self.next_gid}"
             self.next_gid += 1
-            g = GroupHandle(gid, self.s.gpus_per_group, self.s.use_gpus, self.s.worker_spec,
+            g = self.group_factory(gid, self.s.gpus_per_group, self.s.use_gpus, self.s.worker_spec,
                             avoid_nodes=frozenset(self.blocklist))
             for rank, ref in enumerate(g.start()):
                 self.refs[ref] = (gid, "setup", rank)
@@ -166,7 +218,24 @@ class Farm:
             del self.refs[ref]
 
     # -- dispatch -------------------------------------------------------------------------------------------------
+    def _check_budget(self) -> None:
+        """job.budget_gpu_hours: once spent (running attempts count as they go), no new shot starts."""
+        budget = self.s.budget_gpu_hours
+        if budget is None or not self.queue or self.gpu_seconds_spent() < budget * 3600:
+            return
+        self.budget_reached = True
+        why = (f"not started: job.budget_gpu_hours={budget:g} reached "
+               f"({self.gpu_seconds_spent() / 3600:.4g} GPU-hours used)")
+        ids = []
+        while self.queue:
+            rec = self.records[self.queue.pop().id]
+            rec.status, rec.error = "not_started", why
+            ids.append(rec.shot.id)
+        self._event(f"budget reached: {len(ids)} shot(s) {why}: {', '.join(ids[:20])}"
+                    + (f" … (+{len(ids) - 20})" if len(ids) > 20 else ""))
+
     def assign(self) -> None:
+        self._check_budget()
         for g in list(self.groups.values()):
             if g.state == "idle" and g.node_id in self.blocklist:
                 self._retire(g)  # a suspect node finishes what it runs but gets no new shot
@@ -180,15 +249,18 @@ class Farm:
             task = {"shot": shot.spec, "output": shot.request.output, "attempt": attempt, "group": g.gid,
                     "out_dir": str(self.out_dir), "log": str(self.log_dir / f"{shot.id}.attempt{attempt}.log"),
                     "fault": self.s.faults.get((shot.id, len(rec.attempts) + 1)),
+                    "video": getattr(shot.request, "video", None),  # Animate: the plate's prepared folder
                     "job": {**self.s.job_meta, "shot": shot.id, "output": shot.request.output,
                             "priority": shot.priority, "tags": shot.request.tags, "attempt": attempt,
-                            "group": g.gid, "node_id": g.node_id}}
+                            "group": g.gid, "node_id": g.node_id, "gpus": g.size,
+                            "earlier_attempts_gpu_seconds": round(rec.gpu_seconds, 3)}}
             for rank, ref in enumerate(g.render(task)):
                 self.refs[ref] = (g.gid, "render", rank)
             rec.status = "running"
-            rec.attempts.append({"attempt": attempt, "group": g.gid, "node_id": g.node_id,
+            rec.attempts.append({"attempt": attempt, "group": g.gid, "node_id": g.node_id, "gpus": g.size,
                                  "started_at": time.time(), "log": task["log"]})
             self._event(f"{shot.id}: attempt {attempt} on group {g.gid}")
+            self._update_progress()  # watchers see the shot running even when it ends within one wait
 
     # -- results --------------------------------------------------------------------------------------------------
     def handle(self, ref) -> None:
@@ -225,7 +297,7 @@ class Farm:
         rec = self.records[g.shot_id]
         res = g.result or {}
         att = rec.attempts[-1]
-        att.update(ended_at=time.time(), seconds=res.get("seconds"), node_id=g.node_id, status="done")
+        close_attempt(att, "done", seconds=res.get("seconds"), node_id=g.node_id)
         rec.status, rec.result, rec.error = "done", res, None
         if rec.shot.estimate_s > 0 and res.get("seconds"):
             ratio = res["seconds"] / rec.shot.estimate_s
@@ -259,8 +331,8 @@ class Farm:
             return
         rec = self.records[shot_id]
         att = rec.attempts[-1]
-        att.update(ended_at=time.time(), seconds=round(time.time() - att["started_at"], 3), status="failed",
-                   error=summary, node_id=att.get("node_id") or node, **{"class": kind})
+        close_attempt(att, "failed", seconds=round(time.time() - att["started_at"], 3), error=summary,
+                      node_id=att.get("node_id") or node, **{"class": kind})
         _append_log(Path(att["log"]), f"attempt failed ({kind}): {summary}\n{error!r}"[:4000])
         _remove_partial(self.out_dir, rec.shot.request.output)
         rec.error = summary
@@ -339,7 +411,11 @@ class Farm:
         finally:
             for g in list(self.groups.values()):
                 self._retire(g)
+            for rec in self.records.values():  # attempts cut short (Ctrl-C, driver error) still held their GPUs
+                if rec.attempts and "gpu_seconds" not in rec.attempts[-1]:
+                    close_attempt(rec.attempts[-1], "interrupted")
             self._update_progress()
+            self._write_progress(0.0, force=True)
         return self.records
 
 

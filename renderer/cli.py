@@ -2,6 +2,9 @@
 
     wanrender generate [overrides]     render one shot to <out>/<name>.mp4 + sidecar JSON
     wanrender render manifest=FILE     render a manifest of shots on the render farm (Ray)
+    wanrender prepare plate=F image=F mode=animate|replace out=DIR prepare.checkpoint=DIR
+                                       preprocess a plate for an Animate shot (pose, face, [mask, background])
+    wanrender serve [overrides]        the HTTP submission service (token in WANRENDER_SERVICE_TOKEN)
     wanrender config [overrides]       print the resolved config
 
 Overrides are Hydra's: model=t2v_a14b model.checkpoint=/ckpt/Wan2.2-T2V-A14B prompt="..." seed=7
@@ -100,6 +103,45 @@ def cmd_render(cfg: DictConfig) -> int:
     return run_job(cfg)
 
 
+def cmd_prepare(cfg: DictConfig) -> int:
+    from pathlib import Path
+
+    from renderer.prepare import PrepareError, prepare
+
+    p = cfg.prepare
+    missing = [f"{k}=" for k, v in (("plate", p.plate), ("image", cfg.image)) if not v]
+    if missing:
+        print(f"error: prepare: {' and '.join(missing)} required (plate= the performer's footage, image= the "
+              "character)", file=sys.stderr)
+        return 2
+    from renderer.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_config(cfg).prepare.resolved_device()  # the one conversion of the config
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        meta = prepare(p.plate, cfg.image, cfg.out, settings, checkpoint_root=p.checkpoint, force=bool(p.force))
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    state = "reused (same plate, image, settings and models)" if meta["cached"] else "written"
+    print(f"prepare: {cfg.out} {state}: {meta['mode']}, {meta['frames']} frames {meta['width']}x{meta['height']} "
+          f"at {meta['fps']} fps; check {Path(cfg.out) / 'preview.png'} before rendering")
+    return 0
+
+
+# `wanrender prepare plate=... mode=... force=...` are short for prepare.plate= etc.
+PREPARE_SHORT = ("plate", "mode", "force", "retarget", "checkpoint")
+
+
+def cmd_serve(cfg: DictConfig) -> int:
+    from jobs.service.api import serve_from_config  # the HTTP submission service (FastAPI + Ray job submission)
+
+    return serve_from_config(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -113,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             print(HELP[command])
             return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"generate": cmd_generate, "render": cmd_render,
+    if command == "prepare":
+        overrides = [f"prepare.{o}" if o.split("=", 1)[0] in PREPARE_SHORT else o for o in overrides]
+    commands = {"generate": cmd_generate, "render": cmd_render, "prepare": cmd_prepare, "serve": cmd_serve,
                 "config": lambda c: print(OmegaConf.to_yaml(c)) or 0}
     if command not in commands:
         print(f"unknown command {command!r}: use {', '.join(commands)}\n{__doc__}", file=sys.stderr)

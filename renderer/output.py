@@ -9,33 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from kernels.settings import KernelSettings
-from renderer import __version__
 from renderer.pipeline import Pipeline, RenderResult, ShotSpec
+from renderer.provenance import code_version
 
 # settings that change the pixels; anything else (timings, paths, tags) does not force a re-render
 RENDER_FIELDS = ("task", "prompt", "negative_prompt", "image", "size", "frames", "steps", "seed", "guidance",
                  "sampler", "shift")
-
-
-def code_version() -> str:
-    """Package version plus the git commit of the checkout, when there is one."""
-    try:
-        root = Path(__file__).resolve().parents[1]
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        if sha:
-            return f"{__version__}+g{sha}{'.dirty' if dirty else ''}"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return __version__
 
 
 def _image_digest(path: str | None) -> str | None:

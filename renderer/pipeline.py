@@ -296,7 +296,7 @@ class Pipeline:
         conditioner = self.family.conditioners[shot.task](ShotInputs(
             task=shot.task, context=context, context_null=context_null, latent_shape=shape,
             size=parse_size(shot.size), frames=shot.frames, image=shot.image, vae=self.vae, device=self.device,
-            model_config=self.preset.dit))
+            model_config=self.preset.dit, shot=shot))
         timings["image_encode"] = time.perf_counter() - t0
 
         sampler = make_sampler(shot.sampler, shot.steps, shot.shift)
@@ -327,8 +327,9 @@ class Pipeline:
             if self._decode_in_parallel(latent):
                 from renderer.vae.parallel_decode import decode_distributed
 
-                # every rank decodes its spatial tiles; rank 0 gets [1, 3, F, H, W], the others None
-                video = decode_distributed(self.vae, latent.to(vae_dtype), self.group, tile_size="per_rank")
+                # every rank decodes one band of every frame (halo exchange: equal to one untiled decode);
+                # rank 0 gets [1, 3, F, H, W], the others None
+                video = decode_distributed(self.vae, latent.to(vae_dtype), self.group)
             elif self.is_main:
                 video = self.vae.decode(latent.to(vae_dtype), tile=self.options.vae_tile)  # [1, 3, F, H, W]
             else:
@@ -354,13 +355,11 @@ class Pipeline:
         return torch.randn((1, *shape), generator=gen, dtype=torch.float32)  # [1, z, F', h, w]
 
     def _decode_in_parallel(self, latent: torch.Tensor) -> bool:
-        """Split the VAE decode over the group's ranks by spatial tiles (measured on 4× H200: TI2V-5B 720p decode
-        5.0 s on rank 0 alone, 1.56 s split). Frames then equal a one-GPU *tiled* decode bit for bit, not the
-        untiled one, so small frames (tiny test models), where tiles would see too little context, and
-        render.vae_tile=false keep the whole-frame decode on rank 0."""
-        if self.group is None or not self.group.distributed or self.options.vae_tile is False:
-            return False
-        return self.options.vae_tile is True or latent.shape[-2] * latent.shape[-1] >= 32 * 32
+        """Split the VAE decode over the group's ranks: each rank decodes a band of every frame, exchanging one
+        border line per convolution, so the frames equal one process decoding untiled (renderer/vae/
+        parallel_decode.py) at 1/world of the work and activation memory per rank. render.vae_tile=false keeps the
+        whole decode on rank 0."""
+        return self.group is not None and self.group.distributed and self.options.vae_tile is not False
 
     def describe(self) -> dict:
         """What ran where: for logs and sidecars."""

@@ -55,6 +55,8 @@ class JobSettings:
     live_progress: bool | None = None
     priorities: dict[str, int] = field(default_factory=dict)
     shot_defaults: dict[str, Any] = field(default_factory=dict)
+    gpu_hour_cost: float | None = None  # accounting: money per GPU-hour (jobs/report.py)
+    budget_gpu_hours: float | None = None  # no new shot starts past this many GPU-hours (jobs/scheduler.py)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class Settings:
     label: bool = False
     manifest: str | None = None
     dry_run: bool = False
+    prepare: Any = None  # renderer.prepare.PrepareSettings: Animate preprocessing (wanrender prepare, farm stage)
     resolved: dict[str, Any] = field(default_factory=dict)  # the composed config, for config.yaml / sidecars
 
     @property
@@ -118,7 +121,11 @@ class Settings:
         except (ValueError, TypeError) as e:
             problems.append(("kernels", str(e)))
             kernels = KernelSettings()
-        render = render_options(d.get("render") or {}, kernels)
+        try:
+            render = render_options(d.get("render") or {}, kernels)
+        except (ValueError, TypeError) as e:
+            problems.append(("render", str(e)))
+            render = RenderOptions(kernels=kernels)
         parallel = None
         if d.get("parallel") is not None:
             try:
@@ -134,9 +141,19 @@ class Settings:
                         image=d.get("image"), size=None if d.get("size") is None else str(d["size"]),
                         frames=d.get("frames"), steps=d.get("steps"), seed=d.get("seed", 0), guidance=g,
                         sampler=d.get("sampler") or "unipc", shift=d.get("shift"), shot_id=d.get("name") or "shot")
+        prepare = None
+        if d.get("prepare") is not None:
+            from renderer.prepare.errors import PrepareError
+            from renderer.prepare.settings import PrepareSettings
+
+            try:
+                prepare = PrepareSettings.from_config(d["prepare"])
+            except PrepareError as e:
+                problems.append(("prepare", str(e)))
         if problems:
             raise SettingsError(problems)
-        return cls(model=model, shot=shot, render=render, parallel=parallel, job=job, cluster=cluster,
+        return cls(model=model, shot=shot, prepare=prepare, render=render, parallel=parallel, job=job,
+                   cluster=cluster,
                    out=str(d.get("out") or "out"), name=d.get("name"), label=bool(d.get("label", False)),
                    manifest=d.get("manifest"), dry_run=bool(d.get("dry_run", False)), resolved=d)
 

@@ -16,6 +16,10 @@ from renderer.presets import load_preset
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _head() -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """The CI smoke at a smaller scale: 1 and 2 CPU ranks, 2 timed steps of the tiny model's 6."""
@@ -40,12 +44,17 @@ def test_smoke_report_is_complete(smoke):
         assert len(r["ranks"]) == r["gpus"] and all(m["peak_rss_gb"] > 0 for m in r["ranks"])
         assert r["device_name"].startswith("CPU") and r["tflops_per_gpu"] > 0
         assert Path(r["mp4_path"]).stat().st_size > 0
+        # which sampler stepped the timed steps, as recorded from the sampler the render built
+        assert r["sampler"] == "unipc" and r["sampler_ran"].startswith("euler over 2 of the 6 timesteps")
+        assert r["provenance"]["commit"] == _head() and r["code_version"].startswith(f"0.1.0+g{_head()[:12]}")
     two = report["rows"][1]
     assert two["parallel"].startswith("cfg2×ulysses1") and two["efficiency"] == pytest.approx(two["speedup"] / 2)
     on_disk = json.loads((out / "scaling.json").read_text())
     assert len(on_disk["rows"]) == 2 and on_disk["scaled"] == "scaled from 2 of 6 steps"
+    assert on_disk["provenance"]["commit"] == _head() and on_disk["code_version"] == report["code_version"]
     md = (out / "scaling.md").read_text()
     assert md.count("measured (this run)") == 2 and "† scaled from 2 of 6 steps" in md
+    assert md.count("sampler euler over 2 of the 6 timesteps") == 2 and f"+g{_head()[:12]}" in md
     png = (out / "scaling.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert check_report(on_disk, 2, [out / "scaling.json"]) == []
@@ -148,25 +157,30 @@ def test_report_puts_anchors_beside_our_rows(smoke, tmp_path):
 
 def test_worker_runs_without_hydra_omegaconf_ray_or_ffmpeg(tmp_path):
     """The GPU machines may have none of these: the worker (given the spec the driver composed) must still work,
-    and the MP4 write is reported as not measured, with the reason."""
-    cfg = load_config("smoke", ["timed_steps=3"])  # the driver composes (Hydra), the worker gets plain data
-    spec = worker_spec(cfg, plan_rows(cfg, None)[0][0], tmp_path)
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    and the MP4 write is reported as not measured, with the reason. The row says which sampler stepped: Euler over
+    3 of the 6 timesteps, or the shot's own UniPC when all 6 run."""
+    for timed in (3, 6):
+        cfg = load_config("smoke", [f"timed_steps={timed}"])  # the driver composes (Hydra), the worker gets plain data
+        spec = worker_spec(cfg, plan_rows(cfg, None)[0][0], tmp_path / str(timed))
+        (tmp_path / f"spec{timed}.json").write_text(json.dumps(spec))
     code = f"""
 import json, sys
 for m in ("hydra", "omegaconf", "ray", "ffmpeg"):
     sys.modules[m] = None  # any import of them now raises ImportError
 from benchmarks.worker import run
 from pathlib import Path
-res = run(json.loads(Path({str(tmp_path / "spec.json")!r}).read_text()))
-print(json.dumps({{"mp4": res["seconds"]["mp4_write"], "why": res["mp4_skipped"], "steps": res["step"]["n"],
-                  "experts": res["experts_used"]}}))
+for timed in (3, 6):
+    res = run(json.loads(Path({str(tmp_path)!r}, f"spec{{timed}}.json").read_text()))
+    print(json.dumps({{"mp4": res["seconds"]["mp4_write"], "why": res["mp4_skipped"], "steps": res["step"]["n"],
+                      "experts": res["experts_used"], "ran": res["sampler_ran"]}}))
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
-    res = json.loads(run.stdout.strip().splitlines()[-1])
-    assert res == {"mp4": None, "why": "ffmpeg-python is not installed", "steps": 3, "experts": [0, 0, 1]}
+    subset, full = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
+    assert subset == {"mp4": None, "why": "ffmpeg-python is not installed", "steps": 3, "experts": [0, 0, 1],
+                      "ran": "euler over 3 of the 6 timesteps of the unipc schedule (the shot's unipc needs every step)"}
+    assert full["steps"] == 6 and full["ran"].startswith("unipc (") and "6 steps" in full["ran"]  # the real one
 
 
 def test_sigterm_takes_the_running_row_down(tmp_path):

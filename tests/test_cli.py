@@ -82,6 +82,25 @@ def test_bad_input_is_reported_before_compute(tmp_path, capsys, monkeypatch, ove
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("override,words", [
+    ("kernels.attention=fa9", "kernels: kernels.attention='fa9': choose one of auto"),
+    ("kernels.precision=fp8", "kernels: kernels.precision='fp8'"),
+    ("render.noise_device=gpu", "render: render.noise_device='gpu': use cpu"),
+    ("seed=-5", "seed: seed must be an integer from 0 to 2^63-1, or -1 for a random one"),
+])
+def test_bad_settings_are_named_before_compute(tmp_path, capsys, monkeypatch, override, words):
+    import renderer.pipeline
+
+    def no_pipeline(*a, **k):
+        raise AssertionError("a model was loaded for a bad request")
+
+    monkeypatch.setattr(renderer.pipeline.Pipeline, "__init__", no_pipeline)
+    assert main(["generate", "model=tiny_t2v", "prompt=a kite", f"out={tmp_path}", override]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_unreadable_image_is_reported(tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

@@ -22,8 +22,7 @@ from renderer.video_io import read_json, sidecar_path, video_info
 def ray_cluster():
     assert not ray.is_initialized()
     # 4 fake GPUs: the farm must reserve them like real ones, and the actors must not touch CUDA (render.device=cpu)
-    ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING")  # our own instance, never one someone else started on the machine
+    ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -146,7 +146,7 @@ FAULTS = {
     "frames_type": (lambda s: {**s, "frames": "nine"}, "frames"),
     "task": (lambda s: {**s, "task": "i2v"}, "task"),
     "image": (lambda s: {**s, "image": "no/such/image.png"}, "image"),
-    "seed": (lambda s: {**s, "seed": -2}, "seed"),  # -1 is valid since the merge: a random seed, recorded
+    "seed": (lambda s: {**s, "seed": -2}, "seed"),  # -1 asks for a random seed
     "guidance": (lambda s: {**s, "guidance": [1, 2, 3]}, "guidance"),
     "sampler": (lambda s: {**s, "sampler": "ddim"}, "sampler"),
     "tags": (lambda s: {**s, "tags": 3.5}, "tags"),

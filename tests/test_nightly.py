@@ -59,7 +59,7 @@ def test_default_manifest_is_valid():
 @pytest.fixture(scope="module")
 def ray_cluster():
     assert not ray.is_initialized()
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield
     ray.shutdown()
 

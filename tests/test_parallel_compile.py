@@ -17,3 +17,6 @@ def test_compiled_blocks_with_ulysses_equal_one_process():
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("{")))
     assert report["max_rel_err"] <= 1e-5
+    # like with like: the group's blocks compiled, and so did the one-process reference it was compared with
+    assert report["compiled"] is True and report["compared"] == "compiled vs compiled"
+    assert report["code_version"].startswith("0.1.0+")

@@ -80,6 +80,7 @@ class ShotInputs:
     vae: Any  # renderer.vae.WanVAE: encodes the conditioning image
     device: torch.device
     model_config: Any  # the family's model config (patch size, dims)
+    shot: Any = None  # the resolved renderer.pipeline.ShotSpec (a family's own inputs: pose / face videos, ...)
 
 
 @dataclass(frozen=True)

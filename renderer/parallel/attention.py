@@ -111,14 +111,35 @@ def merge_partial(out: torch.Tensor | None, lse: torch.Tensor | None, out_i: tor
     return out * w + out_i * w_i, new_lse
 
 
+def plain_ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None,
+                    lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ring step: q's attention over one key block, merged into the running (out, lse) (None: the first).
+    The plain twin of kernels/ring_triton.triton_ring_step, which does both in one kernel."""
+    out_i, lse_i = attention_lse(q, k, v)  # fp32 [B, Lq, H, Dh], [B, H, Lq]
+    return merge_partial(out, lse, out_i, lse_i)
+
+
+def ring_step_fn(name: str):
+    """The ring step by name: "plain" (attention_lse + merge_partial) or "triton" (kernels/ring_triton, one kernel)."""
+    if name == "plain":
+        return plain_ring_step
+    if name == "triton":
+        from kernels.ring_triton import triton_ring_step
+
+        return triton_ring_step
+    raise ValueError(f"unknown ring step {name!r}: choose plain or triton")
+
+
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, size: int, rank: int,
-                   valid: list[int]) -> torch.Tensor:
+                   valid: list[int], step: str = "plain") -> torch.Tensor:
     """Attention of this rank's queries over the keys of all `size` ring ranks.
 
     q: [B, Lq, H, Dh]; k/v: [B, Lb, H, Dh] = this rank's key block (padded); valid[j]: real keys in rank j's
     block.  -> [B, Lq, H, Dh] in q's dtype.  At iteration i this rank holds block (rank − i) mod size; the send
-    of that block to rank+1 and the receive of the next from rank−1 run while it attends to it.
+    of that block to rank+1 and the receive of the next from rank−1 run while it attends to it.  step: how a
+    block is attended and merged (ring_step_fn).
     """
+    step_fn = ring_step_fn(step)
     nxt = dist.get_global_rank(group, (rank + 1) % size)
     prv = dist.get_global_rank(group, (rank - 1) % size)
     kv = torch.stack([k, v]).contiguous()  # [2, B, Lb, H, Dh]: one message per hop instead of two
@@ -131,8 +152,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, siz
                                            dist.P2POp(dist.irecv, incoming, prv, group)])
         n = valid[(rank - i) % size]
         if n > 0:  # a block of padding only (tiny grids, many ranks) would contribute nothing but NaN
-            out_i, lse_i = attention_lse(q, kv[0, :, :n], kv[1, :, :n])  # fp32 [B, Lq, H, Dh], [B, H, Lq]
-            out, lse = merge_partial(out, lse, out_i, lse_i)
+            out, lse = step_fn(q, kv[0, :, :n], kv[1, :, :n], out, lse)  # fp32 [B, Lq, H, Dh], [B, H, Lq]
         for r in reqs:
             r.wait()
         if i < size - 1:
@@ -151,8 +171,9 @@ class SequenceParallelAttention:
     """
 
     def __init__(self, sharder: SequenceSharder, backend: str = "auto", allow_lossy: bool = False,
-                 agree: Callable[[str], str] | None = None):
+                 agree: Callable[[str], str] | None = None, ring_step: str = "plain"):
         self.sharder = sharder
+        self.ring_step = ring_step  # ring_step_fn: "plain" until the Triton step has run on a GPU
         # the pipeline's KernelSettings.attention / allow_lossy, for the non-ring case
         self.backend, self.allow_lossy = backend, allow_lossy
         self.agree = agree  # RenderGroup.agree: "auto" runs rank 0's choice on every rank
@@ -175,7 +196,7 @@ class SequenceParallelAttention:
             self._agree_on_choice(q, n)
             return attention(q, k[:, :n], v[:, :n], self.backend, self.allow_lossy)  # [B, Lb, Hh, Dh]
         valid = [s.block_valid(r) for r in range(s.ring_size)]
-        return ring_attention(q, k, v, s.ring_group, s.ring_size, s.ring_rank, valid)
+        return ring_attention(q, k, v, s.ring_group, s.ring_size, s.ring_rank, valid, self.ring_step)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s = self.sharder

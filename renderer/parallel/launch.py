@@ -5,7 +5,8 @@
         --dtype bfloat16 --grid 21 90 160 --steps 2 --repeat 2          # a 720p A14B timing, random weights
 
 --check also renders the shot on rank 0 alone (no parallelism) and reports max|Δ| / max|ref| of the final latents;
-only sensible for models that fit one device.  Rank 0 prints one JSON line.  Also runs without torchrun as a
+only sensible for models that fit one device. The reference runs like the group did (eager vs eager, compiled vs
+compiled; `compared` in the JSON says which), so the figure is the layout's error, not compile's.  Rank 0 prints one JSON line.  Also runs without torchrun as a
 single process (then the layout must be `single`).
 """
 from __future__ import annotations
@@ -13,15 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from kernels.attention import resolved_backend
+from kernels.compile import blocks_compiled
 from kernels.settings import KernelSettings
 from renderer.parallel.config import ParallelConfig
 from renderer.parallel.group import init_group
 from renderer.parallel.parallelize import is_sharded
 from renderer.parallel.selftest import run_shot, tiny_shot
+from renderer.provenance import code_version
 
 PARALLEL_CONF = Path(__file__).resolve().parents[2] / "conf" / "parallel"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--attention", default=None, help="attention backend (default: auto)")
     ap.add_argument("--repeat", type=int, default=1, help="time this many renders (the first one warms up)")
     ap.add_argument("--check", action="store_true", help="compare with a single-process render on rank 0")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="kernels.compile of the group's experts; --check runs the reference the same way (eager vs "
+                         "eager, compiled vs compiled)")
     ap.add_argument("--backend", default=None, help="nccl or gloo (default: nccl on CUDA)")
     return ap.parse_args(argv)
 
@@ -71,7 +79,7 @@ def main(argv=None) -> dict:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     group = init_group(layout_from_args(args, world), args.backend)
-    kernels = KernelSettings(attention=args.attention or "auto")
+    kernels = KernelSettings(attention=args.attention or "auto", compile=args.compile)
     try:
         dtype = DTYPES[args.dtype]
         shot = tiny_shot(args.task, tuple(args.grid), args.steps, args.sampler, preset=args.model)
@@ -91,17 +99,36 @@ def main(argv=None) -> dict:
                   "device": str(group.device), "task": args.task, "model": args.model or f"tiny_{args.task}",
                   "grid": args.grid, "steps": args.steps, "dtype": args.dtype, "seconds": seconds,
                   "fsdp": any(is_sharded(m) for m in experts)}
+        report["compiled"] = any(blocks_compiled(m) for m in experts)
+        report["attention_backend"] = resolved_backend(kernels.attention)
+        report["code_version"] = code_version()
         if group.device.type == "cuda":
             report["peak_gb"] = torch.cuda.max_memory_allocated(group.device) / 1e9
         if args.check and group.is_main:
-            ref = run_shot(shot, _local(group), dtype, kernels=kernels)
-            report["max_rel_err"] = ((latent - ref).abs().max() / ref.abs().max()).item()
+            report.update(_check_against_one_process(shot, group, dtype, latent, kernels, report["compiled"]))
         if group.is_main:
             print(json.dumps(report, ensure_ascii=False), flush=True)
         group.barrier()
         return report
     finally:
         group.close()
+
+
+def _check_against_one_process(shot, group, dtype, latent: torch.Tensor, kernels: KernelSettings,
+                               group_compiled: bool) -> dict:
+    """The same shot on rank 0 alone, run like the group ran: compiled if the group's blocks compiled (FSDP-sharded
+    experts stay eager under compile=auto, so their reference is eager too), with the same kernel settings
+    otherwise. A comparison of unlike paths would measure compile's or a kernel's rounding, not the layout's."""
+    ref_kernels = replace(kernels, compile="on" if group_compiled else "off")
+    experts = shot.experts(dtype, group.device, ref_kernels)
+    ref = run_shot(shot, _local(group), dtype, experts=experts, kernels=ref_kernels)  # final latent [1, C, F, H, W]
+    ref_compiled = any(blocks_compiled(m) for m in experts)
+    if ref_compiled != group_compiled:
+        raise RuntimeError(f"--check compared unlike paths: group compiled={group_compiled}, "
+                           f"reference compiled={ref_compiled}")
+    return {"max_rel_err": ((latent - ref).abs().max() / ref.abs().max()).item(),
+            "compared": "compiled vs compiled" if group_compiled else "eager vs eager",
+            "reference_attention_backend": resolved_backend(ref_kernels.attention)}
 
 
 def _local(group):

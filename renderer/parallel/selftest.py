@@ -7,6 +7,8 @@ pipeline uses — from a seeded random input image and the preset's tiny VAE. `r
 """
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,7 +63,9 @@ def _image_file(width: int, height: int, seed: int) -> str:
     from PIL import Image
 
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    path = Path(tempfile.mkdtemp(prefix="wanrender-selftest-")) / "image.png"
+    folder = Path(tempfile.mkdtemp(prefix="wanrender-selftest-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # this process's copy, gone when it exits
+    path = folder / "image.png"
     Image.fromarray(pixels).save(path)
     return str(path)
 

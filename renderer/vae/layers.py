@@ -14,6 +14,7 @@ follow the official Wan checkpoints so that their state dicts load unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "SpatialSplit",
     "StreamState",
     "CausalConv3d",
     "RMSNorm",
@@ -35,6 +37,25 @@ __all__ = [
 ]
 
 
+class SpatialSplit(Protocol):
+    """This process's share of every frame when a decode is split across processes along one spatial axis.
+
+    The layers stay plain PyTorch: they only ask the split (implemented with
+    torch.distributed in renderer/vae/parallel_decode.py) for the neighbours'
+    border pixels and, for the frame-wide attention, for the whole frame.
+    """
+
+    axis: int  # the split axis of a [B, C, T, H, W] activation: 3 (rows) or 4 (columns)
+
+    def halo(self, x: Tensor, width: int) -> Tensor:
+        """x with `width` neighbouring rows/columns added on each side of the split axis (zeros at frame edges)."""
+        ...
+
+    def gather(self, x: Tensor) -> Tensor:
+        """The whole frame: every process's share of x concatenated along the split axis."""
+        ...
+
+
 @dataclass
 class StreamState:
     """What the causal layers of one encoder/decoder remember between chunks.
@@ -42,19 +63,21 @@ class StreamState:
     `frames` maps a layer's `cache_key` (its dotted module path) to the last few
     frames of that layer's input stream; `chunks_done` counts the chunks already
     processed (the very first chunk is special-cased by the resampling layers).
-    A fresh `StreamState()` starts a new video.  The object holds plain tensors
-    only, so it can be moved between devices or handed to another process.
+    A fresh `StreamState()` starts a new video.  `split` is set when this
+    process decodes only a spatial share of each frame (decode only); the
+    cached frames are then that share with its halo.
     """
 
     frames: dict[str, Tensor] = field(default_factory=dict)
     chunks_done: int = 0
+    split: SpatialSplit | None = None
 
     @property
     def first_chunk(self) -> bool:
         return self.chunks_done == 0
 
     def to(self, device: torch.device | str) -> "StreamState":
-        return StreamState({k: v.to(device) for k, v in self.frames.items()}, self.chunks_done)
+        return StreamState({k: v.to(device) for k, v in self.frames.items()}, self.chunks_done, self.split)
 
 
 def _triple(v: int | tuple[int, ...]) -> tuple[int, int, int]:
@@ -80,6 +103,14 @@ class CausalConv3d(nn.Conv3d):
         self.cache_key = ""  # set by assign_cache_keys()
 
     def forward(self, x: Tensor, state: StreamState | None = None) -> Tensor:
+        split = state.split if state is not None else None
+        padding = self.padding
+        if split is not None and self.padding[split.axis - 2]:
+            # the neighbours' border pixels replace the zero padding along the split axis; the
+            # cache below then keeps the haloed frames, so later chunks need no second exchange
+            width = self.padding[split.axis - 2]
+            x = split.halo(x, width)  # [B,C,T,H(+2p),W(+2p)]
+            padding = tuple(0 if d == split.axis - 2 else p for d, p in enumerate(self.padding))
         if self.history:
             past = state.frames.get(self.cache_key) if state is not None else None
             if past is None:  # start of the stream: the reference pads zeros
@@ -89,6 +120,8 @@ class CausalConv3d(nn.Conv3d):
             if state is not None:
                 # clone so the cache does not pin the whole concatenated buffer
                 state.frames[self.cache_key] = x[:, :, -self.history:].clone()  # [B,C,2p,H,W]
+        if padding is not self.padding:  # split: no zero padding along the split axis, the halo is there
+            return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)  # [B,O,T,h,w]
         return super().forward(x)  # [B,Cout,T',H',W']
 
 
@@ -120,13 +153,17 @@ class RMSNorm(nn.Module):
         return x * inv * gamma  # [B,C,T,H,W]
 
 
-def _conv2d_per_frame(x: Tensor, conv: nn.Conv2d) -> Tensor:
+def _conv2d_per_frame(x: Tensor, conv: nn.Conv2d, split: SpatialSplit | None = None) -> Tensor:
     """Apply a 2D conv to every frame of [B,C,T,H,W] without reshaping to [B*T,...].
 
     A (1,kh,kw) 3D kernel is the same computation and saves two permute copies.
+    With a split, the neighbours' border pixels replace the zero padding along its axis.
     """
     w = conv.weight.unsqueeze(2)  # [O,I,1,kh,kw]
     s, p = conv.stride, conv.padding
+    if split is not None and p[split.axis - 3]:
+        x = split.halo(x, p[split.axis - 3])  # [B,C,T,H(+2p),W(+2p)]
+        p = tuple(0 if d == split.axis - 3 else v for d, v in enumerate(p))
     return F.conv3d(x, w, conv.bias, stride=(1, *s), padding=(0, *p))  # [B,O,T,H',W']
 
 
@@ -168,7 +205,9 @@ class Resample(nn.Module):
             x = y.reshape(b, c, 2 * t, h, w)  # [B,C,2T,H,W], frame 2t+k = half k of t
         if self.mode.startswith("up"):
             x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")  # [B,C,T,2H,2W]
-            return _conv2d_per_frame(x, conv)  # [B,C',T,2H,2W]
+            return _conv2d_per_frame(x, conv, state.split)  # [B,C',T,2H,2W]
+        if state.split is not None:
+            raise NotImplementedError("a spatially split stream can only decode; encode the whole frame")
 
         # Downsampling pads one row/column at the bottom/right only (as trained).
         x = _conv2d_per_frame(F.pad(x, (0, 1, 0, 1)), conv)  # [B,C,T,H/2,W/2]
@@ -217,12 +256,32 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: Tensor, state: StreamState | None = None) -> Tensor:
+        if state is not None and state.split is not None:
+            return self._forward_split(x, state.split)
         b, c, t, h, w = x.shape
         qkv = _conv2d_per_frame(self.norm(x), self.to_qkv)  # [B,3C,T,H,W]
         qkv = qkv.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, 3 * c)  # [BT,1,HW,3C]
         q, k, v = qkv.chunk(3, dim=-1)  # each [BT,1,HW,C]; channel order q|k|v
         y = F.scaled_dot_product_attention(q, k, v)  # [BT,1,HW,C]
         y = y.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # [B,C,T,H,W]
+        return x + _conv2d_per_frame(y, self.proj)
+
+    def _forward_split(self, x: Tensor, split: SpatialSplit) -> Tensor:
+        """The same attention for this process's share of the pixels: its queries against the whole frame's keys.
+
+        Keys and values come from the gathered (normalised) frame in global pixel
+        order, so every query sees exactly the keys of the unsplit layer.
+        """
+        b, c, t, h, w = x.shape
+        xn = self.norm(x)  # [B,C,T,h,w] this share
+        weight, bias = self.to_qkv.weight.unsqueeze(2), self.to_qkv.bias  # [3C,C,1,1,1], [3C]
+        q = F.conv3d(xn, weight[:c], bias[:c])  # [B,C,T,h,w]
+        kv = F.conv3d(split.gather(xn), weight[c:], bias[c:])  # [B,2C,T,H,W] whole frame
+        q = q.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, c)  # [BT,1,hw,C]
+        kv = kv.permute(0, 2, 3, 4, 1).reshape(b * t, 1, -1, 2 * c)  # [BT,1,HW,2C]
+        k, v = kv.chunk(2, dim=-1)  # each [BT,1,HW,C]
+        y = F.scaled_dot_product_attention(q, k, v)  # [BT,1,hw,C]
+        y = y.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # [B,C,T,h,w]
         return x + _conv2d_per_frame(y, self.proj)
 
 
