@@ -35,10 +35,11 @@ setup(
         "uvicorn>=0.29",
     ],
     extras_require={
-        # triton: the Triton kernels run in CI through Triton's interpreter (TRITON_INTERPRET=1, tests/conftest.py)
+        # triton: the Triton kernels (fused ops, ring step, FP8 attention) run in CI through Triton's interpreter
+        # (TRITON_INTERPRET=1, tests/conftest.py); peft: the reference for PEFT-format LoRA loading;
         # onnx + onnxscript: the preprocessing tests export tiny stand-ins of the official ONNX checkpoints
-        "test": ["pytest>=8", "hypothesis>=6", "diffusers>=0.35", "accelerate", "onnx>=1.16", "onnxscript",
-                 "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "test": ["pytest>=8", "hypothesis>=6", "diffusers>=0.35", "accelerate", "peft>=0.14", "onnx>=1.16",
+                 "onnxscript", "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         # Animate preprocessing (wanrender prepare): detector + pose through onnxruntime, image ops through OpenCV,
         # iopath for sam2. sam2 itself pins torchvision (which would replace torch), so it is installed apart,
         # without its dependencies: SAM2_BUILD_CUDA=0 pip install --no-deps --no-build-isolation sam2==1.1.0

@@ -54,10 +54,21 @@ def parallel_preset(name: str) -> dict:
 
 def plan_rows(cfg: dict, available_gpus: int | None) -> tuple[list[dict], list[dict]]:
     """[(gpus, layout name, parallel dict, render options)], [skipped rows with the reason]."""
-    from renderer.parallel.config import ParallelConfig
-
     heads = int(cfg["model"]["dit"]["num_heads"])
     rows, skipped = [], []
+    qualities = list(dict.fromkeys(cfg.get("qualities") or ["exact"]))
+    for q in qualities:  # one set of rows per quality tier (renderer/tiers.py); exact rows keep their labels
+        for row in _plan_gpu_rows(cfg, available_gpus, heads, skipped if q == qualities[0] else []):
+            if q != "exact":
+                row["layout"] = f"{row['layout']}+{q}"
+            rows.append({**row, "quality": q})
+    return rows, skipped
+
+
+def _plan_gpu_rows(cfg: dict, available_gpus: int | None, heads: int, skipped: list[dict]) -> list[dict]:
+    from renderer.parallel.config import ParallelConfig
+
+    rows = []
     for n in dict.fromkeys(int(g) for g in cfg["gpus"]):  # asked order, no repeats
         if available_gpus is not None and n > available_gpus:
             skipped.append({"gpus": n, "layout": "-", "why": f"only {available_gpus} GPUs on this machine"})
@@ -82,7 +93,7 @@ def plan_rows(cfg: dict, available_gpus: int | None) -> tuple[list[dict], list[d
                 skipped.append({"gpus": n, "layout": label, "why": str(e)})
                 continue
             rows.append({"gpus": n, "layout": label, "parallel": par, "render": dict(cfg["render"])})
-    return rows, skipped
+    return rows
 
 
 def _row_id(row: dict) -> str:
@@ -104,6 +115,7 @@ def worker_spec(cfg: dict, row: dict, out: Path) -> dict:
             "shot": cfg["shot"], "render": render, "parallel": row["parallel"], "timed_steps": cfg.get("timed_steps"),
             "warmup": cfg.get("warmup", "auto"), "mp4": cfg.get("mp4", "auto"),
             "inject_step_sleep_s": cfg.get("inject_step_sleep_s") or 0,
+            "quality": row.get("quality", "exact"), "quality_overrides": cfg.get("quality_overrides") or {},
             "out_json": str(out / "rows" / f"{rid}.json"), "out_dir": str(out / "videos")}
 
 
@@ -237,7 +249,9 @@ def check_report(report: dict, planned: int, files: list[Path]) -> list[str]:
             problems.append(f"{where}: MP4 write neither measured nor explained")
         if not r["step"].get("median_s"):
             problems.append(f"{where}: no step times")
-        if r["scaled"] != report["scaled"]:
+        # fast and draft rows time every step on purpose (a cached step is not a median step): only exact rows
+        # must carry the report's scaling label
+        if r.get("quality", "exact") == "exact" and r["scaled"] != report["scaled"]:
             problems.append(f"{where}: scaling label {r['scaled']!r} differs from the report's {report['scaled']!r}")
         if r["device"].startswith("cuda") and not r.get("peak_gpu_allocated_gb_max"):
             problems.append(f"{where}: no peak GPU memory")

@@ -69,8 +69,11 @@ class SubsetSchedule(FlowEuler):
         self.reset()
 
 
-def expected_experts(preset, full_steps: int, shift: float, indices: list[int], guidance) -> list[int]:
-    _, ts = build_schedule(full_steps, shift)
+def expected_experts(preset, full_steps: int, shift: float, indices: list[int], guidance,
+                     sampler: str = "unipc") -> list[int]:
+    from renderer.sampling import make_sampler
+
+    ts = make_sampler(sampler, full_steps, shift).timesteps  # the sampler's own grid (euler_lightning: its own)
     return [select_expert(float(ts[i]), preset.boundary, len(preset.experts), guidance)[0] for i in indices]
 
 
@@ -159,15 +162,21 @@ def run(spec: dict) -> dict | None:
     if r.get("cpu_threads"):
         torch.set_num_threads(int(r["cpu_threads"]))
     s = spec["shot"]
+    from renderer.tiers import load_tier
+
+    tier = load_tier(spec.get("quality") or "exact", spec.get("quality_overrides") if spec.get("quality") not in
+                     (None, "exact") else None)
     full = ShotSpec(prompt=s.get("prompt") or "a red kite over a beach at dusk", task=s.get("task"),
                     size=s.get("size"), frames=s.get("frames"), steps=s.get("steps"), seed=int(s.get("seed", 0)),
-                    sampler=s.get("sampler", "unipc"), shot_id=spec.get("name", "bench")).resolve(preset)
+                    sampler=s.get("sampler", "unipc"), shot_id=spec.get("name", "bench"))
+    full = tier.apply(full).resolve(preset)  # the tier's steps / sampler / shift / guidance
     full_steps = full.steps
-    k = min(int(spec.get("timed_steps") or full_steps), full_steps)
+    # a cached step is not a median step: fast and draft rows time every step of their schedule
+    k = min(int(spec.get("timed_steps") or full_steps), full_steps) if tier.is_final else full_steps
     indices = subset_indices(full_steps, k)
 
     t0 = time.perf_counter()
-    pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group)
+    pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group, tier=tier)
     build_s = time.perf_counter() - t0
 
     shot = full
@@ -211,7 +220,7 @@ def run(spec: dict) -> dict | None:
                            f"expected 1: the row could not say which sampler ran")
     meta_sampler = samplers_ran[0]
 
-    want = expected_experts(preset, full_steps, full.shift, indices, full.guidance)
+    want = expected_experts(preset, full_steps, full.shift, indices, full.guidance, full.sampler)
     if list(result.experts_used) != want or len(result.step_seconds) != k:
         raise RuntimeError(f"the render did not run the planned steps: experts {result.experts_used}, expected "
                            f"{want} ({len(result.step_seconds)} step times for {k} steps) — has Pipeline.render "
@@ -288,6 +297,8 @@ def _row(spec, preset, pipe, full, result, k, indices, build_s, warmup_s, render
     tflops = per_step / steps["median_s"] / world / 1e12 if steps.get("median_s") else None
     return {
         "name": spec.get("name"), "layout": spec.get("layout"), "gpus": world,
+        "quality": pipe.tier.name, "tier": pipe.tier.describe(), "step_cache": pipe.describe()["step_cache"],
+        "sampler": full.sampler, "guidance": list(full.guidance),
         "parallel": pipe.group.pcfg.describe() if pipe.group else "single process",
         "model": preset.name, "checkpoint": preset.checkpoint, "random_weights": preset.checkpoint is None,
         "task": full.task, "size": full.size, "frames": full.frames, "steps": n, "timed_steps": k,

@@ -135,8 +135,17 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
         kernels = job_settings(cfg).kernels
     except ValueError as e:  # renderer.settings.SettingsError: bad kernel / render values
         raise ManifestError([Problem("config", "kernels", str(e))], str(path))
-    plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force),
-                      kernels=kernels)
+    from renderer.tiers import TierError
+
+    tiers = OmegaConf.to_container(job.tiers, resolve=True) if _node(job, "tiers") is not None else None
+    try:  # job.tiers names and the quality.* overrides are checked with the manifest, before Ray starts
+        plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force),
+                          kernels=kernels, tiers=tiers, tier_overrides=tier_overrides(cfg))
+        for q in sorted({s.tier for s in plan.shots}):  # a draft on real weights needs its LoRA files
+            _tier_loras(cfg, q, preset)
+    except TierError as e:
+        raise ManifestError([Problem("manifest", "quality" if "quality" in str(e) else "job.tiers", str(e))],
+                            str(path)) from None
     from renderer.preflight import check_output
 
     room = [Problem("manifest", "out", m) for m in check_output(out, plan_bytes(plan), create=False)]
@@ -153,6 +162,22 @@ def plan_bytes(plan: Plan) -> int:
     from renderer.presets import parse_size
 
     return estimate_output_bytes([(*parse_size(s.spec.size), s.spec.frames) for s in plan.todo])
+
+
+def tier_overrides(cfg: DictConfig) -> dict[str, dict]:
+    """{tier name: fields}: the quality.* settings given for the tier `quality=` names (conf/quality/)."""
+    node = _node(cfg, "quality")
+    if node is None:
+        return {}
+    d = OmegaConf.to_container(node, resolve=True)
+    return {d.get("name", "exact"): {k: v for k, v in d.items() if k != "name"}}
+
+
+def _tier_loras(cfg: DictConfig, name: str, preset):
+    from renderer.tiers import load_tier
+
+    tier = load_tier(name, tier_overrides(cfg).get(name))
+    return tier.loras_per_expert(len(preset.experts), random_weights=preset.checkpoint is None)
 
 
 def accounting_problems(job: DictConfig) -> list[Problem]:
@@ -280,7 +305,8 @@ def worker_spec(cfg: DictConfig, preset) -> dict[str, Any]:
     options["progress"] = False  # a progress bar per actor would only clutter the shot logs
     _, parallel = gpus_per_group(cfg)
     preset_dict = OmegaConf.to_container(cfg.model, resolve=True) if preset.name == cfg.model.name else preset.name
-    return {"preset": preset_dict, "options": options, "parallel": parallel, "cpu_threads": 1}
+    return {"preset": preset_dict, "options": options, "parallel": parallel, "cpu_threads": 1,
+            "quality_overrides": tier_overrides(cfg)}
 
 
 def job_settings(cfg: DictConfig):
@@ -319,7 +345,9 @@ def run_job(cfg: DictConfig) -> int:
     try:
         if lock.waited:  # the other job may have rendered some of these shots meanwhile
             plan = build_plan(plan.manifest, preset, out, gpus_per_group=plan.gpus_per_group,
-                              force=bool(cfg.job.force), kernels=job_settings(cfg).kernels)
+                              force=bool(cfg.job.force), kernels=job_settings(cfg).kernels,
+                              tiers=OmegaConf.to_container(cfg.job.tiers, resolve=True)
+                              if _node(cfg, "job.tiers") is not None else None, tier_overrides=tier_overrides(cfg))
         return _run_locked(cfg, plan, preset, t_start)
     finally:
         lock.release()

@@ -78,11 +78,38 @@ class RenderRank:
                                     local_rank=0)  # Ray shows each rank only its own GPU: it is always cuda:0
         if self.group is not None:
             options.device = str(self.group.device)  # the rank's own device, as the group placed it
+        self._preset, self._options = preset, options  # kept for a tier switch (_use_tier)
         if self.rank == 0 or supports_group:
             kwargs = {"group": self.group} if supports_group and self.group is not None else {}
             self.pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, **kwargs)
         return {**self.where(), "rank": self.rank, "load_s": round(time.perf_counter() - t0, 3),
                 "shares_work": supports_group or self.world_size == 1}
+
+    def _use_tier(self, name: str, log: logging.Logger) -> None:
+        """The pipeline for this shot's quality tier. One pipeline at a time (a draft's merged LoRAs and a fast
+        tier's FP8 weights replace the exact weights; two sets of A14B experts do not fit one GPU): the group
+        rebuilds on a tier change, and job.tiers orders all drafts before any final, so that happens once."""
+        current = getattr(self.pipe, "tier", None)
+        if current is None or current.name == name:
+            return
+        import gc
+
+        import torch
+
+        from renderer.pipeline import Pipeline
+        from renderer.tiers import load_tier
+
+        tier = load_tier(name, (self.spec.get("quality_overrides") or {}).get(name))
+        log.info("switching the group's pipeline to quality %s (models reloaded)", name)
+        pipe = self.pipe
+        self.pipe = None
+        del pipe
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        kwargs = {"group": self.group} if self.group is not None else {}
+        self.pipe = Pipeline(self._preset, checkpoint=self._preset.checkpoint, options=self._options, tier=tier,
+                             **kwargs)
 
     def render(self, task: dict[str, Any]) -> dict[str, Any]:
         """Render one shot (every rank), write it (rank 0); the log goes to <out>/logs/<shot>.attempt<N>.log."""
@@ -115,6 +142,7 @@ class RenderRank:
                 if fault and step == int(fault.get("at_step", 1)):
                     _inject(fault, log, handler)
 
+            self._use_tier(task.get("quality") or "exact", log)
             result = self.pipe.render(shot, on_step=on_step)  # every rank of the group takes part
             out: dict[str, Any] = {"rank": self.rank}
             if getattr(self.pipe, "is_main", self.rank == 0):  # rank 0 decoded the frames: it writes

@@ -32,10 +32,11 @@ from renderer.presets import ModelPreset, check_shot
 
 # what a shot (and `defaults`) may set; the farm's own fields (priority, output, tags, video) are not ShotSpec's
 SHOT_FIELDS = ("id", "task", "prompt", "negative_prompt", "image", "video", "size", "frames", "steps", "seed",
-               "guidance", "sampler", "shift", "priority", "output", "tags", "mask", "refert_num", "loras")
+               "guidance", "sampler", "shift", "priority", "output", "tags", "mask", "refert_num", "loras",
+               "quality")
 NOT_DEFAULTABLE = ("id", "output")  # one value per shot: a default would make every shot collide
 TOP_LEVEL_FIELDS = ("name", "model", "description", "defaults", "shots")
-TEXT_FIELDS = ("task", "prompt", "negative_prompt", "sampler")
+TEXT_FIELDS = ("task", "prompt", "negative_prompt", "sampler", "quality")
 PATH_FIELDS = ("image", "video", "mask")
 INT_FIELDS = ("frames", "steps", "seed")
 DEFAULT_PRIORITIES = {"urgent": 100, "high": 10, "normal": 0, "low": -10}
@@ -93,6 +94,7 @@ class ShotRequest:
     refert_num: int | None = None
     loras: list | None = None
     clip_plan: object | None = None  # animate/replace: renderer.prepare.shots.ClipPlan (clips, estimate)
+    quality: str = "exact"  # the shot's tier (renderer/tiers.py); job.tiers renders every shot in several
 
 
 @dataclass
@@ -276,6 +278,11 @@ def _check_value(name: str, value: Any, priorities: dict[str, int]) -> str | Non
             return f"guidance must be a finite number, got {value!r}: e.g. 5.0 or [3.0, 4.0]"
         if any(v < 0 for v in vals):
             return f"guidance scales must be >= 0, got {value!r}"
+    if name == "quality":
+        from renderer.tiers import TIER_NAMES
+
+        if value not in TIER_NAMES:
+            return f"unknown quality {value!r}: {_suggest(value, TIER_NAMES)} (one of {', '.join(TIER_NAMES)})"
     if name == "sampler":
         from renderer.sampling import SAMPLER_NAMES
 
@@ -478,7 +485,8 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
             shots.append(ShotRequest(id=str(sid), output=output, spec=spec, priority=int(priority), index=index,
                                      tags=values["tags"], video=video,
                                      mask=_resolve_path(values.get("mask"), base_dir),
-                                     refert_num=values.get("refert_num"), loras=values.get("loras"), clip_plan=plan))
+                                     refert_num=values.get("refert_num"), loras=values.get("loras"), clip_plan=plan,
+                                     quality=values.get("quality") or "exact"))
         problems += shot_problems
     if problems:
         raise ManifestError(problems, source)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from jobs.manifest import Manifest, ShotRequest
@@ -29,10 +29,17 @@ class PlannedShot:
     done: bool
     reason: str  # why it renders ("new", "settings changed", ...) or "done"
     estimate_s: float = 0.0
+    tier: str = "exact"  # quality tier (renderer/tiers.py); a draft of a shot is its own planned shot
+    tier_rank: int = 0  # position of the tier in job.tiers: all drafts before any final
 
     @property
     def id(self) -> str:
-        return self.request.id
+        return self.request.id if self.tier == "exact" else f"{self.request.id}.{self.tier}"
+
+    @property
+    def output(self) -> str:
+        """File stem under the output folder: <output>.mp4 for exact, <output>.<tier>.mp4 for the others."""
+        return self.mp4.stem
 
     @property
     def priority(self) -> int:
@@ -149,17 +156,27 @@ def measured_rate(out_dir: Path, model: str) -> float | None:
 
 
 def build_plan(manifest: Manifest, preset: ModelPreset, out_dir: str | Path, *, gpus_per_group: int = 1,
-               force: bool = False, kernels: KernelSettings | None = None) -> Plan:
-    """kernels: the job's KernelSettings (part of every render hash; default: the defaults)."""
+               force: bool = False, kernels: KernelSettings | None = None, tiers: list[str] | None = None,
+               tier_overrides: dict | None = None) -> Plan:
+    """kernels: the job's KernelSettings (part of every render hash; default: the defaults).
+    tiers (job.tiers, e.g. [draft, exact]): every shot in each tier, all of the first tier before any of the
+    next; None: each shot in its own `quality`. tier_overrides: {tier name: {field: value}} (conf/quality fields)."""
+    from renderer.tiers import load_tier
+
     kernels = kernels or KernelSettings()
     out = Path(out_dir)
     fingerprint = model_fingerprint(preset)
     rate = measured_rate(out, preset.name) if out.is_dir() else None
     planned = []
-    for req in manifest.shots:
-        spec = req.spec.resolve(preset)
-        h = render_hash(spec, preset.name, fingerprint, kernels)
-        mp4 = out / f"{req.output}.mp4"
+    order = list(tiers or [])
+    work = [(req, t) for t in order for req in manifest.shots] if order else [(r, r.quality) for r in manifest.shots]
+    for req, tier_name in work:
+        tier = load_tier(tier_name, (tier_overrides or {}).get(tier_name))
+        spec = tier.apply(req.spec).resolve(preset)
+        if not tier.is_final:  # the draft of s010 is shot "s010.draft" everywhere: queue, logs, sidecar
+            spec = replace(spec, shot_id=f"{req.id}.{tier.name}")
+        h = render_hash(spec, preset.name, fingerprint, tier.kernel_settings(kernels), tier.describe())
+        mp4 = out / f"{tier.output_stem(req.output)}.mp4"
         done, reason = output_status(mp4, h, spec)
         if force and done:
             done, reason = False, "forced (job.force=true)"
@@ -169,8 +186,9 @@ def build_plan(manifest: Manifest, preset: ModelPreset, out_dir: str | Path, *, 
                                                                               if gpus_per_group > 1 else 1)
         else:
             est = rough_seconds(spec, preset, gpus_per_group)
-        planned.append(PlannedShot(req, spec, h, mp4, done, reason, est))
-    planned.sort(key=lambda s: (-s.priority, s.request.index))
+        planned.append(PlannedShot(req, spec, h, mp4, done, reason, est, tier.name,
+                                   order.index(tier_name) if order else 0))
+    planned.sort(key=lambda s: (s.tier_rank, -s.priority, s.request.index))
     return Plan(manifest, preset.name, fingerprint, out, gpus_per_group, planned,
                 "earlier renders in this folder" if rate is not None else "rough cost model",
                 startup_s=10.0 if preset.is_tiny else 180.0)
@@ -228,7 +246,7 @@ class ShotQueue:
             self.push(s)
 
     def push(self, shot: PlannedShot) -> None:
-        heapq.heappush(self._heap, _Entry((-shot.priority, shot.request.index), shot.id))
+        heapq.heappush(self._heap, _Entry((shot.tier_rank, -shot.priority, shot.request.index), shot.id))
 
     def pop(self) -> PlannedShot:
         return self._by_id[heapq.heappop(self._heap).shot_id]

@@ -95,17 +95,19 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
 
     p = rec.shot
     spec = p.spec
-    timings, seconds = {}, None
+    timings, seconds, quality = {}, None, "exact"
     if rec.status in ("done", "skipped") and sidecar_path(p.mp4).is_file():
         try:
-            timings = read_json(sidecar_path(p.mp4)).get("timings_s", {})
-        except (OSError, ValueError):
+            side = read_json(sidecar_path(p.mp4))
+            timings = side.get("timings_s", {})
+            quality = (side.get("quality") or {}).get("name", "exact")  # the tier badge (renderer/tiers.py)
+        except (OSError, ValueError, AttributeError):
             timings = {}
     if rec.result:
         seconds = rec.result.get("seconds")
         timings = {**timings, **(rec.result.get("timings") or {})}
     return {
-        "id": p.id, "output": p.request.output, "status": rec.status, "reason": p.reason,
+        "id": p.id, "output": p.output, "status": rec.status, "reason": p.reason,
         "priority": p.priority, "tags": p.request.tags, "task": spec.task, "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt, "seed": spec.seed, "size": spec.size, "frames": spec.frames,
         "steps": spec.steps, "sampler": spec.sampler, "guidance": list(spec.guidance), "render_hash": p.render_hash,
@@ -114,6 +116,7 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
         "preview": (str(Path(p.request.video) / "preview.png")
                     if getattr(p.request, "video", None) and (Path(p.request.video) / "preview.png").is_file() else None),
         "attempts": rec.attempts, "attempt_count": len(rec.attempts), "seconds": seconds, "timings_s": timings,
+        "quality": quality,
         "error": rec.error if rec.status not in ("done", "skipped") else None,
         "failure_class": (getattr(rec, "failure_class", None) or "render") if rec.status == "failed" else None,
         "log": _link(rec.attempts[-1]["log"], out_dir) if rec.attempts else None,
@@ -202,7 +205,7 @@ h1{font-size:20px;margin:0 0 4px} .meta{color:#9aa0a6;margin-bottom:16px} .meta 
 .shot{background:#1f2228;border:1px solid #2f343c;border-radius:8px;padding:10px 12px}
 .shot.st-failed{border-color:#b3261e} .shot h2{font-size:15px;margin:0 0 6px;display:flex;gap:8px;align-items:center}
 .badge{font-size:11px;padding:1px 7px;border-radius:9px;text-transform:uppercase;letter-spacing:.04em}
-.done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}
+.tier{background:#6a3d9a}.done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}
 .queued,.interrupted,.not_started{background:#5c4a12}
 .frames{display:flex;gap:6px;margin:6px 0} video{height:120px;border-radius:3px;background:#000}
 .neg{color:#9aa0a6;font-size:12px;white-space:pre-wrap} .cls{font-weight:600;color:#ffb4ab}
@@ -233,6 +236,13 @@ window.addEventListener('load', function () {
 
 def _fmt_s(v: Any) -> str:
     return "-" if v is None else f"{float(v):.2f}s"
+
+
+def tier_badge(quality: str | None) -> str:
+    """A badge for draft / fast renders: they are never finals (exact renders get none)."""
+    if not quality or quality == "exact":
+        return ""
+    return f'<span class="badge tier" title="quality tier: not a final">{html.escape(quality)}</span>'
 
 
 def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
@@ -277,7 +287,7 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
         neg_html = f'<div class="neg">negative: {e(neg) or "(empty)"}</div>'
     return f"""
 <section class="shot st-{e(status)}" id="shot-{e(s['id'])}">
-  <h2>{e(s['id'])} <span class="badge {e(status)}">{e(status)}</span></h2>
+  <h2>{e(s['id'])} <span class="badge {e(status)}">{e(status)}</span>{tier_badge(s.get('quality'))}</h2>
   <div class="frames">{''.join(frames_html)}{video}</div>
   <div class="prompt">{e(s['prompt'])}</div>
   {neg_html}

@@ -246,11 +246,11 @@ class Farm:
             shot = self.queue.pop()
             rec = self.records[shot.id]
             attempt = rec.attempt_base + len(rec.attempts) + 1
-            task = {"shot": shot.spec, "output": shot.request.output, "attempt": attempt, "group": g.gid,
+            task = {"shot": shot.spec, "output": shot.output, "quality": shot.tier, "attempt": attempt, "group": g.gid,
                     "out_dir": str(self.out_dir), "log": str(self.log_dir / f"{shot.id}.attempt{attempt}.log"),
                     "fault": self.s.faults.get((shot.id, len(rec.attempts) + 1)),
                     "video": getattr(shot.request, "video", None),  # Animate: the plate's prepared folder
-                    "job": {**self.s.job_meta, "shot": shot.id, "output": shot.request.output,
+                    "job": {**self.s.job_meta, "shot": shot.id, "output": shot.output,
                             "priority": shot.priority, "tags": shot.request.tags, "attempt": attempt,
                             "group": g.gid, "node_id": g.node_id, "gpus": g.size,
                             "earlier_attempts_gpu_seconds": round(rec.gpu_seconds, 3)}}
@@ -334,7 +334,7 @@ class Farm:
         close_attempt(att, "failed", seconds=round(time.time() - att["started_at"], 3), error=summary,
                       node_id=att.get("node_id") or node, **{"class": kind})
         _append_log(Path(att["log"]), f"attempt failed ({kind}): {summary}\n{error!r}"[:4000])
-        _remove_partial(self.out_dir, rec.shot.request.output)
+        _remove_partial(self.out_dir, rec.shot.output)
         rec.error = summary
         retry = (kind == PREEMPTION and rec.preemptions() <= self.s.max_preemptions) or \
             (kind not in (INPUT, ENVIRONMENT) and rec.budget_used() <= self.s.max_retries)

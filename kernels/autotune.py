@@ -75,8 +75,12 @@ def _load_disk() -> None:
     _disk_loaded = True
     try:
         data = json.loads(cache_path().read_text())
+        from kernels.backends import LOSSY
+
         for key, entry in data.items():
-            _memory.setdefault(key, entry["backend"])
+            # a lossy choice only counts under a lossy key (an edited file cannot make an exact "auto" lossy)
+            if entry["backend"] not in LOSSY or key.endswith("|lossy"):
+                _memory.setdefault(key, entry["backend"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no cache yet, or a damaged one: measure again
 

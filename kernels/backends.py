@@ -9,6 +9,8 @@ Every backend takes the flash-attn layout [B, L, H, D] and returns softmax atten
   "math"            SDPA math kernel (runs everywhere; the CPU fallback)
   "flash_attn"      the flash-attn package (FlashAttention 3 `flash_attn_interface` if importable, else 2)
   "xformers"        xformers.ops.memory_efficient_attention
+  "fp8_triton"      our FP8 Triton kernel (kernels/fp8_attention.py, issue 14) — LOSSY: not in EXACT, so "auto"
+                    measures it only when the kernel settings allow lossy kernels (the fast tier)
 
 EXACT names the backends that give the same numbers as the others within bf16 rounding; "auto" chooses only
 among them unless the kernel settings allow lossy ones (an FP8 backend, issue 14, would be registered lossy).
@@ -23,10 +25,11 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math", "flash_attn", "xformers")
+BACKENDS = ("sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math", "flash_attn", "xformers", "fp8_triton")
 BACKEND_NAMES = ("auto", *BACKENDS)  # what kernel settings may name
-# same numbers within bf16 rounding (all of today's: exact softmax attention in the input precision)
-EXACT = frozenset(BACKENDS)
+# same numbers within bf16 rounding: exact softmax attention in the input precision (not the FP8 kernel)
+LOSSY = frozenset({"fp8_triton"})
+EXACT = frozenset(BACKENDS) - LOSSY
 
 _SDPA_KERNEL = {
     "sdpa_cudnn": "CUDNN_ATTENTION",
@@ -54,6 +57,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
         names.append("flash_attn")
     if _has_module("xformers"):
         names.append("xformers")
+    if _has_module("triton") and torch.cuda.get_device_capability(dev) >= (8, 9):  # FP8 tensor cores
+        names.append("fp8_triton")  # lossy: autotune.candidates keeps it out unless allow_lossy
     return names
 
 
@@ -109,4 +114,8 @@ def run_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         return _flash_attn(q, k, v)
     if name == "xformers":
         return _xformers(q, k, v)
+    if name == "fp8_triton":
+        from kernels.fp8_attention import fp8_attention
+
+        return fp8_attention(q, k, v)  # [B, Lq, H, D]
     raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(BACKEND_NAMES)}")

@@ -50,6 +50,11 @@ def cmd_generate(cfg: DictConfig) -> int:
             print(f"error: {field}: {msg}", file=sys.stderr)
         return 2
     preset, shot = settings.model, settings.shot
+    from renderer.families import get_family
+
+    family_generate = get_family(preset.family).generate
+    if family_generate is not None:  # a family that renders its own shots (Animate: chained clips)
+        return family_generate(cfg, preset, settings.render, lambda: group_from(settings))
     # every check on the request runs before a model is loaded or a GPU touched
     s = shot.resolve(preset)
     problems = check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image, s.sampler, seed=s.seed,
@@ -59,6 +64,12 @@ def cmd_generate(cfg: DictConfig) -> int:
         for field, msg in problems:
             print(f"error: shot {s.shot_id}: {field}: {msg}", file=sys.stderr)
         return 2
+    tier = settings.quality
+    try:  # a draft on real weights needs its LoRA files: checked before anything loads
+        tier.loras_per_expert(len(preset.experts), random_weights=preset.checkpoint is None)
+    except ValueError as e:
+        print(f"error: shot {s.shot_id}: {e}", file=sys.stderr)
+        return 2
     try:
         group = group_from(settings)
     except ValueError as e:  # a parallel layout that does not fit the group: the exact message, no traceback
@@ -67,15 +78,17 @@ def cmd_generate(cfg: DictConfig) -> int:
     options = settings.render
     if group is not None:
         options = replace(options, device=str(group.device))
-    pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group)
+    pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group, tier=tier)
     if not pipe.is_main:
         pipe.render(shot)  # every rank takes part in the denoising; rank 0 decodes and writes
         group.close()
         return 0
+    s = tier.apply(shot).resolve(preset)
     print(f"wanrender: {preset.name} on {pipe.device} ({pipe.describe()['dtype']}, experts {pipe.placement}), "
-          f"{s.task} {s.size} {s.frames} frames, {s.steps} steps, seed {s.seed}")
+          f"{s.task} {s.size} {s.frames} frames, {s.steps} steps, seed {s.seed}, quality {tier.name}")
     result = pipe.render(shot)
-    mp4, side = write_shot(pipe, result, settings.out, name=settings.name, label=settings.label,
+    mp4, side = write_shot(pipe, result, settings.out, name=tier.output_stem(settings.name or result.shot.shot_id),
+                           label=settings.label,
                            extra={"config": settings.resolved})
     t = result.timings
     print(f"wrote {mp4} and {side.name}: text {t['text_encode']:.1f}s, denoise {t['denoise']:.1f}s, "

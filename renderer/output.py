@@ -28,17 +28,25 @@ def _image_digest(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def render_hash(shot: ShotSpec, model_name: str, fingerprint: str, kernels: KernelSettings) -> str:
+def render_hash(shot: ShotSpec, model_name: str, fingerprint: str, kernels: KernelSettings,
+                tier: dict | None = None) -> str:
     """Hash of the resolved render-relevant settings, the model, the checkpoint (and the image's bytes) and the
     kernel settings: a fast preview (another backend, a lossy kernel, FP8, a step cache) never counts as the
-    finished render."""
+    finished render. tier: TierSettings.describe() of a non-exact quality tier (exact keeps its hash)."""
     d = {k: getattr(shot, k) for k in RENDER_FIELDS}
+    if tier is not None and tier.get("name", "exact") != "exact":
+        d["quality"] = tier
     d["seed"] = shot.hash_seed()
     d["guidance"] = list(d["guidance"]) if isinstance(d["guidance"], tuple) else d["guidance"]
     d["image"] = _image_digest(shot.image)
     d["model"], d["fingerprint"] = model_name, fingerprint
     d["kernels"] = kernels.to_dict()
     return hashlib.sha256(json.dumps(d, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
+
+
+def _tier(pipe: Pipeline) -> dict | None:
+    tier = getattr(pipe, "tier", None)
+    return tier.describe() if tier is not None else None
 
 
 def sidecar(pipe: Pipeline, result: RenderResult, extra: dict | None = None) -> dict:
@@ -67,7 +75,10 @@ def sidecar(pipe: Pipeline, result: RenderResult, extra: dict | None = None) -> 
         "model": pipe.preset.name,
         "checkpoint": pipe.checkpoint,
         "checkpoint_fingerprint": pipe.fingerprint,
-        "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint, pipe.kernels),
+        "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint, pipe.kernels, _tier(pipe)),
+        "quality": _tier(pipe) or {"name": "exact"},
+        "final": (_tier(pipe) or {"name": "exact"})["name"] == "exact",  # fast and draft renders never are
+        "step_cache": pipe.describe().get("step_cache", []),
         "code_version": code_version(),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),

@@ -29,6 +29,7 @@ from renderer.families.spec import ShotInputs
 from renderer.guidance import make_guider
 from renderer.presets import ModelPreset, auto_size_of, check_shot, default_task, parse_size
 from renderer.sampling import make_sampler
+from renderer.tiers import TierSettings, prepare_experts
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +187,14 @@ def _move_text_encoder(text, device: torch.device, dtype: torch.dtype):
 
 class Pipeline:
     def __init__(self, preset: ModelPreset, checkpoint: str | None = None, options: RenderOptions | None = None,
-                 components=None, group=None):
-        """group: a renderer.parallel RenderGroup when the shot is rendered by several GPUs (None: one device)."""
+                 components=None, group=None, tier: TierSettings | None = None):
+        """group: a renderer.parallel RenderGroup when the shot is rendered by several GPUs (None: one device);
+        tier: the quality tier (renderer/tiers.py; None = exact) — its LoRAs, FP8 and step cache are applied here,
+        its attention backend and lossy permission go into the kernel settings."""
         self.preset = preset
         self.family = get_family(preset.family)
-        self.options = options or RenderOptions()
+        self.tier = tier or TierSettings()
+        self.options = self.tier.with_kernels(options or RenderOptions())
         self.device = self.options.torch_device()
         self.dtype = self.options.torch_dtype()
         self.checkpoint = checkpoint
@@ -199,6 +203,9 @@ class Pipeline:
         self.group = group
         self.is_main = group is None or group.is_main
         self.placement = self._choose_placement()
+        if self.tier.linear == "fp8" and self.placement == "stream":  # streaming moves parameters, not FP8 buffers
+            raise ValueError(f"quality {self.tier.name} (quality.linear=fp8) cannot run with placement=stream: use "
+                             f"placement=offload or resident, or quality.linear=bf16")
         expert_device = self.device if self.placement == "resident" else torch.device("cpu")
         t0 = time.perf_counter()
         if components is None:
@@ -207,12 +214,15 @@ class Pipeline:
         self.text_encoder, self.vae, self.experts = components
         self.kernels = self.options.kernels
         self.experts = [m.use_kernels(self.kernels) for m in self.experts]  # before streaming / parallelizing
+        random_weights = checkpoint is None
+        self.experts = prepare_experts(list(self.experts), self.tier, random_weights, "weights")
         if self.placement == "stream":
             from renderer.offload import stream_blocks
 
             self.experts = [stream_blocks(m, self.device) for m in self.experts]
         if group is not None and group.distributed:
             self.experts = group.parallelize_experts(self.experts)
+        self.step_caches = prepare_experts(self.experts, self.tier, random_weights, "runtime")
         self.load_seconds = time.perf_counter() - t0
         self._on_device: int | None = None if self.placement == "offload" else -1
 
@@ -251,7 +261,7 @@ class Pipeline:
 
     # -- checks -------------------------------------------------------------------------------------------------
     def check(self, shot: ShotSpec) -> list[tuple[str, str]]:
-        s = shot.resolve(self.preset)
+        s = self.tier.apply(shot).resolve(self.preset)
         return check_shot(self.preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image, s.sampler, seed=s.seed,
                           guidance=s.guidance, shift=s.shift)  # a NaN scale renders grey: refused as ShotError
 
@@ -280,7 +290,9 @@ class Pipeline:
     # -- the render ---------------------------------------------------------------------------------------------
     def render(self, shot: ShotSpec, on_step: Callable[[int, int], None] | None = None,
                keep_latent: bool = False, initial_noise: torch.Tensor | None = None) -> RenderResult:
-        shot = shot.resolve(self.preset)
+        shot = self.tier.apply(shot).resolve(self.preset)  # the tier's steps / sampler / shift / guidance
+        for cache in self.step_caches:
+            cache.reset()
         problems = self.check(shot)
         if problems:
             raise ShotError("; ".join(f"shot {shot.shot_id}: {f}: {m}" for f, m in problems))
@@ -365,7 +377,8 @@ class Pipeline:
         """What ran where: for logs and sidecars."""
         return {"model": self.preset.name, "checkpoint": self.checkpoint, "fingerprint": self.fingerprint,
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "placement": self.placement, "options": asdict(self.options)}
+                "placement": self.placement, "options": asdict(self.options), "tier": self.tier.describe(),
+                "step_cache": [{"computed": c.stats.computed, "cached": c.stats.cached} for c in self.step_caches]}
 
 
 class _ExpertView:

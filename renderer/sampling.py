@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 NUM_TRAIN_TIMESTEPS = 1000
-SAMPLER_NAMES = ("unipc", "dpm++", "euler")
+SAMPLER_NAMES = ("unipc", "dpm++", "euler", "euler_lightning")
 
 
 def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
@@ -54,8 +54,14 @@ def build_schedule(steps: int, shift: float, grid: str = "unipc") -> tuple[Tenso
         base = np.linspace(sigma_max, 0.0, steps + 1)[:-1]  # [steps] float64
     elif grid == "dpm++":
         base = np.linspace(1.0, 0.0, steps + 1)[:steps]  # [steps] float64
+    elif grid == "lightning":
+        # Wan2.2-Lightning's EulerScheduler (ModelTC/Wan2.2-Lightning wan/utils/fm_solvers_euler.py): the grid is
+        # float32 linspace(1000, 0, steps+1)/1000, shifted in float32, and the DiT gets σ'·1000 untruncated.
+        grid32 = np.linspace(NUM_TRAIN_TIMESTEPS, 0, steps + 1, dtype=np.float32) / np.float32(NUM_TRAIN_TIMESTEPS)
+        sig32 = shift_sigmas(grid32, np.float32(shift)).astype(np.float32)  # [steps+1], ends in 0
+        return torch.from_numpy(sig32), torch.from_numpy((sig32[:-1] * np.float32(NUM_TRAIN_TIMESTEPS)))
     else:
-        raise ValueError(f"unknown schedule grid {grid!r}; valid: 'unipc', 'dpm++'")
+        raise ValueError(f"unknown schedule grid {grid!r}; valid: 'unipc', 'dpm++', 'lightning'")
     shifted = shift_sigmas(base, float(shift))  # [steps] float64
     timesteps = (shifted * NUM_TRAIN_TIMESTEPS).astype(np.int64)  # truncation, as the reference does
     sigmas = np.concatenate([shifted, [0.0]]).astype(np.float32)  # [steps+1]
@@ -238,11 +244,18 @@ class FlowUniPC(FlowSampler):
         return self._predict(x, i, order)
 
 
-_SAMPLERS = {"unipc": FlowUniPC, "dpm++": FlowDPMpp2M, "euler": FlowEuler}
+class FlowEulerLightning(FlowEuler):
+    """Euler on the Wan2.2-Lightning schedule: what the 4-step distilled LoRAs were trained to sample with."""
+
+    name = "euler_lightning"
+    grid = "lightning"
+
+
+_SAMPLERS = {"unipc": FlowUniPC, "dpm++": FlowDPMpp2M, "euler": FlowEuler, "euler_lightning": FlowEulerLightning}
 
 
 def make_sampler(name: str, steps: int, shift: float) -> FlowSampler:
-    """Fresh sampler by name ("unipc", "dpm++", "euler"); one per shot, or call reset()."""
+    """Fresh sampler by name ("unipc", "dpm++", "euler", "euler_lightning"); one per shot, or call reset()."""
     cls = _SAMPLERS.get(name)
     if cls is None:
         raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLER_NAMES)}")

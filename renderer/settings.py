@@ -55,6 +55,7 @@ class JobSettings:
     live_progress: bool | None = None
     priorities: dict[str, int] = field(default_factory=dict)
     shot_defaults: dict[str, Any] = field(default_factory=dict)
+    tiers: list[str] | None = None  # e.g. [draft, exact]: every shot in each quality tier, drafts first
     gpu_hour_cost: float | None = None  # accounting: money per GPU-hour (jobs/report.py)
     budget_gpu_hours: float | None = None  # no new shot starts past this many GPU-hours (jobs/scheduler.py)
 
@@ -102,6 +103,7 @@ class Settings:
     dry_run: bool = False
     prepare: Any = None  # renderer.prepare.PrepareSettings: Animate preprocessing (wanrender prepare, farm stage)
     resolved: dict[str, Any] = field(default_factory=dict)  # the composed config, for config.yaml / sidecars
+    quality: Any = None  # renderer.tiers.TierSettings (conf/quality/, `quality=draft quality.steps=6`)
 
     @property
     def kernels(self) -> KernelSettings:
@@ -132,6 +134,13 @@ class Settings:
                 parallel = ParallelConfig.from_dict(d["parallel"])
             except (ValueError, TypeError) as e:
                 problems.append(("parallel", str(e)))
+        from renderer.tiers import TierError, TierSettings, tier_from_dict
+
+        try:
+            quality = tier_from_dict(d["quality"]) if d.get("quality") else TierSettings()
+        except TierError as e:
+            problems.append(("quality", str(e)))
+            quality = TierSettings()
         job = _dataclass_from(JobSettings, d.get("job"), "job", problems)
         cluster = _dataclass_from(ClusterSettings, d.get("cluster"), "cluster", problems)
         g = d.get("guidance")
@@ -155,7 +164,7 @@ class Settings:
         return cls(model=model, shot=shot, prepare=prepare, render=render, parallel=parallel, job=job,
                    cluster=cluster,
                    out=str(d.get("out") or "out"), name=d.get("name"), label=bool(d.get("label", False)),
-                   manifest=d.get("manifest"), dry_run=bool(d.get("dry_run", False)), resolved=d)
+                   manifest=d.get("manifest"), dry_run=bool(d.get("dry_run", False)), resolved=d, quality=quality)
 
     def output_root(self) -> Path:
         return Path(str(self.job.output_root or self.out))

@@ -104,3 +104,7 @@ class FamilySpec:
     auto_size: Callable[..., tuple[int, int]] | None = None
     # what an empty negative prompt means (the official default for the family); recorded in the sidecar
     default_negative_prompt: str = ""
+    # a family whose shots are not one denoise (Animate: chained clips) renders `generate` itself:
+    # (composed config, preset, RenderOptions, group_factory) -> exit code; group_factory() forms the torchrun
+    # render group, called only after the shot's inputs passed their checks
+    generate: Callable[..., int] | None = None
