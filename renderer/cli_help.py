@@ -22,4 +22,19 @@ One job per output folder (a lock names the job that holds it). Exit: 0 done, 1 
     "config": """wanrender config [overrides]: print the resolved configuration (nothing is loaded or rendered)
 
   e.g. wanrender config model=t2v_a14b parallel=gpus4""",
+    "prepare": """wanrender prepare plate=FILE image=FILE mode=animate|replace out=FOLDER [overrides]: turn a plate
+(the performer's footage) and a character image into the folder an Animate shot renders from
+
+  checkpoint=/ckpt/Wan2.2-Animate-14B/process_checkpoint (det/, pose2d/, sam2/)  force=true  retarget=true
+  prepare.fps=30  prepare.area=[1280,720]  prepare.device=cpu|cuda  prepare.mask_kernel=7 (conf/prepare/)
+
+Settings, the plate's header, the image and every checkpoint are checked before a frame is decoded.
+Results are cached by content hash: a resubmit with the same plate, image and settings reuses them.""",
+    "serve": """wanrender serve [overrides]: the HTTP submission service (submit manifests, job and shot status,
+cancel, reports, GPU quotas per project)
+
+  WANRENDER_SERVICE_TOKEN=... (bearer token, 16+ characters)  service.host=127.0.0.1  service.port=8642
+  service.ray_address=http://HEAD:8265 (null: an embedded Ray)  service.state_dir=...  service.projects_file=...
+
+Settings are in conf/service/default.yaml; bad settings exit 2 before the service starts.""",
 }

@@ -149,7 +149,12 @@ class Settings:
         cluster = _dataclass_from(ClusterSettings, d.get("cluster"), "cluster", problems)
         g = d.get("guidance")
         if g is not None and not isinstance(g, (int, float)):
-            g = tuple(float(v) for v in g)
+            try:  # the command line gives `.nan` or `1e9` as text: read it, the shot checks say what is wrong
+                g = float(g) if isinstance(g, str) else tuple(float(v) for v in g)
+            except (TypeError, ValueError):
+                problems.append(("guidance", f"guidance {g!r} is not a number: give one scale (guidance=5.0) or "
+                                             f"one per expert (guidance=[3.0,4.0])"))
+                g = None
         try:
             prompt, prompt_fields = resolve_prompt(d.get("prompt"))
         except PromptError as e:

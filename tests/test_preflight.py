@@ -122,7 +122,7 @@ def test_truncated_jpeg_fails_validation(truncated_jpeg, tmp_path, capsys, monke
 
 
 # -- help and exit codes --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", ["generate", "render", "config"])
+@pytest.mark.parametrize("command", ["generate", "render", "config", "prepare", "serve", "verify", "release"])
 def test_help_for_every_subcommand(command):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for flag in ("--help", "-h"):
@@ -130,6 +130,16 @@ def test_help_for_every_subcommand(command):
                            env=env, timeout=120)
         assert p.returncode == 0, p.stderr
         assert f"wanrender {command}" in p.stdout and "Traceback" not in p.stderr + p.stdout
+
+
+@pytest.mark.parametrize("value, message", [(".nan", "is not a number"), ("abc", "is not a number"),
+                                            ("[1,.inf]", "is not a number"), ("nan", "must be a finite number"),
+                                            ("inf", "must be a finite number")])
+def test_guidance_text_on_the_command_line_is_exit_2(value, message, tmp_path, capsys):
+    """Hydra hands `guidance=.nan` over as text: one message naming the field, exit 2, nothing loaded."""
+    assert main(["generate", "prompt=x", f"guidance={value}", f"out={tmp_path}/o"]) == 2
+    err = capsys.readouterr().err
+    assert "guidance" in err and message in err, err
 
 
 def test_unknown_override_is_exit_2_without_traceback():
