@@ -108,13 +108,27 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
     tiers = OmegaConf.to_container(job.tiers, resolve=True) if _node(job, "tiers") is not None else None
     try:  # job.tiers names and the quality.* overrides are checked with the manifest, before Ray starts
         plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force),
-                          kernels=kernels, tiers=tiers, tier_overrides=tier_overrides(cfg))
+                          kernels=kernels, tiers=tiers, tier_overrides=tier_overrides(cfg),
+                          prepare_fields=_prepare_fields(cfg, manifest))
         for q in sorted({s.tier for s in plan.shots}):  # a draft on real weights needs its LoRA files
             _tier_loras(cfg, q, preset)
     except TierError as e:
         raise ManifestError([Problem("manifest", "quality" if "quality" in str(e) else "job.tiers", str(e))],
                             str(path)) from None
     return plan, preset
+
+
+def _prepare_fields(cfg: DictConfig, manifest) -> dict | None:
+    """The preprocessing settings Animate plates get (part of their shots' render hashes); None without any."""
+    if not any(s.clip_plan is not None for s in manifest.shots):
+        return None
+    from jobs.prepare_stage import settings_from
+    from renderer.prepare.errors import PrepareError
+
+    try:
+        return settings_from(cfg).cache_fields()
+    except PrepareError as e:
+        raise ManifestError([Problem("manifest", "prepare", str(e))], str(cfg.manifest)) from None
 
 
 def tier_overrides(cfg: DictConfig) -> dict[str, dict]:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.animate_shots import contact_images
 from jobs.plan import format_duration
 
 THUMB_WIDTH = 192
@@ -109,9 +110,8 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
         "negative_prompt": spec.negative_prompt, "seed": spec.seed, "size": spec.size, "frames": spec.frames,
         "steps": spec.steps, "sampler": spec.sampler, "guidance": list(spec.guidance), "render_hash": p.render_hash,
         "mp4": os.path.relpath(p.mp4, out_dir) if p.mp4.is_file() else None,
-        # Animate shots: the preprocessing preview (plate + keypoints + mask, pose, face) beside the result
-        "preview": (str(Path(p.request.video) / "preview.png")
-                    if getattr(p.request, "video", None) and (Path(p.request.video) / "preview.png").is_file() else None),
+        # Animate shots: the plate and the preprocessing preview (keypoints + mask, pose, face) beside the result
+        **contact_images(getattr(p.request, "video", None)),
         "attempts": rec.attempts, "attempt_count": len(rec.attempts), "seconds": seconds, "timings_s": timings,
         "quality": quality,
         "error": rec.error if rec.status not in ("done", "skipped") else None,
@@ -168,7 +168,8 @@ def write_report(out_dir: str | Path, job: dict[str, Any], records: dict, wall_s
               for s in shots}
     for s in shots:
         if s.get("preview"):
-            thumbs[s["id"]] = thumbs[s["id"]] + [None] * (3 - len(thumbs[s["id"]])) + [_image_uri(s["preview"])]
+            plate = (thumbnails(Path(s["plate"])) or [None, None])[1:2] if s.get("plate") else [None]
+            thumbs[s["id"]] = thumbs[s["id"]] + [None] * (3 - len(thumbs[s["id"]])) + [_image_uri(s["preview"])] + plate
     html_path = out / "report.html"
     tmp = out / f".report.html.tmp-{os.getpid()}"
     tmp.write_text(render_html(report, thumbs), encoding="utf-8")
@@ -238,6 +239,9 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
         frames_html.insert(0, f'<figure><img class="thumb preview" alt="{e(s["id"])} preprocessing preview" '
                               f'data-shot="{e(s["id"])}" data-which="preview" src="{uris[3]}">'
                               '<figcaption>plate · pose · face (preprocessing)</figcaption></figure>')
+    if len(uris) > 4 and uris[4]:  # Animate: the plate itself (its middle frame) first
+        frames_html.insert(0, f'<figure><img class="thumb plate" alt="{e(s["id"])} plate" data-shot="{e(s["id"])}" '
+                              f'data-which="plate" src="{uris[4]}"><figcaption>plate</figcaption></figure>')
     t = s.get("timings_s") or {}
     timing = " · ".join(f"{k} {_fmt_s(t[k])}" for k in ("text_encode", "denoise", "vae_decode", "mp4_write",
                                                          "model_load") if t.get(k) is not None)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import ray
 
+from jobs.animate_shots import task_fields
 from jobs.group import GroupHandle
 from jobs.plan import Plan, PlannedShot, ShotQueue
 from jobs.progress import JobProgress
@@ -243,6 +244,7 @@ class Farm:
                     "out_dir": str(self.out_dir), "log": str(self.log_dir / f"{shot.id}.attempt{attempt}.log"),
                     "fault": self.s.faults.get((shot.id, len(rec.attempts) + 1)),
                     "video": getattr(shot.request, "video", None),  # Animate: the plate's prepared folder
+                    **task_fields(shot),  # Animate: mode, refert_num, LoRAs, mask, render hash (jobs/animate_shots.py)
                     "job": {**self.s.job_meta, "shot": shot.id, "output": shot.output,
                             "priority": shot.priority, "tags": shot.request.tags, "attempt": attempt,
                             "group": g.gid, "node_id": g.node_id, "gpus": g.size,
