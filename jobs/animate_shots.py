@@ -52,7 +52,8 @@ def lora_problems(loras, checkpoint: str | None, base_dir: Path) -> tuple[list |
     try:
         parsed = shot_loras(loras, checkpoint)
     except (ValueError, TypeError) as e:
-        return None, [("loras", f"{e}: write each as a file path, \"path:scale\" or relighting")]
+        why = str(e).removeprefix("loras: ")
+        return None, [("loras", f"{why}; each LoRA is a file path, \"path:scale\", {{path, scale}} or relighting")]
     resolved = [(str(p if Path(p).is_absolute() else (base_dir / p).resolve()), s) for p, s in parsed]
     problems = [("loras", f"LoRA file {p} does not exist: check the path") for p, _ in resolved
                 if not Path(p).is_file()]

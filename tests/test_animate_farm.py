@@ -1,0 +1,165 @@
+"""Animate shots on the farm: a manifest with an animate and a replace shot, raw plates in, MP4s out at the plate's
+length with its audio, through the embedded Ray cluster (our own, address="local"), the tiny_animate model and the
+tiny stand-in preprocessing models. Plus the plan / manifest rules for these shots, without Ray."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.prepare_helpers import PLATE_FPS, PLATE_FRAMES, character, plate, tiny_ckpt  # noqa: F401
+
+from jobs.farm import run_job
+from renderer.conf import compose
+from renderer.video_io import read_json, sidecar_path, video_info
+
+FPS = 30
+FRAMES = int(PLATE_FRAMES / PLATE_FPS * FPS)  # 15: the plate's count at the render fps
+
+
+def _lora(path: Path, scale_seed: int = 0) -> Path:
+    """A PEFT state dict (the relighting LoRA's layout) for two Linears of tiny_animate's first block."""
+    from renderer.families.animate.model import build_animate
+    from renderer.presets import load_preset
+
+    model = build_animate(load_preset("tiny_animate").dit, dtype=torch.float32, device=torch.device("cpu"), seed=0)
+    g = torch.Generator().manual_seed(scale_seed)
+    state = {}
+    for name in ("blocks.0.self_attn.q", "blocks.0.ffn.0"):
+        out_f, in_f = model.get_submodule(name).weight.shape
+        state[f"{name}.lora_A.weight"] = torch.randn(2, in_f, generator=g) * 0.1
+        state[f"{name}.lora_B.weight"] = torch.randn(out_f, 2, generator=g) * 0.1
+    torch.save({"state_dict": state}, path)
+    return path
+
+
+def _manifest(folder: Path, plate_path: Path, image: Path, **replace_extra) -> Path:
+    shots = [{"id": "dance", "task": "animate", "video": str(plate_path), "image": str(image), "seed": 3},
+             {"id": "swap", "task": "replace", "video": str(plate_path), "image": str(image), "seed": 4,
+              "refert_num": 5, **replace_extra}]
+    path = folder / "animate.yaml"
+    path.write_text(yaml.safe_dump({"name": "animfarm", "model": "tiny_animate",
+                                    "defaults": {"steps": 2, "prompt": "a figure on a stage"}, "shots": shots}))
+    return path
+
+
+def _args(manifest: Path, out: Path, ckpt: Path, *extra: str) -> list[str]:
+    return [f"manifest={manifest}", f"out={out}", "render.device=cpu", "job.live_progress=false",
+            "job.max_groups=1", "job.max_retries=0", f"prepare.checkpoint={ckpt}",
+            f"prepare.sam2_config={ckpt}/sam2/tiny_sam2.yaml", "prepare.area=[160,96]", *extra]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def rendered(ray_cluster, tmp_path_factory, tiny_ckpt, plate, character):  # noqa: F811
+    base = tmp_path_factory.mktemp("animfarm")
+    lora = _lora(base / "relight.ckpt")
+    manifest = _manifest(base, plate, character, loras=[{"path": "relight.ckpt", "scale": 0.5}])
+    out = base / "out"
+    rc = run_job(compose(_args(manifest, out, tiny_ckpt)))
+    return manifest, out, rc, lora
+
+
+def test_animate_and_replace_shots_render_end_to_end(rendered, plate):  # noqa: F811
+    from renderer.prepare.audio import audio_duration, has_audio
+    from renderer.prepare.footage import file_sha256
+
+    manifest, out, rc, lora = rendered
+    rep = json.loads((out / "report.json").read_text())
+    assert rc == 0 and rep["counts"] == {"done": 2}, rep["counts"]
+    plate_sha = file_sha256(plate)
+    for sid, mode, refert, size in (("dance", "animate", 1, (96, 160)), ("swap", "replace", 5, (160, 96))):
+        mp4 = out / f"{sid}.mp4"
+        info = video_info(mp4)  # read back: exactly the plate's frames and duration at the render fps
+        assert (info["frames"], info["fps"], (info["width"], info["height"])) == (FRAMES, FPS, size), sid
+        assert has_audio(mp4) and abs(audio_duration(mp4) - FRAMES / FPS) < 0.025  # the plate's sound, no drift
+        side = read_json(sidecar_path(mp4))
+        assert side["mode"] == mode and side["task"] == mode and side["refert_num"] == refert
+        assert side["plate_sha256"] == plate_sha and side["preprocessing"]["plate"]["sha256"] == plate_sha
+        assert side["preprocessing"]["models"]["detector"].endswith("det/yolov10m.onnx")
+        assert side["preprocessing"]["settings"]["area"] == [160, 96]
+        assert side["frames"] == FRAMES and side["duration_s"] == pytest.approx(FRAMES / FPS)
+        assert side["render_hash"] == next(s["render_hash"] for s in rep["shots"] if s["id"] == sid)
+        assert side["clips"] == (2 if refert == 1 else 3)  # clips of 9 frames (tiny_animate) cover 15 frames
+    assert read_json(sidecar_path(out / "swap.mp4"))["loras"] == [{"path": str(lora), "scale": 0.5,
+                                                                   "mode": "unmerged"}]
+    assert read_json(sidecar_path(out / "dance.mp4"))["loras"] == []
+    assert read_json(sidecar_path(out / "swap.mp4"))["preprocessing"]["models"]["sam2"].endswith(".pt")
+    assert not list(out.glob(".*tmp*")) and not list(out.glob(".mux-*"))  # nothing half-written left behind
+    # the contact sheet: plate, preprocessing preview and result side by side for each Animate shot
+    page = (out / "report.html").read_text()
+    for sid in ("dance", "swap"):
+        for which in ("plate", "preview", "first", "last"):
+            assert f'data-shot="{sid}" data-which="{which}"' in page, (sid, which)
+        assert page.index(f'data-shot="{sid}" data-which="plate"') < page.index(f'data-shot="{sid}" data-which="first"')
+
+
+def test_resubmitting_finds_animate_shots_done(rendered, tiny_ckpt):  # noqa: F811
+    manifest, out, rc, _ = rendered
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
+    assert run_job(compose(_args(manifest, out, tiny_ckpt))) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")} == before  # nothing re-rendered
+    assert {s["status"] for s in json.loads((out / "report.json").read_text())["shots"]} == {"skipped"}
+
+
+# -- without Ray: the manifest and the plan ------------------------------------------------------------------------
+def _plan(tmp_path, plate, character, ckpt, *extra, **replace_extra):  # noqa: F811
+    from jobs.farm import prepare
+
+    manifest = _manifest(tmp_path, plate, character, **replace_extra)
+    return prepare(compose(_args(manifest, tmp_path / "out", ckpt, *extra)))[0]
+
+
+def test_plan_takes_frames_and_size_from_the_plate_and_hashes_what_changes_it(tmp_path, tiny_ckpt, plate,
+                                                                              character):  # noqa: F811
+    _lora(tmp_path / "l.ckpt")
+    plan = _plan(tmp_path, plate, character, tiny_ckpt, loras=["l.ckpt:0.5"])
+    shots = {p.id: p for p in plan.shots}
+    assert (shots["dance"].spec.frames, shots["dance"].spec.size) == (FRAMES, "96*160")  # the character's shape
+    assert (shots["swap"].spec.frames, shots["swap"].spec.size) == (FRAMES, "160*96")  # the plate's shape
+    assert shots["swap"].request.loras == [(str(tmp_path / "l.ckpt"), 0.5)]
+    hashes = {p.id: p.render_hash for p in plan.shots}
+    assert _plan(tmp_path, plate, character, tiny_ckpt, loras=["l.ckpt:0.5"]).shots[0].render_hash == hashes["dance"]
+    changed = {p.id: p.render_hash for p in _plan(tmp_path, plate, character, tiny_ckpt, loras=["l.ckpt:0.8"]).shots}
+    assert changed["dance"] == hashes["dance"] and changed["swap"] != hashes["swap"]  # the LoRA scale
+    area = {p.id: p.render_hash for p in _plan(tmp_path, plate, character, tiny_ckpt, "prepare.area=[320,192]",
+                                               loras=["l.ckpt:0.5"]).shots}
+    assert area["dance"] != hashes["dance"] and area["swap"] != hashes["swap"]  # the preprocessing settings
+
+
+def test_bad_animate_shots_are_refused_before_anything_is_reserved(tmp_path, tiny_ckpt, plate, character,
+                                                                   capsys):  # noqa: F811
+    manifest = _manifest(tmp_path, plate, character, loras=["missing.safetensors", "relighting"], refert_num=3)
+    assert run_job(compose(_args(manifest, tmp_path / "out", tiny_ckpt))) == 2
+    err = capsys.readouterr().err
+    assert "shot swap: refert_num: refert_num=3: use 1 or 5" in err
+    assert "shot swap: loras: 'relighting' needs model.checkpoint" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    manifest = _manifest(tmp_path, plate, character, loras=["missing.safetensors"])
+    assert run_job(compose(_args(manifest, tmp_path / "out", tiny_ckpt))) == 2
+    assert f"shot swap: loras: LoRA file {tmp_path / 'missing.safetensors'} does not exist" in capsys.readouterr().err
+    draft = _manifest(tmp_path, plate, character)
+    assert run_job(compose(_args(draft, tmp_path / "out", tiny_ckpt, "job.tiers=[draft,exact]"))) == 2
+    assert "Animate shots render in the exact tier only" in capsys.readouterr().err
+
+
+def test_task_is_the_animate_mode_in_one_place():
+    from renderer.families import get_family
+    from renderer.families.animate import TASK_MODES, mode_of_task
+
+    assert mode_of_task("animate") == "animate" and mode_of_task("replace") == "replace"
+    assert set(get_family("animate").tasks) == set(TASK_MODES)
+    with pytest.raises(ValueError, match="not an Animate task"):
+        mode_of_task("t2v")
