@@ -163,3 +163,43 @@ def test_task_is_the_animate_mode_in_one_place():
     assert set(get_family("animate").tasks) == set(TASK_MODES)
     with pytest.raises(ValueError, match="not an Animate task"):
         mode_of_task("t2v")
+
+
+def test_a_rank_reloads_its_dit_for_another_shots_loras(tmp_path):
+    from jobs.animate_shots import AnimateShots
+    from renderer.lora import LoraLinear
+    from renderer.pipeline import RenderOptions
+    from renderer.presets import load_preset
+
+    path = str(_lora(tmp_path / "l.ckpt"))
+    shots = AnimateShots(load_preset("tiny_animate"), RenderOptions(device="cpu", progress=False))
+    plain = shots.stack.model.blocks[0].self_attn.q
+    assert not isinstance(plain, LoraLinear)
+    shots._use_loras([(path, 0.5)])
+    q = shots.stack.model.blocks[0].self_attn.q
+    assert isinstance(q, LoraLinear) and q.lora_scales == [0.5] and shots.stack.loras == ((path, 0.5),)
+    before = shots.stack
+    shots._use_loras([[path, 0.5]])  # the same LoRAs (as Ray ships them: lists): no reload
+    assert shots.stack is before
+    shots._use_loras([])  # a shot without LoRAs gets the plain weights back
+    q = shots.stack.model.blocks[0].self_attn.q
+    assert not isinstance(q, LoraLinear) and torch.equal(q.weight, plain.weight)
+
+
+def test_a_manifest_mask_replaces_the_tracked_one(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from jobs.animate_shots import user_mask
+    from renderer.video_io import write_mp4
+
+    still = np.zeros((40, 64, 3), np.uint8)
+    still[:, 32:] = 255  # right half = character
+    Image.fromarray(still).save(tmp_path / "m.png")
+    m = user_mask(str(tmp_path / "m.png"), 5, 20, 32)
+    assert m.shape == (5, 20, 32) and m[:, :, 16:].eq(1).all() and m[:, :, :16].eq(0).all()
+    video = np.zeros((3, 40, 64, 3), np.uint8)
+    video[2] = 255  # only the last frame is all character
+    write_mp4(video, tmp_path / "m.mp4", fps=30)
+    m = user_mask(str(tmp_path / "m.mp4"), 5, 20, 32)  # 3 frames stretched over 5: the last two from frame 2
+    assert [int(f.mean().round()) for f in m] == [0, 0, 0, 1, 1]  # frames 0 0 1 2 2 (round half to even)
