@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from renderer.provenance import code_version, provenance
+
 DEFAULTS = {"smoke": False, "reps": 5, "out": "out/fp8_micro.json", "tokens": 75600, "heads": 40, "head_dim": 128,
             "dim": 5120, "ffn_dim": 13824}
 SMOKE = {"tokens": 256, "heads": 2, "head_dim": 64, "dim": 128, "ffn_dim": 256, "reps": 2}
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [bench_linear(o, device), bench_attention(o, device)]
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "smoke": bool(o["smoke"]), "rows": rows,
+              "code_version": code_version(), "provenance": provenance(), "command": " ".join(sys.argv),
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(o["out"])
     out.parent.mkdir(parents=True, exist_ok=True)

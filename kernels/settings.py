@@ -3,12 +3,13 @@ the sidecar and hashed into the render hash — never a process global, so two p
 and a final render) can differ.
 
     attention    a backend name of kernels/backends.py, or "auto" (measured fastest on this GPU; "sdpa" on CPU)
-    allow_lossy  "auto" may pick backends whose numbers differ beyond bf16 rounding (FP8 attention, issue 14);
+    allow_lossy  "auto" may pick backends whose numbers differ beyond bf16 rounding (fp8_triton);
                  off by default, so a fast backend never silently changes a final render
     fused        the Triton ops of kernels/fused.py on CUDA (the plain math elsewhere)
     compile      regional torch.compile of the blocks: auto (CUDA, not FSDP-sharded) | on | off
-    precision    auto (bf16 on a GPU, fp32 on the CPU) | bf16 | fp16 | fp32   (fp8 comes with issue 14)
-    step_cache   off   (step caching comes with issue 14)
+    precision    auto (bf16 on a GPU, fp32 on the CPU) | bf16 | fp16 | fp32   (FP8 linears: quality=fast,
+                 renderer/tiers.py — a tier changes the weights, so it lives with the pipeline's tier, not here)
+    step_cache   off   (the step cache is the quality tier's: quality.cache, renderer/cache.py)
 """
 from __future__ import annotations
 

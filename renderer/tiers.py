@@ -166,6 +166,9 @@ def _check(t: TierSettings) -> list[tuple[str, str]]:
     if c.method == "schedule" and not (c.schedule and Path(c.schedule).is_file()):
         p.append(("quality.cache.schedule", f"method schedule needs a schedule file ({c.schedule} is not one): run "
                                             f"python -m benchmarks.calibrate_cache and set quality.cache.schedule=<json>"))
+    if t.linear == "fp8" and t.lora_mode == "unmerged" and t.loras:
+        p.append(("quality.lora_mode", "unmerged LoRAs cannot be combined with quality.linear=fp8 (the FP8 swap would "
+                                       "drop their side path): use quality.lora_mode=merged"))
     if t.linear not in LINEAR_MODES:
         p.append(("quality.linear", f"{t.linear!r}: use one of {', '.join(LINEAR_MODES)}"))
     lossy = t.linear != "bf16" or c.method != "none" or (t.attention or "").startswith("fp8")

@@ -53,7 +53,9 @@ def test_farm_job_renders_drafts_then_finals(tmp_path):
     manifest.write_text(yaml.safe_dump(_raw(2)))
     out = tmp_path / "out"
     assert not ray.is_initialized()
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    # address="local": start our own cluster, never join one another test or engineer left running
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING")
     try:
         rc = run_job(compose([f"manifest={manifest}", f"out={out}", "render.device=cpu", "job.live_progress=false",
                               "job.tiers=[draft,exact]", "job.max_groups=1", "cluster=local"]))

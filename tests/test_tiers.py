@@ -85,6 +85,7 @@ def test_draft_loras_per_expert(tmp_path):
     ("exact", {"linear": "fp8", "allow_lossy": True}, "the exact tier cannot change"),
     ("fast", {"cache": {"method": "schedule"}}, "quality.cache.schedule: method schedule needs a schedule file"),
     ("draft", {"loras": [{"file": "a.safetensors", "expert": "middle"}]}, r"quality.loras\[0\].expert: 'middle'"),
+    ("draft", {"linear": "fp8", "lora_mode": "unmerged"}, "unmerged LoRAs cannot be combined with quality.linear=fp8"),
 ])
 def test_bad_tier_settings_name_the_field(name, overrides, message):
     with pytest.raises(TierError, match=message):
@@ -127,3 +128,32 @@ def test_contact_sheet_badge_for_non_final_tiers():
 
     assert tier_badge("exact") == "" and tier_badge(None) == ""
     assert 'class="badge tier"' in tier_badge("draft") and ">draft<" in tier_badge("draft")
+
+
+def test_draft_pipeline_merges_each_experts_lightning_file(tmp_path):
+    """quality=draft with a lora_dir: high_noise_model.safetensors goes into expert 0, low_noise_model into expert 1,
+    merged as W + (alpha/rank)·up·down (the Lightning format), before anything else touches the weights."""
+    from safetensors.torch import save_file
+
+    from renderer.families.wan22.model import build_dit
+    from renderer.pipeline import Pipeline, RenderOptions
+    from renderer.presets import load_preset
+
+    preset = load_preset("tiny_t2v")
+    d = preset.dit.dim
+    g = torch.Generator().manual_seed(0)
+    deltas = {}
+    for i, name in enumerate(("high_noise_model", "low_noise_model")):
+        down, up = torch.randn(4, d, generator=g), torch.randn(d, 4, generator=g)
+        save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": down,
+                   "diffusion_model.blocks.0.self_attn.q.lora_up.weight": up,
+                   "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(2.0)}, str(tmp_path / f"{name}.safetensors"))
+        deltas[i] = 0.5 * up @ down  # alpha / rank = 2 / 4
+    pipe = Pipeline(preset, options=RenderOptions(device="cpu", progress=False),
+                    tier=load_tier("draft", {"lora_dir": str(tmp_path)}))
+    for i in range(2):
+        base = build_dit(preset.dit, dtype=torch.float32, seed=preset.seed_weights + i).blocks[0].self_attn.q.weight
+        got = pipe.experts[i].blocks[0].self_attn.q.weight
+        torch.testing.assert_close(got, base + deltas[i], rtol=0, atol=1e-6)
+    result = pipe.render(ShotSpec(prompt="kite", shot_id="k"))
+    assert result.experts_used == [0, 0, 1, 1] and result.shot.sampler == "euler_lightning"
