@@ -260,9 +260,12 @@ class AnimateShots:
 
 
 def _fingerprint(preset) -> str:
-    from jobs.plan import model_fingerprint
+    """The model's identity as the plan names it (jobs.plan.model_fingerprint, which imports this module)."""
+    if preset.checkpoint:
+        from renderer.checkpoint import fingerprint
 
-    return model_fingerprint(preset)
+        return fingerprint(preset.checkpoint)
+    return f"random-seed{preset.seed_weights}"
 
 
 def contact_images(folder: str | None) -> dict[str, str | None]:

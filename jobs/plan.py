@@ -161,7 +161,7 @@ def build_plan(manifest: Manifest, preset: ModelPreset, out_dir: str | Path, *, 
     """kernels: the job's KernelSettings (part of every render hash; default: the defaults).
     tiers (job.tiers, e.g. [draft, exact]): every shot in each tier, all of the first tier before any of the
     next; None: each shot in its own `quality`. tier_overrides: {tier name: {field: value}} (conf/quality fields).
-    prepare_fields: the preprocessing settings (PrepareSettings.cache_fields()) that Animate plates are prepared with."""
+    prepare_fields: the preprocessing settings (PrepareSettings.cache_fields()) Animate plates are prepared with."""
     from renderer.tiers import load_tier
 
     kernels = kernels or KernelSettings()
