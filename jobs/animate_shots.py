@@ -60,6 +60,21 @@ def lora_problems(loras, checkpoint: str | None, base_dir: Path) -> tuple[list |
     return resolved, problems
 
 
+def folder_problems(video: str | None) -> list[tuple[str, str]]:
+    """A prepared folder given as `video` must still have its plate: the output takes the plate's length and
+    audio (renderer.prepare.folder.write_shot_from_plate)."""
+    if not video or not Path(video).is_dir() or not (Path(video) / "meta.json").is_file():
+        return []
+    try:
+        plate = json.loads((Path(video) / "meta.json").read_text())["plate"]["path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [("video", f"{video}/meta.json does not name its plate ({e}): prepare it again")]
+    if not Path(plate).is_file():
+        return [("video", f"the plate {plate} that {video} was prepared from is gone: the output takes its length "
+                          "and audio; restore it or prepare again")]
+    return []
+
+
 def _digest(path: str | None) -> str | None:
     """Content digest of a plate / mask / LoRA file, or a prepared folder's cache key (its inputs' hash)."""
     if not path:

@@ -109,7 +109,7 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
     try:  # job.tiers names and the quality.* overrides are checked with the manifest, before Ray starts
         plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force),
                           kernels=kernels, tiers=tiers, tier_overrides=tier_overrides(cfg),
-                          prepare_fields=_prepare_fields(cfg, manifest))
+                          prepare_fields=_prepare_fields(cfg, manifest, preset))
         for q in sorted({s.tier for s in plan.shots}):  # a draft on real weights needs its LoRA files
             _tier_loras(cfg, q, preset)
     except TierError as e:
@@ -118,7 +118,7 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
     return plan, preset
 
 
-def _prepare_fields(cfg: DictConfig, manifest) -> dict | None:
+def _prepare_fields(cfg: DictConfig, manifest, preset) -> dict | None:
     """The preprocessing settings Animate plates get (part of their shots' render hashes); None without any."""
     if not any(s.clip_plan is not None for s in manifest.shots):
         return None
@@ -126,9 +126,14 @@ def _prepare_fields(cfg: DictConfig, manifest) -> dict | None:
     from renderer.prepare.errors import PrepareError
 
     try:
-        return settings_from(cfg).cache_fields()
+        fields = settings_from(cfg).cache_fields()
     except PrepareError as e:
         raise ManifestError([Problem("manifest", "prepare", str(e))], str(cfg.manifest)) from None
+    if fields["fps"] != preset.fps:  # the plate is resampled to the rate the model renders at
+        raise ManifestError([Problem("manifest", "prepare.fps", f"prepare.fps={fields['fps']} but {preset.name} "
+                                                                f"renders at {preset.fps} fps: remove prepare.fps "
+                                                                f"or set it to {preset.fps}")], str(cfg.manifest))
+    return fields
 
 
 def tier_overrides(cfg: DictConfig) -> dict[str, dict]:

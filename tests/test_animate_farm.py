@@ -203,3 +203,25 @@ def test_a_manifest_mask_replaces_the_tracked_one(tmp_path):
     write_mp4(video, tmp_path / "m.mp4", fps=30)
     m = user_mask(str(tmp_path / "m.mp4"), 5, 20, 32)  # 3 frames stretched over 5: the last two from frame 2
     assert [int(f.mean().round()) for f in m] == [0, 0, 0, 1, 1]  # frames 0 0 1 2 2 (round half to even)
+
+
+def test_a_prepared_folder_whose_plate_is_gone_is_refused(tmp_path, tiny_ckpt, plate, character, capsys):  # noqa: F811
+    import shutil
+
+    from jobs.farm import prepare as plan_job
+    from renderer.prepare import PrepareSettings, prepare
+
+    moved = tmp_path / "plate.mp4"
+    shutil.copy(plate, moved)
+    folder = tmp_path / "prep"
+    prepare(moved, character, folder, PrepareSettings(area=(160, 96)), checkpoint_root=tiny_ckpt, progress=False)
+    manifest = tmp_path / "one.yaml"
+    manifest.write_text(yaml.safe_dump({"model": "tiny_animate", "shots": [
+        {"id": "dance", "task": "animate", "video": str(folder), "image": str(character), "prompt": "a figure"}]}))
+    shot = plan_job(compose(_args(manifest, tmp_path / "out", tiny_ckpt)))[0].shots[0]
+    assert (shot.spec.frames, shot.spec.size) == (FRAMES, "96*160")  # read from the folder's meta.json
+    assert run_job(compose(_args(manifest, tmp_path / "out", tiny_ckpt, "prepare.fps=24"))) == 2
+    assert "prepare.fps=24 but tiny_animate renders at 30 fps" in capsys.readouterr().err
+    moved.unlink()
+    assert run_job(compose(_args(manifest, tmp_path / "out", tiny_ckpt))) == 2
+    assert f"shot dance: video: the plate {moved} that {folder} was prepared from is gone" in capsys.readouterr().err
