@@ -283,11 +283,24 @@ def _fingerprint(preset) -> str:
     return f"random-seed{preset.seed_weights}"
 
 
-def contact_images(folder: str | None) -> dict[str, str | None]:
-    """The contact sheet's inputs of an Animate shot: the plate's middle frame and the preprocessing preview."""
-    if not folder or not (Path(folder) / "meta.json").is_file():
-        return {"plate": None, "preview": None}
-    meta = json.loads((Path(folder) / "meta.json").read_text())
-    preview = Path(folder) / "preview.png"
+def contact_images(video: str | None, mp4: Path | None = None) -> dict[str, str | None]:
+    """The contact sheet's inputs of an Animate shot: the plate and the preprocessing preview. `video` is the
+    prepared folder (after the prepare stage) or the raw plate (a shot already done: its sidecar names the folder)."""
+    none = {"plate": None, "preview": None}
+    if not video:
+        return none
+    folder = Path(video)
+    if not folder.is_dir():
+        from renderer.video_io import read_json, sidecar_path
+
+        try:
+            folder = Path(read_json(sidecar_path(mp4))["preprocessing"]["folder"])
+        except (OSError, ValueError, KeyError, TypeError):  # not rendered yet (or not by the farm): the plate only
+            return {"plate": video if folder.is_file() else None, "preview": None}
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return none
+    preview = folder / "preview.png"
     return {"plate": meta["plate"]["path"] if Path(meta["plate"]["path"]).is_file() else None,
             "preview": str(preview) if preview.is_file() else None}

@@ -111,7 +111,7 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
         "steps": spec.steps, "sampler": spec.sampler, "guidance": list(spec.guidance), "render_hash": p.render_hash,
         "mp4": os.path.relpath(p.mp4, out_dir) if p.mp4.is_file() else None,
         # Animate shots: the plate and the preprocessing preview (keypoints + mask, pose, face) beside the result
-        **contact_images(getattr(p.request, "video", None)),
+        **contact_images(getattr(p.request, "video", None), p.mp4),
         "attempts": rec.attempts, "attempt_count": len(rec.attempts), "seconds": seconds, "timings_s": timings,
         "quality": quality,
         "error": rec.error if rec.status not in ("done", "skipped") else None,
@@ -187,9 +187,9 @@ h1{font-size:20px;margin:0 0 4px} .meta{color:#9aa0a6;margin-bottom:16px} .meta 
 .badge{font-size:11px;padding:1px 7px;border-radius:9px;text-transform:uppercase;letter-spacing:.04em}
 .tier{background:#6a3d9a}.done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}
 .queued,.interrupted,.not_started{background:#5c4a12}
-.frames{display:flex;gap:6px;margin:6px 0}
+.frames{display:flex;flex-wrap:wrap;gap:6px;margin:6px 0}
 .frames figure{margin:0;text-align:center;font-size:11px;color:#9aa0a6}
-.frames img{height:120px;width:auto;image-rendering:pixelated;border-radius:3px;display:block;background:#000}
+.frames img{height:120px;width:auto;image-rendering:pixelated;border-radius:3px;display:block;background:#000;max-width:100%;object-fit:contain}
 .noimg{width:160px;height:120px;display:flex;align-items:center;justify-content:center;background:#2a2e35;
   color:#9aa0a6;border-radius:3px}
 .prompt{margin:4px 0;white-space:pre-wrap} .kv{color:#9aa0a6;font-size:12px} .kv b{color:#d0d0d0;font-weight:600}

@@ -112,6 +112,9 @@ def test_resubmitting_finds_animate_shots_done(rendered, tiny_ckpt):  # noqa: F8
     assert run_job(compose(_args(manifest, out, tiny_ckpt))) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")} == before  # nothing re-rendered
     assert {s["status"] for s in json.loads((out / "report.json").read_text())["shots"]} == {"skipped"}
+    page = (out / "report.html").read_text()  # the contact sheet still shows plate and preview (from the sidecar)
+    for sid in ("dance", "swap"):
+        assert f'data-shot="{sid}" data-which="plate"' in page and f'data-shot="{sid}" data-which="preview"' in page
 
 
 # -- without Ray: the manifest and the plan ------------------------------------------------------------------------
