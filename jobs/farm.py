@@ -330,7 +330,7 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
     import ray
 
     from jobs.progress import JobProgress
-    from jobs.scheduler import Farm, FarmSettings
+    from jobs.scheduler import Farm, FarmSettings, ShotRecord
 
     job = cfg.job
     interrupted = False
@@ -340,6 +340,7 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
         use_gpus = ray.cluster_resources().get("GPU", 0) > 0
         from jobs.prepare_stage import run_prepare_stage, settings_from, shots_needing_prepare
 
+        planned = list(plan.shots)  # a shot whose plate fails preprocessing leaves the plan, not the report
         if shots_needing_prepare(plan):  # Animate plates become preprocessed folders before any group starts
             job_info["prepare_failures"] = run_prepare_stage(plan, settings_from(cfg), _node(cfg, "prepare.checkpoint"),
                                                              use_ray=True)
@@ -367,6 +368,8 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
             print(f"error: the driver failed: {type(e).__name__}: {e}; traceback in {trace}", file=sys.stderr)
         finally:
             progress.close()
+        failed_prep = job_info.get("prepare_failures") or {}
+        records.update({p.id: ShotRecord(p, "failed", error=failed_prep[p.id]) for p in planned if p.id in failed_prep})
         job_info["events"] = farm.events
         job_info["blocklisted_nodes"] = sorted(farm.blocklist)
         job_info["node_failures"] = farm.node_failures
