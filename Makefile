@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test render render-animate bench stamp clean
+.PHONY: install fonts test render render-animate bench stamp clean
 
 install: $(STAMP)
 
@@ -21,11 +21,21 @@ $(STAMP): setup.py
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-deps --no-build-isolation "sam2==1.1.0"
 	@touch $(STAMP)
 
-test: install
+# The label's CJK font: Debian's fonts-noto-cjk (renderer/label.py says why), the same file on every machine.
+fonts:
+	@test -f /usr/share/fonts/opentype/noto/NotoSansCJK-Bold.ttc || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fonts-noto-cjk >/dev/null; }
+
+test: install fonts
 	$(PY) -m pytest -q tests
 
-render: install
-	$(VENV)/bin/wanrender render manifest=examples/previs.yaml out=out/previs
+# The example signs with a throwaway test chain (out/test-chain); a studio passes its own provenance.cert/key.
+render: install fonts
+	@test -f out/test-chain/chain.pem || $(PY) -m renderer.media_provenance make-test-chain out/test-chain
+	$(VENV)/bin/wanrender render manifest=examples/previs.yaml out=out/previs \
+	  provenance.cert=out/test-chain/chain.pem provenance.key=out/test-chain/signer.key
+	$(VENV)/bin/wanrender verify out/previs/sh020.mp4 --trust out/test-chain/root.pem
 
 # Animate shots from a synthetic plate (needs the Animate model family, issue 12, for the render step)
 render-animate: install

@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["renderer", "renderer.*", "kernels", "kernels.*", "jobs", "jobs.*",
                                     "benchmarks", "benchmarks.*", "conf"]),
-    package_data={"conf": ["*.yaml", "*/*.yaml"]},
+    package_data={"conf": ["*.yaml", "*/*.yaml", "safety/*.txt"]},
     install_requires=[
         TORCH,
         "numpy",
@@ -31,6 +31,10 @@ setup(
         "tqdm",
         "rich",
         "matplotlib",
+        "nudenet>=3.4,<4",  # output safety screen: its ONNX detector ships inside the wheel (runs offline)
+        "onnxruntime",  # runs NudeNet's detector on the CPU
+        "c2pa-python>=0.38,<0.39",  # signed C2PA provenance manifests in the MP4s (Rust core, offline)
+        "cryptography",  # reads the studio's signing certificate and key; tests make a certificate chain
         "fastapi>=0.110",  # `wanrender serve`: the HTTP submission service
         "uvicorn>=0.29",
     ],

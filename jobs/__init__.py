@@ -10,6 +10,8 @@ The render farm (`wanrender render manifest=FILE`), data flowing one way:
     progress.py   live progress in the terminal
     report.py     out/report.json, the self-contained out/report.html contact sheet, out/accounting.csv
     service/      `wanrender serve`: HTTP submission service (quotas, Ray job submission, state on disk)
+    report_safety.py  the contact sheet's prompt fields, held/released notes and provenance line
+    safety.py     the quarantine's farm side: `wanrender release` (who, when, why; report updated)
 
 On a multi-node cluster (cluster=ray cluster.address=HOST:6379) every node needs wanrender installed and the
 output folder (out=...) on a file system all nodes share: rank 0 of each group writes there directly.

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from jobs.manifest import ManifestError, Problem, load_manifest, read_manifest, validate_manifest
 from jobs.plan import Plan, build_plan, format_duration, format_plan
+from renderer.safety import held_sidecar
 
 log = logging.getLogger("wanrender.farm")
 FAULTS_ENV = "WANRENDER_FAULTS"  # test hook: "crash:sh03:1,hang:sh05:1[:step]" (kind:shot:attempt[:step])
@@ -96,20 +97,26 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
         from jobs.prepare_stage import check_prepare_config  # Animate plates: preprocessing config and weights
 
         problems += [Problem("manifest", f, m) for f, m in check_prepare_config(cfg, manifest.shots)]
+    problems += _gate_problems(cfg, manifest if not problems else None)
     if problems:
         raise ManifestError(problems, str(path))
     out = Path(str(_node(job, "output_root") or cfg.out))
     try:
-        kernels = job_settings(cfg).kernels
+        settings = job_settings(cfg)
     except ValueError as e:  # renderer.settings.SettingsError: bad kernel / render values
         raise ManifestError([Problem("config", "kernels", str(e))], str(path))
+    kernels, delivery = settings.kernels, settings.delivery
+    if delivery.label_all:  # the config's label=true labels every shot of the job
+        from dataclasses import replace
+
+        manifest.shots = [replace(s, label=True) for s in manifest.shots]
     from renderer.tiers import TierError
 
     tiers = OmegaConf.to_container(job.tiers, resolve=True) if _node(job, "tiers") is not None else None
     try:  # job.tiers names and the quality.* overrides are checked with the manifest, before Ray starts
         plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force),
                           kernels=kernels, tiers=tiers, tier_overrides=tier_overrides(cfg),
-                          prepare_fields=_prepare_fields(cfg, manifest, preset))
+                          label_style=delivery.label, prepare_fields=_prepare_fields(cfg, manifest, preset))
         for q in sorted({s.tier for s in plan.shots}):  # a draft on real weights needs its LoRA files
             _tier_loras(cfg, q, preset)
     except TierError as e:
@@ -150,6 +157,28 @@ def _tier_loras(cfg: DictConfig, name: str, preset):
 
     tier = load_tier(name, tier_overrides(cfg).get(name))
     return tier.loras_per_expert(len(preset.experts), random_weights=preset.checkpoint is None)
+
+
+def _gate_problems(cfg: DictConfig, manifest) -> list[Problem]:
+    """Label, signing and safety settings, and every shot's prompt through the content-safety term lists."""
+    from renderer.delivery import DeliverySettings
+    from renderer.gate import prompt_problems
+    from renderer.safety import load_terms
+
+    delivery = DeliverySettings.from_config(cfg)
+    labelled = delivery.label_all or bool(manifest and any(s.label for s in manifest.shots))
+    found = delivery.problems(labelled)
+    problems = [Problem("manifest", f, m) for f, m in found]
+    if manifest is not None and delivery.safety.prompt_screen and not any(f == "safety.terms_dir" for f, _ in found):
+        lists = load_terms(delivery.safety.terms_dir)
+        problems += [Problem(s.id, f, m) for s in manifest.shots for f, m in prompt_problems(s.spec.prompt, delivery,
+                                                                                             lists)]
+    if manifest is not None and not any(f.startswith("safety.") for f, _ in found):
+        from renderer.gate import image_problems
+
+        problems += [Problem(sid, "image", m) for sid, m in image_problems([(s.id, s.spec.image)
+                                                                            for s in manifest.shots], delivery)]
+    return problems
 
 
 def accounting_problems(job: DictConfig) -> list[Problem]:
@@ -251,7 +280,8 @@ def worker_spec(cfg: DictConfig, preset) -> dict[str, Any]:
     _, parallel = gpus_per_group(cfg)
     preset_dict = OmegaConf.to_container(cfg.model, resolve=True) if preset.name == cfg.model.name else preset.name
     return {"preset": preset_dict, "options": options, "parallel": parallel, "cpu_threads": 1,
-            "quality_overrides": tier_overrides(cfg)}
+            "quality_overrides": tier_overrides(cfg),
+            "delivery": job_settings(cfg).delivery.to_dict()}
 
 
 def job_settings(cfg: DictConfig):
@@ -285,8 +315,10 @@ def run_job(cfg: DictConfig) -> int:
     if not plan.todo:
         records = _records_without_render(plan)
         json_path, html_path = write_report(out, job_info, records, time.time() - t_start)
-        print(f"nothing to render: all {len(plan.shots)} shots are done.\nreport: {html_path}")
-        return 0
+        print(f"nothing to render: all {len(plan.shots)} shots are done.")
+        held = _print_held(out, records)
+        print(f"report: {html_path}")
+        return 1 if held else 0
     records, interrupted = _render(cfg, plan, preset, job_info)
     wall = time.time() - t_start
     json_path, html_path = write_report(out, {**job_info, "dashboard": job_info.get("dashboard")}, records, wall)
@@ -302,10 +334,23 @@ def run_job(cfg: DictConfig) -> int:
     for r in failed:
         last = r.attempts[-1]["log"] if r.attempts else "-"
         print(f"  FAILED {r.shot.id}: {r.error or r.status} (attempts {len(r.attempts)}, log {last})")
+    held = _print_held(out, records)
     print(f"report: {html_path}\n        {json_path}")
     if interrupted:
         return 130
-    return 1 if failed or not_started else 0
+    return 1 if failed or not_started or held else 0
+
+
+def _print_held(out: Path, records: dict) -> list:
+    """Shots the content-safety gate holds in <out>/quarantine/ (rendered, not delivered), each with its reason."""
+    held = []
+    for r in records.values():
+        side = held_sidecar(out, r.shot.output) if not r.shot.mp4.is_file() else None
+        if r.status in ("done", "skipped") and side is not None:
+            held.append(r)
+            print(f"  HELD {r.shot.id} in {out / 'quarantine'}: {(side.get('safety') or {}).get('reason')}; after "
+                  f"review: wanrender release {out} {r.shot.output} --by NAME --reason ...")
+    return held
 
 
 def _money(cfg: DictConfig, gpu_s: float) -> str:

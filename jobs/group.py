@@ -38,6 +38,8 @@ class RenderRank:
         self.pipe = None
         self.group = None
         self.animate = None  # Animate shots: jobs/animate_shots.AnimateShots (the family's own clip loop)
+        self.delivery = None  # renderer.delivery.DeliverySettings (rank 0 writes)
+        self.screen = None  # renderer.safety.OutputScreen, loaded once per actor
 
     def where(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
@@ -85,6 +87,12 @@ class RenderRank:
         elif self.rank == 0 or supports_group:
             kwargs = {"group": self.group} if supports_group and self.group is not None else {}
             self.pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, **kwargs)
+        if self.rank == 0:
+            from renderer.delivery import DeliverySettings
+            from renderer.safety import OutputScreen
+
+            self.delivery = DeliverySettings.from_dict(self.spec.get("delivery"))
+            self.screen = OutputScreen.from_settings(self.delivery.safety)
         return {**self.where(), "rank": self.rank, "load_s": round(time.perf_counter() - t0, 3),
                 "shares_work": supports_group or self.world_size == 1}
 
@@ -165,8 +173,11 @@ class RenderRank:
                     from renderer.prepare.folder import provenance
 
                     extra["preprocessing"] = provenance(task["video"])  # plate hash, models, settings
-                mp4, side = write_shot(self.pipe, result, task["out_dir"], name=task["output"], extra=extra)
-                out.update(mp4=str(mp4), sidecar=str(side))
+                mp4, side = write_shot(self.pipe, result, task["out_dir"], name=task["output"], extra=extra,
+                                       delivery=self.delivery,
+                                       label=bool(task.get("label") or (self.delivery and self.delivery.label_all)),
+                                       prompt_fields=task.get("prompt_fields"), screen=self.screen)
+                out.update(mp4=str(mp4), sidecar=str(side), held=mp4.parent.name == "quarantine")
             out.update(seconds=round(time.perf_counter() - t0, 3),
                        timings={k: round(v, 4) for k, v in (getattr(result, "timings", None) or {}).items()},
                        node_id=where["node_id"])

@@ -27,11 +27,12 @@ from typing import Any
 
 from renderer.pipeline import ShotSpec
 from renderer.presets import ModelPreset, check_shot
+from renderer.prompts import PromptError, is_structured, normalize_fields, resolve_prompt
 
 # what a shot (and `defaults`) may set; the farm's own fields (priority, output, tags, video) are not ShotSpec's
 SHOT_FIELDS = ("id", "task", "prompt", "negative_prompt", "image", "video", "size", "frames", "steps", "seed",
                "guidance", "sampler", "shift", "priority", "output", "tags", "mask", "refert_num", "loras",
-               "quality")
+               "quality", "label")
 NOT_DEFAULTABLE = ("id", "output")  # one value per shot: a default would make every shot collide
 TOP_LEVEL_FIELDS = ("name", "model", "description", "defaults", "shots")
 TEXT_FIELDS = ("task", "prompt", "negative_prompt", "sampler", "quality")
@@ -84,6 +85,8 @@ class ShotRequest:
     loras: list | None = None
     clip_plan: object | None = None  # animate/replace: renderer.prepare.shots.ClipPlan (clips, estimate)
     quality: str = "exact"  # the shot's tier (renderer/tiers.py); job.tiers renders every shot in several
+    prompt_fields: dict | None = None  # a structured prompt's fields (renderer/prompts.py); None for plain text
+    label: bool = False  # burn the visible AI label into the frames
 
 
 @dataclass
@@ -134,6 +137,8 @@ def _csv_value(column: str, cell: str) -> Any:
     """Spreadsheet text -> the value a YAML manifest would hold. Unparseable text stays text, so the validator
     reports it with the field and the fix instead of this function failing."""
     cell = cell.strip()
+    if column == "label" and cell.lower() in ("true", "yes", "1", "false", "no", "0"):
+        return cell.lower() in ("true", "yes", "1")
     if column in INT_FIELDS or column == "priority":
         try:
             return int(cell)
@@ -183,6 +188,11 @@ def parse_csv(text: str, source: str = "manifest.csv") -> dict[str, Any]:
                 if isinstance(tags, dict):
                     tags[column[5:]] = cell.strip()
                 continue
+            if column.startswith("prompt."):  # one column per structured-prompt field: prompt.人物, prompt.action
+                fields = shot.setdefault("prompt", {})
+                if isinstance(fields, dict):
+                    fields[column[7:]] = cell.strip()
+                continue
             shot[column] = _csv_value(column, cell)
         if len(row) > len(header) and any(c.strip() for c in row[len(header):]):
             shot["_extra_cells"] = len(row) - len(header)
@@ -226,6 +236,10 @@ def _check_value(name: str, value: Any, priorities: dict[str, int]) -> str | Non
     """Type/range problem of one field's value (model-independent), or None."""
     if value is None:
         return None
+    if name == "prompt" and is_structured(value):
+        return None  # a structured prompt: its fields are checked when it is composed
+    if name == "label" and not isinstance(value, bool):
+        return f"must be true or false, got {value!r}"
     if name in TEXT_FIELDS and not isinstance(value, str):
         return f"must be text, got {type(value).__name__} {value!r}: quote it"
     if name in PATH_FIELDS and not isinstance(value, str):
@@ -347,6 +361,11 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
                 problems.append(Problem("manifest", f"{origin}.{k}", f"unknown field: {_suggest(k, SHOT_FIELDS)}"))
             elif (msg := _check_value(k, v, priorities)) is not None:
                 problems.append(Problem("manifest", f"{origin}.{k}", msg))
+            elif k == "prompt" and is_structured(v):
+                try:
+                    normalize_fields(v)
+                except PromptError as e:
+                    problems.append(Problem("manifest", f"{origin}.prompt.{e.field}", str(e)))
     defaults = {k: v for k, v in _layer_defaults(manifest_defaults, cfg_defaults).items()
                 if k in SHOT_FIELDS and k not in NOT_DEFAULTABLE and _check_value(k, v, priorities) is None}
 
@@ -432,8 +451,13 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
         # the model's checks run even when other fields are wrong (every problem at once); a field already
         # reported as the wrong type falls back to the preset's default here, so it is not reported twice
         values = {k: v for k, v in values.items() if k not in bad_fields}
+        n_before = len(shot_problems)
+        prompt_text, prompt_fields = ("", None) if "prompt" in bad_fields else _compose_prompt(
+            entry.get("prompt"), defaults.get("prompt"), label, shot_problems)
+        if len(shot_problems) > n_before:
+            bad_fields.add("prompt")  # reported with its field; not again as "the prompt is empty"
         g = values.get("guidance")
-        spec = ShotSpec(prompt=values.get("prompt") or "", task=values.get("task"),
+        spec = ShotSpec(prompt=prompt_text, task=values.get("task"),
                         negative_prompt=values.get("negative_prompt"), image=image,
                         size=None if values.get("size") is None else str(values["size"]),
                         frames=values.get("frames"), steps=values.get("steps"), seed=int(values.get("seed", 0)),
@@ -446,12 +470,25 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
                                      tags=values["tags"], video=video,
                                      mask=_resolve_path(values.get("mask"), base_dir),
                                      refert_num=values.get("refert_num"), loras=values.get("loras"), clip_plan=plan,
-                                     quality=values.get("quality") or "exact"))
+                                     quality=values.get("quality") or "exact",
+                                     prompt_fields=prompt_fields, label=bool(values.get("label", False))))
         problems += shot_problems
     if problems:
         raise ManifestError(problems, source)
     return Manifest(source=source, name=str(raw.get("name") or Path(source).stem), model=raw.get("model"),
                     shots=shots, defaults=defaults)
+
+
+def _compose_prompt(shot_prompt: Any, default_prompt: Any, label: str,
+                    problems: list[Problem]) -> tuple[str, dict | None]:
+    """The shot's prompt text and its structured fields (renderer/prompts.py); a bad field becomes a Problem."""
+    if shot_prompt is None and not is_structured(default_prompt):
+        shot_prompt = default_prompt  # a plain-text default prompt, as before
+    try:
+        return resolve_prompt(shot_prompt, default_prompt)
+    except PromptError as e:
+        problems.append(Problem(label, f"prompt.{e.field}", str(e)))
+        return "", None
 
 
 def _model_problems(spec: ShotSpec, preset: ModelPreset, label: str, values: dict) -> list[Problem]:

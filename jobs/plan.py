@@ -89,6 +89,11 @@ def output_status(mp4: Path, expected_hash: str, spec: ShotSpec) -> tuple[bool, 
     from renderer.video_io import read_json, sidecar_path, video_info
 
     if not mp4.is_file():
+        from renderer.safety import held_sidecar
+
+        held = held_sidecar(mp4.parent, mp4.stem)  # the same render, held by the safety gate: not again
+        if held is not None and held.get("render_hash") == expected_hash:
+            return True, "held in quarantine"
         return False, "new"
     side = sidecar_path(mp4)
     if not side.is_file():
@@ -155,12 +160,19 @@ def measured_rate(out_dir: Path, model: str) -> float | None:
     return statistics.median(rates) if len(rates) >= 2 else None
 
 
+def _default_label():
+    from renderer.label import LabelStyle
+
+    return LabelStyle()
+
+
 def build_plan(manifest: Manifest, preset: ModelPreset, out_dir: str | Path, *, gpus_per_group: int = 1,
                force: bool = False, kernels: KernelSettings | None = None, tiers: list[str] | None = None,
-               tier_overrides: dict | None = None, prepare_fields: dict | None = None) -> Plan:
+               tier_overrides: dict | None = None, label_style=None, prepare_fields: dict | None = None) -> Plan:
     """kernels: the job's KernelSettings (part of every render hash; default: the defaults).
     tiers (job.tiers, e.g. [draft, exact]): every shot in each tier, all of the first tier before any of the
     next; None: each shot in its own `quality`. tier_overrides: {tier name: {field: value}} (conf/quality fields).
+    label_style: the job's renderer.label.LabelStyle; a labelled shot's hash includes it.
     prepare_fields: the preprocessing settings (PrepareSettings.cache_fields()) Animate plates are prepared with."""
     from renderer.tiers import load_tier
 
@@ -176,7 +188,8 @@ def build_plan(manifest: Manifest, preset: ModelPreset, out_dir: str | Path, *, 
         spec = tier.apply(req.spec).resolve(preset)
         if not tier.is_final:  # the draft of s010 is shot "s010.draft" everywhere: queue, logs, sidecar
             spec = replace(spec, shot_id=f"{req.id}.{tier.name}")
-        h = render_hash(spec, preset.name, fingerprint, tier.kernel_settings(kernels), tier.describe())
+        h = render_hash(spec, preset.name, fingerprint, tier.kernel_settings(kernels), tier.describe(),
+                        (label_style or _default_label()) if req.label else None)
         if req.clip_plan is not None:  # Animate: frames / size from the plate, hash over its inputs too
             from jobs.animate_shots import plan_entry
             from renderer.tiers import TierError

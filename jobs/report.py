@@ -18,6 +18,7 @@ from typing import Any
 
 from jobs.animate_shots import contact_images
 from jobs.plan import format_duration
+from jobs.report_safety import c2pa_check
 
 THUMB_WIDTH = 192
 
@@ -93,19 +94,27 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
 
     p = rec.shot
     spec = p.spec
-    timings, seconds, quality = {}, None, "exact"
-    if rec.status in ("done", "skipped") and sidecar_path(p.mp4).is_file():
+    timings, seconds, side, quality = {}, None, {}, "exact"
+    status = rec.status
+    if rec.status in ("done", "skipped"):
+        from renderer.safety import held_sidecar
+
         try:
-            side = read_json(sidecar_path(p.mp4))
-            timings = side.get("timings_s", {})
-            quality = (side.get("quality") or {}).get("name", "exact")  # the tier badge (renderer/tiers.py)
-        except (OSError, ValueError, AttributeError):
-            timings = {}
+            side = read_json(sidecar_path(p.mp4)) if sidecar_path(p.mp4).is_file() else {}
+        except (OSError, ValueError):
+            side = {}
+        if not p.mp4.is_file() and (held := held_sidecar(out_dir, p.output)) is not None:
+            side, status = held, "held"  # the safety gate kept it in quarantine/: not delivered
+        timings = side.get("timings_s", {}) if isinstance(side, dict) else {}
+        quality = ((side.get("quality") if isinstance(side, dict) else None) or {}).get("name", "exact")
     if rec.result:
         seconds = rec.result.get("seconds")
         timings = {**timings, **(rec.result.get("timings") or {})}
     return {
-        "id": p.id, "output": p.output, "status": rec.status, "reason": p.reason,
+        "id": p.id, "output": p.output, "status": status, "reason": p.reason,
+        "prompt_fields": side.get("prompt_fields"), "provenance": side.get("provenance"),
+        "c2pa_signed": side.get("c2pa_signed"), "safety": side.get("safety"), "release": side.get("release"),
+        "c2pa_check": c2pa_check(p.mp4) if side.get("c2pa_signed") and p.mp4.is_file() else None,
         "priority": p.priority, "tags": p.request.tags, "task": spec.task, "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt, "seed": spec.seed, "size": spec.size, "frames": spec.frames,
         "steps": spec.steps, "sampler": spec.sampler, "guidance": list(spec.guidance), "render_hash": p.render_hash,
@@ -164,7 +173,8 @@ def write_report(out_dir: str | Path, job: dict[str, Any], records: dict, wall_s
               "ok": all(s["status"] in ("done", "skipped") for s in shots), "shots": shots}
     write_accounting_csv(out / "accounting.csv", shots, acct)
     json_path = write_json_atomic(out / "report.json", report)
-    thumbs = {s["id"]: thumbnails(out / s["mp4"]) if s["mp4"] and s["status"] in ("done", "skipped") else []
+    thumbs = {s["id"]: thumbnails(out / s["mp4"]) if s["mp4"] and s["status"] in ("done", "skipped", "released")
+              else []
               for s in shots}
     for s in shots:
         if s.get("preview"):
@@ -185,7 +195,7 @@ h1{font-size:20px;margin:0 0 4px} .meta{color:#9aa0a6;margin-bottom:16px} .meta 
 .shot{background:#1f2228;border:1px solid #2f343c;border-radius:8px;padding:10px 12px}
 .shot.st-failed{border-color:#b3261e} .shot h2{font-size:15px;margin:0 0 6px;display:flex;gap:8px;align-items:center}
 .badge{font-size:11px;padding:1px 7px;border-radius:9px;text-transform:uppercase;letter-spacing:.04em}
-.tier{background:#6a3d9a}.done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}
+.held{background:#8a4b00}.released{background:#4a3b7a}.tier{background:#6a3d9a}.done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}
 .queued,.interrupted,.not_started{background:#5c4a12}
 .frames{display:flex;flex-wrap:wrap;gap:6px;margin:6px 0}
 .frames figure{margin:0;text-align:center;font-size:11px;color:#9aa0a6}
@@ -252,8 +262,11 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
     tags = s["tags"]
     tags_txt = ", ".join(f"{k}={v}" for k, v in tags.items()) if isinstance(tags, dict) else ", ".join(map(str, tags))
     error = (f'<div class="error">{e(s["error"] or "")}\nlog: {e(s["log"] or "-")}</div>'
-             if status not in ("done", "skipped") else "")
+             if status not in ("done", "skipped", "held", "released") else "")
     file_line = f'<b>{e(s["mp4"])}</b>' if s["mp4"] else "-"
+    from jobs.report_safety import provenance_html
+
+    notes = provenance_html(s)  # prompt fields, held / released, provenance and signature
     return f"""
 <section class="shot st-{e(status)}" id="shot-{e(s['id'])}">
   <h2>{e(s['id'])} <span class="badge {e(status)}">{e(status)}</span>{tier_badge(s.get('quality'))}</h2>
@@ -264,7 +277,7 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
   <div class="kv">attempts: <b>{e(attempts)}</b> · render {_fmt_s(s['seconds'])}{' · ' + e(timing) if timing else ''}</div>
   <div class="kv">GPU time <b>{s.get('gpu_seconds', 0.0):.1f} GPU-s</b>{_cost_txt(s.get('cost'))}</div>
   <div class="kv">file {file_line}{' · tags ' + e(tags_txt) if tags_txt else ''}</div>
-  {error}
+  {error}{notes}
 </section>"""
 
 
@@ -290,6 +303,8 @@ def _accounting_html(acct: dict[str, Any] | None) -> str:
 
 
 def render_html(report: dict[str, Any], thumbs: dict[str, list[str]]) -> str:
+    from jobs.report_safety import CSS as SAFETY_CSS
+
     e = html.escape
     job = report["job"]
     counts = " ".join(f"<span>{e(k)} {v}</span>" for k, v in sorted(report["counts"].items()))
@@ -301,7 +316,7 @@ def render_html(report: dict[str, Any], thumbs: dict[str, list[str]]) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{e(title)}</title><style>{CSS}</style></head>
+<title>{e(title)}</title><style>{CSS}{SAFETY_CSS}</style></head>
 <body data-thumbs-total="" data-thumbs-ok="">
 <h1>{e(title)} {'✓' if report['ok'] else '✗'}</h1>
 <div class="meta">model <b>{e(str(job.get('model')))}</b> ({e(str(job.get('fingerprint')))}) · manifest

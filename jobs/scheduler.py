@@ -243,6 +243,7 @@ class Farm:
             task = {"shot": shot.spec, "output": shot.output, "quality": shot.tier, "attempt": attempt, "group": g.gid,
                     "out_dir": str(self.out_dir), "log": str(self.log_dir / f"{shot.id}.attempt{attempt}.log"),
                     "fault": self.s.faults.get((shot.id, len(rec.attempts) + 1)),
+                    "label": shot.request.label, "prompt_fields": shot.request.prompt_fields,
                     "video": getattr(shot.request, "video", None),  # Animate: the plate's prepared folder
                     **task_fields(shot),  # Animate: mode, refert_num, LoRAs, mask, render hash (jobs/animate_shots.py)
                     "job": {**self.s.job_meta, "shot": shot.id, "output": shot.output,

@@ -6,6 +6,8 @@
                                        preprocess a plate for an Animate shot (pose, face, [mask, background])
     wanrender serve [overrides]        the HTTP submission service (token in WANRENDER_SERVICE_TOKEN)
     wanrender config [overrides]       print the resolved config
+    wanrender verify FILE [--trust ROOT.pem]            check an MP4's C2PA signature and content hash (exit 0/1)
+    wanrender release OUT SHOT --by NAME --reason TEXT  deliver a shot the safety gate held in OUT/quarantine/
 
 Overrides are Hydra's: model=t2v_a14b model.checkpoint=/ckpt/Wan2.2-T2V-A14B prompt="..." seed=7
 """
@@ -45,7 +47,8 @@ def cmd_generate(cfg: DictConfig) -> int:
         settings = Settings.from_config(cfg)
     except SettingsError as e:
         for field, msg in e.problems:
-            print(f"error: {field}: {msg}", file=sys.stderr)
+            where = f"shot {cfg.name or 'shot'}: " if field.startswith("prompt") else ""  # a structured prompt
+            print(f"error: {where}{field}: {msg}", file=sys.stderr)
         return 2
     preset, shot = settings.model, settings.shot
     from renderer.families import get_family
@@ -54,8 +57,11 @@ def cmd_generate(cfg: DictConfig) -> int:
     if family_generate is not None:  # a family that renders its own shots (Animate: chained clips)
         return family_generate(cfg, preset, settings.render, lambda: group_from(settings))
     # every check on the request runs before a model is loaded or a GPU touched
+    from renderer.gate import gate_problems
+
     s = shot.resolve(preset)
-    problems = check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image, s.sampler, seed=s.seed)
+    problems = gate_problems(settings) + check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image,
+                                                    s.sampler, seed=s.seed)
     if problems:
         for field, msg in problems:
             print(f"error: shot {s.shot_id}: {field}: {msg}", file=sys.stderr)
@@ -74,6 +80,9 @@ def cmd_generate(cfg: DictConfig) -> int:
     options = settings.render
     if group is not None:
         options = replace(options, device=str(group.device))
+    from renderer.safety import OutputScreen
+
+    screen = OutputScreen.from_settings(settings.delivery.safety) if (group is None or group.rank == 0) else None
     pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, group=group, tier=tier)
     if not pipe.is_main:
         pipe.render(shot)  # every rank takes part in the denoising; rank 0 decodes and writes
@@ -84,11 +93,20 @@ def cmd_generate(cfg: DictConfig) -> int:
           f"{s.task} {s.size} {s.frames} frames, {s.steps} steps, seed {s.seed}, quality {tier.name}")
     result = pipe.render(shot)
     mp4, side = write_shot(pipe, result, settings.out, name=tier.output_stem(settings.name or result.shot.shot_id),
-                           label=settings.label,
-                           extra={"config": settings.resolved})
+                           label=settings.label, extra={"config": settings.resolved}, delivery=settings.delivery,
+                           prompt_fields=settings.prompt_fields, screen=screen)
     t = result.timings
     print(f"wrote {mp4} and {side.name}: text {t['text_encode']:.1f}s, denoise {t['denoise']:.1f}s, "
           f"decode {t['vae_decode']:.1f}s, write {t['mp4_write']:.1f}s")
+    if mp4.parent.name == "quarantine":
+        from renderer.video_io import read_json
+
+        print(f"HELD by the content-safety gate: {read_json(side)['safety']['reason']}; not delivered. A person "
+              f"who has looked at it may deliver it: wanrender release {settings.out} {mp4.stem} --by NAME "
+              f"--reason ...")
+        if group is not None:
+            group.close()
+        return 1
     if group is not None:
         group.close()
     return 0
@@ -144,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
         return 0
+    if argv[0] in ("verify", "release"):  # plain argparse commands: no Hydra config involved
+        from jobs.safety import cmd_release
+        from renderer.gate import cmd_verify
+
+        return {"verify": cmd_verify, "release": cmd_release}[argv[0]](argv[1:])
     command, overrides = argv[0], argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if command == "prepare":

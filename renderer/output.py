@@ -29,14 +29,18 @@ def _image_digest(path: str | None) -> str | None:
 
 
 def render_hash(shot: ShotSpec, model_name: str, fingerprint: str, kernels: KernelSettings,
-                tier: dict | None = None) -> str:
+                tier: dict | None = None, label=None) -> str:
     """Hash of the resolved render-relevant settings, the model, the checkpoint (and the image's bytes) and the
     kernel settings: a fast preview (another backend, a lossy kernel, FP8, a step cache) never counts as the
-    finished render. tier: TierSettings.describe() of a non-exact quality tier (exact keeps its hash)."""
+    finished render. tier: TierSettings.describe() of a non-exact quality tier (exact keeps its hash).
+    label: the burned-in label's style (renderer.label.LabelStyle) when the shot is labelled — it changes pixels;
+    unlabelled shots keep the hash they always had."""
     d = {k: getattr(shot, k) for k in RENDER_FIELDS}
     if tier is not None and tier.get("name", "exact") != "exact":
         d["quality"] = tier
     d["seed"] = shot.hash_seed()
+    if label is not None:
+        d["label"] = asdict(label)
     d["guidance"] = list(d["guidance"]) if isinstance(d["guidance"], tuple) else d["guidance"]
     d["image"] = _image_digest(shot.image)
     d["model"], d["fingerprint"] = model_name, fingerprint
@@ -98,19 +102,39 @@ def sidecar(pipe: Pipeline, result: RenderResult, extra: dict | None = None) -> 
 
 
 def write_shot(pipe: Pipeline, result: RenderResult, out_dir: str | Path, name: str | None = None,
-               label: bool = False, extra: dict | None = None) -> tuple[Path, Path]:
-    """Write the MP4 then the sidecar (each atomically). The sidecar lands last: an MP4 without a sidecar, or
-    with a sidecar from other settings, never counts as done."""
-    from renderer.video_io import sidecar_path, write_json_atomic, write_mp4
+               label: bool = False, extra: dict | None = None, delivery=None, prompt_fields: dict | None = None,
+               screen=None) -> tuple[Path, Path]:
+    """Screen the frames (`screen`: renderer.safety.OutputScreen), then write the MP4 (labelled and signed as
+    `delivery` says) then the sidecar, each atomically, into <out>/ — or <out>/quarantine/ when the screen holds
+    the shot. The sidecar lands last: an MP4 without a sidecar, or with a sidecar from other settings, never
+    counts as done."""
+    from renderer.delivery import DeliverySettings, delivery_folder, write_delivered
+    from renderer.media_provenance import build_record, mp4_tags
+    from renderer.video_io import sidecar_path, write_json_atomic
 
-    out = Path(out_dir)
+    delivery = delivery or DeliverySettings()
+    shot = result.shot
+    t0 = time.perf_counter()
+    safety = screen.check(result.frames) if screen is not None else None
+    result.timings["safety_screen"] = time.perf_counter() - t0
+    out = delivery_folder(out_dir, held=bool(safety and safety["held"]))
     out.mkdir(parents=True, exist_ok=True)
     mp4 = out / f"{name or result.shot.shot_id}.mp4"
     t0 = time.perf_counter()
-    shot = result.shot
-    meta = {"comment": shot.prompt, "title": shot.shot_id, "seed": str(shot.seed), "ai_generated": "true",
+    record = build_record(shot_id=shot.shot_id, preset_name=pipe.preset.name, checkpoint_fingerprint=pipe.fingerprint,
+                          prompt=shot.prompt, negative_prompt=shot.negative_prompt, seed=shot.seed,
+                          tier=(_tier(pipe) or {"name": delivery.tier}).get("name", delivery.tier),
+                          code_version=code_version(), prompt_fields=prompt_fields,
+                          label=delivery.label.text if label else None)
+    meta = {"comment": shot.prompt, "title": shot.shot_id, **mp4_tags(record),
             "description": f"AI-generated with wanrender {code_version()} ({pipe.preset.name})"}
-    write_mp4(result.frames, mp4, fps=pipe.preset.fps, metadata=meta, label="AI-generated" if label else None)
+    signed = write_delivered(result.frames, mp4, pipe.preset.fps, meta, record, delivery, labelled=label)
     result.timings["mp4_write"] = time.perf_counter() - t0
-    side = write_json_atomic(sidecar_path(mp4), sidecar(pipe, result, extra))
+    from renderer.safety import prompt_screen_record
+
+    provenance = {"prompt_fields": prompt_fields, "provenance": record, "c2pa_signed": signed, "safety": safety,
+                  "prompt_screen": prompt_screen_record(shot.prompt, delivery.safety),
+                  "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint, pipe.kernels, _tier(pipe),
+                                             delivery.label if label else None)}
+    side = write_json_atomic(sidecar_path(mp4), sidecar(pipe, result, {**(extra or {}), **provenance}))
     return mp4, side

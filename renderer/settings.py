@@ -19,6 +19,8 @@ from kernels.settings import KernelSettings
 from renderer.parallel.config import ParallelConfig
 from renderer.pipeline import RenderOptions, ShotSpec
 from renderer.conf import compose  # noqa: F401 (the compose step of the config path)
+from renderer.delivery import DeliverySettings
+from renderer.prompts import PromptError, resolve_prompt
 from renderer.presets import ModelPreset, load_preset
 
 
@@ -102,6 +104,8 @@ class Settings:
     prepare: Any = None  # renderer.prepare.PrepareSettings: Animate preprocessing (wanrender prepare, farm stage)
     resolved: dict[str, Any] = field(default_factory=dict)  # the composed config, for config.yaml / sidecars
     quality: Any = None  # renderer.tiers.TierSettings (conf/quality/, `quality=draft quality.steps=6`)
+    prompt_fields: dict | None = None  # a structured prompt's fields (renderer/prompts.py); None for plain text
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)  # label, safety gate, signing, tier
 
     @property
     def kernels(self) -> KernelSettings:
@@ -144,7 +148,12 @@ class Settings:
         g = d.get("guidance")
         if g is not None and not isinstance(g, (int, float)):
             g = tuple(float(v) for v in g)
-        shot = ShotSpec(prompt=d.get("prompt") or "", task=d.get("task"), negative_prompt=d.get("negative_prompt"),
+        try:
+            prompt, prompt_fields = resolve_prompt(d.get("prompt"))
+        except PromptError as e:
+            problems.append((f"prompt.{e.field}", str(e)))
+            prompt, prompt_fields = "", None
+        shot = ShotSpec(prompt=prompt, task=d.get("task"), negative_prompt=d.get("negative_prompt"),
                         image=d.get("image"), size=None if d.get("size") is None else str(d["size"]),
                         frames=d.get("frames"), steps=d.get("steps"), seed=d.get("seed", 0), guidance=g,
                         sampler=d.get("sampler") or "unipc", shift=d.get("shift"), shot_id=d.get("name") or "shot")
@@ -162,7 +171,8 @@ class Settings:
         return cls(model=model, shot=shot, prepare=prepare, render=render, parallel=parallel, job=job,
                    cluster=cluster,
                    out=str(d.get("out") or "out"), name=d.get("name"), label=bool(d.get("label", False)),
-                   manifest=d.get("manifest"), dry_run=bool(d.get("dry_run", False)), resolved=d, quality=quality)
+                   manifest=d.get("manifest"), dry_run=bool(d.get("dry_run", False)), resolved=d, quality=quality,
+                   prompt_fields=prompt_fields, delivery=DeliverySettings.from_plain(d))
 
     def output_root(self) -> Path:
         return Path(str(self.job.output_root or self.out))

@@ -121,14 +121,15 @@ def write_mp4(
     path,
     fps: int,
     metadata: dict[str, str] | None = None,
-    label: str | None = None,
+    label=None,
     crf: int = 18,
 ) -> Path:
     """Encode uint8 RGB frames ([F,H,W,3] array, or an iterable of [H,W,3]) to H.264/yuv420p MP4 at `path`.
 
     metadata: container tags (title, comment, description, or any key such as "seed"); values are
     stringified. An "ai_generated" tag is always written ("true" unless the caller gave one).
-    label: if given, burned into the bottom-left corner of every frame before encoding.
+    label: text burned into the bottom-left corner of every frame before encoding, or a function applied to
+    each [H,W,3] frame (renderer.label.make_stamper: the configurable CJK label).
     Odd width or height is a ValueError: yuv420p subsamples chroma 2x2, and silently padding would
     change the size the caller asked for.
     Atomic: the final name appears only once encoding succeeded; on failure the temp file is
@@ -161,7 +162,7 @@ def write_mp4(
         raise ValueError(f"yuv420p needs even width and height, got {w}x{h}; crop or pad the frames")
     # Frames are streamed to ffmpeg one at a time (labelled on the way), so a long clip is never
     # copied whole and an iterable can be a generator straight off the VAE.
-    stamp = _label_stamper(h, w, label) if label else (lambda fr: fr)
+    stamp = label if callable(label) else _label_stamper(h, w, label) if label else (lambda fr: fr)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path, ".mp4")

@@ -36,6 +36,7 @@ def test_example_yaml_and_csv_are_the_same_shots():
     for a, b in zip(y.shots, c.shots):
         assert a.spec.resolve(T2V) == b.spec.resolve(T2V), a.id
         assert (a.priority, a.output) == (b.priority, b.output)
+        assert (a.label, a.prompt_fields) == (b.label, b.prompt_fields) and a.label is True
         assert {k: str(v) for k, v in a.tags.items()} == b.tags
     plan_y = build_plan(y, T2V, "/nonexistent-out")
     plan_c = build_plan(c, T2V, "/nonexistent-out")
