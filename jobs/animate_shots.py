@@ -196,8 +196,10 @@ class AnimateShots:
             inp.face = F.interpolate(face, size=(s, s), mode="bilinear", antialias=True).transpose(0, 1)
         return inp
 
-    def render(self, task: dict, on_step, world_size: int, t0: float) -> dict:
-        """Render the shot (every rank), write MP4 + sidecar (rank 0). Returns the rank's result for the driver."""
+    def render(self, task: dict, on_step, world_size: int, t0: float, delivery=None, screen=None) -> dict:
+        """Render the shot (every rank), write MP4 + sidecar (rank 0). Returns the rank's result for the driver.
+        delivery / screen: the job's renderer.delivery.DeliverySettings and renderer.safety.OutputScreen, applied
+        as to every other shot (safety hold into quarantine/, provenance tags, label, C2PA signing)."""
         from renderer.families.animate.conditioning import check_inputs
         from renderer.families.animate.generate import animate_settings, render_video
         from renderer.pipeline import ShotError
@@ -217,33 +219,59 @@ class AnimateShots:
                                              shot.seed, name=shot.shot_id, progress=False, on_step=on_step)
         out: dict[str, Any] = {}
         if self.stack.is_main:
-            mp4, side = self.write(task, video, timings, clips, settings, world_size, t0)
-            out.update(mp4=str(mp4), sidecar=str(side))
+            mp4, side = self.write(task, video, timings, clips, settings, world_size, t0, delivery, screen)
+            out.update(mp4=str(mp4), sidecar=str(side), held=mp4.parent.name == "quarantine")
         out.update(seconds=round(time.perf_counter() - t0, 3), timings={k: round(v, 4) for k, v in timings.items()})
         return out
 
-    def write(self, task: dict, video, timings: dict, clips: int, settings, world_size: int, t0: float):
+    def write(self, task: dict, video, timings: dict, clips: int, settings, world_size: int, t0: float,
+              delivery=None, screen=None):
         """The MP4 at the plate's length with its audio: temporary name, read back, renamed; the sidecar last."""
+        import numpy as np
+
+        from renderer.delivery import DeliverySettings, delivery_folder
+        from renderer.label import make_stamper
+        from renderer.media_provenance import build_record, mp4_tags, sign_mp4
         from renderer.output import code_version
         from renderer.prepare.audio import audio_duration, has_audio
         from renderer.prepare.folder import provenance, write_shot_from_plate
+        from renderer.safety import prompt_screen_record
         from renderer.video_io import _tmp_sibling, sidecar_path, to_uint8_frames, video_info, write_json_atomic
 
         shot, a, folder = task["shot"], task["animate"], task["video"]
+        delivery = delivery or DeliverySettings()
         frames = to_uint8_frames(video[None])  # [F, H, W, 3] uint8
-        mp4 = Path(task["out_dir"]) / f"{task['output']}.mp4"
-        tmp = _tmp_sibling(mp4, ".mp4")
         t = time.perf_counter()
-        meta = {"comment": shot.prompt, "title": shot.shot_id, "seed": str(shot.seed), "ai_generated": "true",
+        safety = screen.check(frames) if screen is not None else None
+        timings["safety_screen"] = time.perf_counter() - t
+        labelled = bool(task.get("label") or delivery.label_all)
+        if labelled:  # the burned-in label, as write_delivered draws it on every other shot
+            stamp = make_stamper(delivery.label, frames.shape[1], frames.shape[2])
+            frames = np.stack([stamp(f) for f in frames])  # [F, H, W, 3]
+        out_dir = delivery_folder(task["out_dir"], held=bool(safety and safety["held"]))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        mp4 = out_dir / f"{task['output']}.mp4"
+        record = build_record(shot_id=shot.shot_id, preset_name=self.preset.name,
+                              checkpoint_fingerprint=_fingerprint(self.preset), prompt=shot.prompt,
+                              negative_prompt=shot.negative_prompt, seed=shot.seed, tier="exact",
+                              code_version=code_version(), prompt_fields=task.get("prompt_fields"),
+                              label=delivery.label.text if labelled else None)
+        meta = {"comment": shot.prompt, "title": shot.shot_id, **mp4_tags(record),
                 "description": f"AI-generated with wanrender {code_version()} ({self.preset.name}, {a['mode']})"}
+        tmp, signed = _tmp_sibling(mp4, ".mp4"), _tmp_sibling(mp4, ".mp4")
+        t = time.perf_counter()
         try:
             write_shot_from_plate(frames, folder, tmp, metadata=meta)
+            if delivery.signing.enabled:  # signed last: the manifest covers the picture and the plate's audio
+                sign_mp4(tmp, signed, record, delivery.signing)
+                os.replace(signed, tmp)
             info = video_info(tmp)  # read back: a short or unreadable file never takes the final name
             if info["frames"] != a["frames"]:
                 raise RuntimeError(f"{tmp} holds {info['frames']} frames, the plate gives {a['frames']}")
             os.replace(tmp, mp4)
         except BaseException:
             tmp.unlink(missing_ok=True)
+            signed.unlink(missing_ok=True)
             raise
         timings["mp4_write"] = time.perf_counter() - t
         prep = provenance(folder)
@@ -270,6 +298,8 @@ class AnimateShots:
             "code_version": code_version(), "device": str(st.device), "dtype": str(st.dtype).replace("torch.", ""),
             "timings_s": {**{k: round(v, 4) for k, v in timings.items()}, "model_load": round(st.load_seconds, 4)},
             "rendered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "job": job,
+            "prompt_fields": task.get("prompt_fields"), "provenance": record, "c2pa_signed": delivery.signing.enabled,
+            "safety": safety, "prompt_screen": prompt_screen_record(shot.prompt, delivery.safety), "label": labelled,
         }
         return mp4, write_json_atomic(sidecar_path(mp4), side)
 

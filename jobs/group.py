@@ -154,8 +154,8 @@ class RenderRank:
                     _inject(fault, log, handler)
 
             if self.animate is not None:  # plate-driven: the prepared folder in, the plate's length and audio out
-                out = {**self.animate.render(task, on_step, self.world_size, t0), "rank": self.rank,
-                       "node_id": where["node_id"]}
+                out = {**self.animate.render(task, on_step, self.world_size, t0, self.delivery, self.screen),
+                       "rank": self.rank, "node_id": where["node_id"]}
                 log.info("done in %.2fs: %s", out["seconds"], out.get("mp4", "(rank > 0 writes nothing)"))
                 return out
             self._use_tier(task.get("quality") or "exact", log)

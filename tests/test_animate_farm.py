@@ -14,7 +14,7 @@ from tests.prepare_helpers import PLATE_FPS, PLATE_FRAMES, character, plate, tin
 
 from jobs.farm import run_job
 from renderer.conf import compose
-from renderer.video_io import read_json, sidecar_path, video_info
+from renderer.video_io import read_json, read_mp4_metadata, sidecar_path, video_info
 
 FPS = 30
 FRAMES = int(PLATE_FRAMES / PLATE_FPS * FPS)  # 15: the plate's count at the render fps
@@ -93,6 +93,11 @@ def test_animate_and_replace_shots_render_end_to_end(rendered, plate):  # noqa: 
         assert side["frames"] == FRAMES and side["duration_s"] == pytest.approx(FRAMES / FPS)
         assert side["render_hash"] == next(s["render_hash"] for s in rep["shots"] if s["id"] == sid)
         assert side["clips"] == (2 if refert == 1 else 3)  # clips of 9 frames (tiny_animate) cover 15 frames
+        tags = read_mp4_metadata(mp4)  # the provenance record's tags survive the audio mux
+        assert tags.get("ai_generated") == "true"
+        assert tags.get("seed") == str(side["seed"]) == str(side["provenance"]["seed"])
+        assert side["safety"]["held"] is False and side["safety"]["frames_checked"]  # screened like every shot
+        assert side["label"] is False and side["c2pa_signed"] is False
     assert read_json(sidecar_path(out / "swap.mp4"))["loras"] == [{"path": str(lora), "scale": 0.5,
                                                                    "mode": "unmerged"}]
     assert read_json(sidecar_path(out / "dance.mp4"))["loras"] == []
