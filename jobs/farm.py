@@ -7,7 +7,11 @@
         --> <out>/<shot>.mp4 + sidecar, <out>/logs/, <out>/config.yaml, <out>/report.{json,html}
 
 Exit status: 0 when every shot is rendered (or was already), 1 when any shot failed for good, 2 for bad input
-(nothing reserved), 130 when interrupted.
+or a folder another job holds (nothing reserved), 3 when the machine stopped the job (disk full, read-only
+folder, missing binary: the report says which), 130 when interrupted.
+
+Faults (issue 15): one job per output folder (jobs/lock.py); temp files swept at the start (under the lock); every
+failure classified (jobs/faults.py); a report is always written, or a message says why it could not be.
 """
 from __future__ import annotations
 
@@ -48,13 +52,34 @@ def gpus_per_group(cfg: DictConfig) -> tuple[int, dict | None]:
         return int(d.get("cfg", 1)) * int(d.get("ulysses", 1)) * int(d.get("ring", 1)), d
 
 
-def choose_preset(cfg: DictConfig, manifest_model: Any):
-    """The manifest's `model` (a preset name) when it names one, else the config's model node."""
+def command_line(cfg: DictConfig) -> list[str]:
+    """The overrides given on the command line (renderer.conf.compose keeps them), for precedence."""
+    return [str(o) for o in (_node(cfg, "command_line") or [])]
+
+
+def choose_preset(cfg: DictConfig, manifest_model: Any) -> tuple[Any, list[str]]:
+    """The model for the job: command line > the manifest's `model:` > the config's default. A manifest model
+    takes the command line's model.* overrides (model.checkpoint=...), and the config is recomposed with it, so
+    the saved config.yaml and the render groups see the model the plan used. Returns (preset, notes)."""
     from renderer.presets import load_preset
 
-    if manifest_model and manifest_model != _node(cfg, "model.name"):
-        return load_preset(str(manifest_model)), f"model {manifest_model} (from the manifest)"
-    return load_preset(cfg.model), f"model {cfg.model.name}"
+    overrides = command_line(cfg)
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    cli_model = next((o.split("=", 1)[1] for o, k in zip(overrides, keys) if k == "model"), None)
+    notes = []
+    if manifest_model and str(manifest_model) != _node(cfg, "model.name"):
+        if cli_model is not None:
+            notes.append(f"command line model={cli_model} overrides the manifest: model {manifest_model}")
+        else:
+            from omegaconf import open_dict
+
+            from renderer.conf import compose
+
+            load_preset(str(manifest_model))  # an unknown name raises here, with the choices
+            recomposed = compose([f"model={manifest_model}", *overrides])
+            with open_dict(cfg):
+                cfg.model = recomposed.model
+    return load_preset(cfg.model), notes
 
 
 def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
@@ -66,12 +91,16 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
                                                              "manifest=examples/previs.yaml")], "config")
     raw = read_manifest(path)
     try:
-        preset, _ = choose_preset(cfg, raw.get("model") if isinstance(raw, dict) else None)
+        preset, notes = choose_preset(cfg, raw.get("model") if isinstance(raw, dict) else None)
     except (ValueError, TypeError, KeyError) as e:
         raise ManifestError([Problem("manifest", "model", str(e))], str(path))
     if preset.checkpoint is None and not preset.is_tiny and not _node(cfg, "render.random_weights", False):
         problems.append(Problem("manifest", "model.checkpoint", f"model {preset.name} needs its weights: "
                                                                 f"model.checkpoint=/path/to/Wan2.2 folder"))
+    if preset.checkpoint:  # layout, key names and shapes from headers only: seconds, before any group starts
+        from renderer.preflight import check_checkpoint
+
+        problems += [Problem("manifest", "model.checkpoint", m) for m in check_checkpoint(preset, preset.checkpoint)]
     try:
         g, _ = gpus_per_group(cfg)
         parallel = _node(cfg, "parallel")
@@ -85,6 +114,9 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
         v = _node(job, key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low:
             problems.append(Problem("manifest", f"job.{key}", f"must be a number >= {low:g}, got {v!r}"))
+    if _node(cfg, "cluster.kind") != "local" and cluster_address(cfg)[0] is None:
+        problems.append(Problem("manifest", "cluster.address", "cluster=ray needs the cluster's address: "
+                                                               "cluster.address=HOST:6379, or set RAY_ADDRESS"))
     problems += accounting_problems(job)
     defaults = OmegaConf.to_container(job.shot_defaults, resolve=True) if _node(job, "shot_defaults") is not None else {}
     priorities = OmegaConf.to_container(job.priorities, resolve=True) if _node(job, "priorities") else None
@@ -122,6 +154,13 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
     except TierError as e:
         raise ManifestError([Problem("manifest", "quality" if "quality" in str(e) else "job.tiers", str(e))],
                             str(path)) from None
+    from renderer.preflight import check_output
+
+    room = [Problem("manifest", "out", m) for m in check_output(out, plan_bytes(plan), create=False)]
+    if room:
+        raise ManifestError(room, str(path))
+    for line in notes + manifest.overrides:
+        print(line, flush=True)
     return plan, preset
 
 
@@ -141,6 +180,14 @@ def _prepare_fields(cfg: DictConfig, manifest, preset) -> dict | None:
                                                                 f"renders at {preset.fps} fps: remove prepare.fps "
                                                                 f"or set it to {preset.fps}")], str(cfg.manifest))
     return fields
+
+
+def plan_bytes(plan: Plan) -> int:
+    """What the shots still to render will write (renderer.preflight's estimate)."""
+    from renderer.preflight import estimate_output_bytes
+    from renderer.presets import parse_size
+
+    return estimate_output_bytes([(*parse_size(s.spec.size), s.spec.frames) for s in plan.todo])
 
 
 def tier_overrides(cfg: DictConfig) -> dict[str, dict]:
@@ -208,7 +255,8 @@ def planned_groups(cfg: DictConfig, plan: Plan) -> tuple[int | None, str]:
         n = min(gpus // g, cpus // g) if gpus else cpus // g
         return min(n, cap or n, max(1, len(plan.todo))), f"connected Ray cluster: {gpus} GPUs, {cpus} CPUs"
     if cluster.kind != "local":
-        return None, f"cluster at {cluster.address}"
+        address, source = cluster_address(cfg)
+        return None, f"Ray cluster at {address} (from {source})"
     gpus = cluster.num_gpus
     if gpus is None:
         import torch
@@ -230,12 +278,28 @@ def parse_faults(text: str | None) -> dict[tuple[str, int], dict]:
     return faults
 
 
+class ClusterUnavailable(RuntimeError):
+    """Ray could not be started or reached; the message names the address and where it came from."""
+
+
+def cluster_address(cfg: DictConfig) -> tuple[str | None, str]:
+    """cluster=ray: (address, where it came from): cluster.address, else RAY_ADDRESS."""
+    given = _node(cfg, "cluster.address")
+    if given:
+        return str(given), "cluster.address"
+    env = os.environ.get("RAY_ADDRESS")
+    return (env, "RAY_ADDRESS") if env else (None, "")
+
+
 @contextmanager
 def ray_session(cfg: DictConfig):
-    """Reuse a Ray already initialised in this process (tests), else start/join one and stop it afterwards."""
+    """Reuse a Ray already initialised in this process (tests, the service), else start or connect one and stop
+    it afterwards. cluster=local always starts its own instance (address="local"): Ray would otherwise join any
+    cluster found through RAY_ADDRESS or /tmp/ray — someone else's. cluster=ray connects where it is told."""
     import ray
 
     if ray.is_initialized():
+        print("Ray: using the Ray instance this process already runs", flush=True)
         yield _with_scheme(_dashboard_url())
         return
     cluster = cfg.cluster
@@ -244,8 +308,18 @@ def ray_session(cfg: DictConfig):
         # address="local": always a fresh cluster of our own, never one someone else started on this machine
         ctx = ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                        include_dashboard=bool(cluster.dashboard), **common)
+        res = ray.cluster_resources()
+        print(f"Ray: started an embedded instance for this job ({int(res.get('CPU', 0))} CPUs, "
+              f"{int(res.get('GPU', 0))} GPUs); it stops with the job", flush=True)
     else:
-        ctx = ray.init(address=str(cluster.address), **common)
+        address, source = cluster_address(cfg)
+        print(f"Ray: connecting to the cluster at {address} (from {source})", flush=True)
+        try:
+            ctx = ray.init(address=address, **common)
+        except Exception as e:  # ConnectionError, a timeout, a version mismatch: Ray's own text, our fix
+            raise ClusterUnavailable(f"cannot connect to the Ray cluster at {address} (from {source}): "
+                                     f"{type(e).__name__}: {str(e).strip()[:300]}; check that its head is running "
+                                     f"and the address is right") from e
     try:
         yield _with_scheme(getattr(ctx, "dashboard_url", None) or _dashboard_url())
     finally:
@@ -303,25 +377,60 @@ def run_job(cfg: DictConfig) -> int:
     if cfg.dry_run:
         print("dry run: nothing reserved, nothing rendered.")
         return 0
-    out = plan.out_dir
-    save_config(cfg, out)
-    from jobs.report import write_report
+    from jobs.lock import FolderLock, FolderLocked
+    from renderer.preflight import check_output
 
+    out = plan.out_dir
+    problems = check_output(out, plan_bytes(plan), create=True)
+    if problems:
+        print(f"error: {problems[0]}\nnothing was rendered and no resources were reserved.", file=sys.stderr)
+        return 2
+    lock = FolderLock(out, job=plan.manifest.name, wait_s=float(_node(cfg, "job.lock_wait_s", 0) or 0))
+    try:
+        lock.acquire()
+    except FolderLocked as e:
+        print(f"error: {e}\nnothing was rendered and no resources were reserved.", file=sys.stderr)
+        return 2
+    try:
+        if lock.waited:  # the other job may have rendered some of these shots meanwhile
+            plan = build_plan(plan.manifest, preset, out, gpus_per_group=plan.gpus_per_group,
+                              force=bool(cfg.job.force), kernels=job_settings(cfg).kernels,
+                              tiers=OmegaConf.to_container(cfg.job.tiers, resolve=True)
+                              if _node(cfg, "job.tiers") is not None else None, tier_overrides=tier_overrides(cfg))
+        return _run_locked(cfg, plan, preset, t_start)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: DictConfig, plan: Plan, preset, t_start: float) -> int:
+    from jobs.faults import FIXES, sweep_temp_files
+
+    out = plan.out_dir
+    removed = sweep_temp_files(out)  # left by a killed job; nobody else writes here while we hold the lock
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) an interrupted job left in {out}")
+    save_config(cfg, out)
     job_info = {"name": plan.manifest.name, "manifest": str(Path(cfg.manifest).resolve()), "model": plan.model,
                 "fingerprint": plan.fingerprint, "gpus_per_group": plan.gpus_per_group,
                 "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
-                "config": str(out / "config.yaml"), "gpu_hour_cost": _node(cfg, "job.gpu_hour_cost"),
-                "budget_gpu_hours": _node(cfg, "job.budget_gpu_hours")}
+                "config": str(out / "config.yaml"), "overrides": list(plan.manifest.overrides),
+                "gpu_hour_cost": _node(cfg, "job.gpu_hour_cost"), "budget_gpu_hours": _node(cfg, "job.budget_gpu_hours")}
     if not plan.todo:
         records = _records_without_render(plan)
-        json_path, html_path = write_report(out, job_info, records, time.time() - t_start)
-        print(f"nothing to render: all {len(plan.shots)} shots are done.")
+        paths = write_report_or_say_why(out, job_info, records, time.time() - t_start)
+        print(f"nothing to render: all {len(plan.shots)} shots are done." + (f"\nreport: {paths[1]}" if paths else ""))
         held = _print_held(out, records)
-        print(f"report: {html_path}")
         return 1 if held else 0
-    records, interrupted = _render(cfg, plan, preset, job_info)
+    try:
+        records, interrupted, stopped = _render(cfg, plan, preset, job_info)
+    except ClusterUnavailable as e:  # nothing started: every shot is still to do, the report says why
+        records, interrupted, stopped = _records_without_render(plan, "failed"), False, str(e)
+        for r in records.values():
+            if r.status == "failed":
+                r.error, r.failure_class = f"not started: {e}", "environment"
     wall = time.time() - t_start
-    json_path, html_path = write_report(out, {**job_info, "dashboard": job_info.get("dashboard")}, records, wall)
+    job_info["stopped"] = stopped
+    paths = write_report_or_say_why(out, job_info, records, wall)
     not_started = [r.shot.id for r in records.values() if r.status == "not_started"]
     failed = [r for r in records.values() if r.status not in ("done", "skipped", "not_started")]
     done = sum(1 for r in records.values() if r.status == "done")
@@ -333,11 +442,16 @@ def run_job(cfg: DictConfig) -> int:
               f"started: {', '.join(not_started)}")
     for r in failed:
         last = r.attempts[-1]["log"] if r.attempts else "-"
-        print(f"  FAILED {r.shot.id}: {r.error or r.status} (attempts {len(r.attempts)}, log {last})")
+        print(f"  FAILED {r.shot.id} ({r.failure_class or r.status}): {r.error or r.status} "
+              f"(attempts {len(r.attempts)}, log {last})")
     held = _print_held(out, records)
-    print(f"report: {html_path}\n        {json_path}")
+    if paths:
+        print(f"report: {paths[1]}\n        {paths[0]}")
     if interrupted:
         return 130
+    if stopped:
+        print(f"error: the job stopped: {stopped}", file=sys.stderr)
+        return 3
     return 1 if failed or not_started or held else 0
 
 
@@ -358,17 +472,49 @@ def _money(cfg: DictConfig, gpu_s: float) -> str:
     return "" if rate is None else f", cost {gpu_s / 3600 * rate:.2f} at {rate:g} per GPU-hour"
 
 
+def write_report_or_say_why(out: Path, job_info: dict, records: dict, wall: float) -> tuple[Path, Path] | None:
+    """The report, always: in the output folder, else (disk full, read-only) report.json in the temp folder,
+    else a message saying why there is none. Never raises: the report must not hide the job's own outcome."""
+    import tempfile
+
+    from jobs.report import write_report
+
+    try:
+        return write_report(out, job_info, records, wall)
+    except Exception as e:  # OSError (ENOSPC, EROFS) or a thumbnail decoder failure
+        first = f"{type(e).__name__}: {e}"
+    fallback = Path(tempfile.gettempdir()) / f"wanrender-report-{job_info.get('name', 'job')}-{os.getpid()}"
+    try:
+        json_path, html_path = write_report(fallback, {**job_info, "report_error": first}, records, wall,
+                                            media_dir=out)
+        print(f"error: the report could not be written to {out} ({first}); it is in {fallback} instead",
+              file=sys.stderr)
+        return json_path, html_path
+    except Exception as e:
+        print(f"error: no report: writing it to {out} failed ({first}) and to {fallback} too "
+              f"({type(e).__name__}: {e}); the shot logs are in {out / 'logs'}", file=sys.stderr)
+        return None
+
+
 def _mark_unfinished(records: dict, status: str, why: str) -> dict:
+    """After Ctrl-C or a driver error: a running shot whose outputs are complete on disk is done (it finished
+    before the interrupt reached the driver); the others get `status`."""
+    from jobs.faults import finished_on_disk
+
     for r in records.values():
-        if r.status in ("queued", "running"):
+        if r.status == "running" and finished_on_disk(r.shot):
+            r.status, r.error = "done", None
+            if r.attempts:
+                r.attempts[-1].update(status="done", ended_at=r.attempts[-1].get("ended_at") or time.time())
+        elif r.status in ("queued", "running"):
             r.status, r.error = status, why
     return records
 
 
-def _records_without_render(plan: Plan):
+def _records_without_render(plan: Plan, todo_status: str = "skipped"):
     from jobs.scheduler import ShotRecord
 
-    return {p.id: ShotRecord(p, "skipped") for p in plan.shots}
+    return {p.id: ShotRecord(p, "skipped" if p.done else todo_status) for p in plan.shots}
 
 
 def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
@@ -377,11 +523,19 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
     from jobs.progress import JobProgress
     from jobs.scheduler import Farm, FarmSettings, ShotRecord
 
+    from jobs.faults import sweep_temp_files
+    from jobs.report import write_report
+
     job = cfg.job
     interrupted = False
     with ray_session(cfg) as dashboard:
         job_info["dashboard"] = dashboard
         print(f"Ray dashboard: {dashboard}" if dashboard else "Ray dashboard: not running", flush=True)
+        try:  # a report while the job runs: the queue and the dashboard link (the final one has no link)
+            write_report(plan.out_dir, {**job_info, "running": True}, _records_without_render(plan, "queued"), 0.0,
+                         thumbs=False)
+        except Exception as e:  # noqa: BLE001 - the final report says what matters; this one is a courtesy
+            log.warning("report at the start of the job not written: %s", e)
         use_gpus = ray.cluster_resources().get("GPU", 0) > 0
         from jobs.prepare_stage import run_prepare_stage, settings_from, shots_needing_prepare
 
@@ -394,6 +548,7 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
             max_retries=int(job.max_retries), shot_timeout_s=float(job.shot_timeout_s),
             group_start_timeout_s=float(_node(job, "group_start_timeout_s", 900)),
             node_failure_limit=int(job.node_failure_limit), worker_spec=worker_spec(cfg, preset),
+            max_preemptions=int(_node(job, "max_preemptions", 5)),
             faults=parse_faults(os.environ.get(FAULTS_ENV)), budget_gpu_hours=_node(job, "budget_gpu_hours"),
             job_meta={"name": plan.manifest.name, "manifest": job_info["manifest"]})
         progress = JobProgress(len(plan.todo), len(plan.done), live=_node(job, "live_progress"))
@@ -403,11 +558,15 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
         except KeyboardInterrupt:
             interrupted = True
             records = _mark_unfinished(farm.records, "interrupted", "job interrupted (Ctrl-C)")
+            sweep_temp_files(plan.out_dir)  # the groups are killed: what a rank was writing is partial
         except Exception as e:  # a driver bug or a lost Ray head: still end with a report, say where the trace is
             import traceback
 
             trace = plan.out_dir / "logs" / "driver-error.log"
-            trace.write_text(traceback.format_exc(), encoding="utf-8")
+            try:
+                trace.write_text(traceback.format_exc(), encoding="utf-8")
+            except OSError:  # the folder itself may be what failed (disk full): the trace goes to stderr
+                traceback.print_exc()
             records = _mark_unfinished(farm.records, "failed", f"driver error: {type(e).__name__}: {e} "
                                                                 f"(trace in logs/{trace.name})")
             print(f"error: the driver failed: {type(e).__name__}: {e}; traceback in {trace}", file=sys.stderr)
@@ -418,4 +577,4 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
         job_info["events"] = farm.events
         job_info["blocklisted_nodes"] = sorted(farm.blocklist)
         job_info["node_failures"] = farm.node_failures
-    return records, interrupted
+    return records, interrupted, farm.stopped

@@ -61,6 +61,10 @@ class RenderRank:
         from renderer.presets import load_preset
 
         t0 = time.perf_counter()
+        if self.rank == 0:  # the writer: a missing encoder fails the group here, before models load (environment)
+            from renderer.video_io import ffmpeg_exe
+
+            ffmpeg_exe()
         options = RenderOptions.from_dict(self.spec["options"])
         if options.torch_device().type == "cpu":
             # Ray gives each rank one CPU; more torch threads than that only fight the other groups on the node
@@ -200,6 +204,10 @@ def _inject(fault: dict[str, Any], log: logging.Logger, handler: logging.Handler
         os._exit(17)  # no cleanup, no exception: what a segfault or a lost node looks like to the driver
     if kind == "hang":
         time.sleep(10**6)
+    if kind == "enospc":  # what a full output disk raises in the writer
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
     raise InjectedCrash(f"injected failure ({kind})")
 
 

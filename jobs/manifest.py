@@ -6,10 +6,11 @@
     shots:
       - {id: sh010, prompt: "...", seed: 7, priority: high}
 
-Every value a shot sets overrides the defaults. Precedence, most specific first:
-    shot  >  job.shot_defaults from the config/CLI (job.shot_defaults.steps=2)  >  the manifest's defaults  >  model preset
-The CLI sits above the manifest's defaults because it is what the submitter asked for right now (a quick
-low-step check of a finished manifest), and below the shot because a shot's own value is deliberate.
+Precedence, strongest first (issue 15):
+    the command line (job.shot_defaults.steps=2, model=...)  >  the shot  >  the manifest's defaults  >  model preset
+The command line wins because it is what the submitter asked for right now (a quick low-step check of a
+finished manifest); every value it overrides in the manifest is listed in `Manifest.overrides`, and the farm
+prints those lines, so nothing is overridden silently.
 
 `validate_manifest` checks the WHOLE manifest and raises ManifestError with every problem at once, each naming
 the shot, the field and the fix. It touches no GPU and no Ray: bad input is refused before anything is reserved.
@@ -20,6 +21,7 @@ import csv
 import difflib
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,15 @@ TEXT_FIELDS = ("task", "prompt", "negative_prompt", "sampler", "quality")
 PATH_FIELDS = ("image", "video", "mask")
 INT_FIELDS = ("frames", "steps", "seed")
 DEFAULT_PRIORITIES = {"urgent": 100, "high": 10, "normal": 0, "low": -10}
+# column names spreadsheets and other tools use for our fields (difflib alone maps "shot_id" to "shift")
+FIELD_ALIASES = {"shot_id": "id", "shot": "id", "shotid": "id", "name": "id", "shot_name": "id", "seq": "tags",
+                 "negative": "negative_prompt", "neg": "negative_prompt", "neg_prompt": "negative_prompt",
+                 "text": "prompt", "description": "prompt", "cfg": "guidance", "guidance_scale": "guidance",
+                 "cfg_scale": "guidance", "num_frames": "frames", "length": "frames", "num_steps": "steps",
+                 "sampling_steps": "steps", "resolution": "size", "res": "size", "scheduler": "sampler",
+                 "solver": "sampler", "sample_shift": "shift", "input_image": "image", "img": "image",
+                 "file": "output", "filename": "output", "prio": "priority"}
+KEEP_SPACES = ("id", "output")  # a name is never trimmed silently: a stray space is reported, not dropped
 
 # an id becomes a file name on every OS a studio uses; these names are taken by the farm's own files
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$")
@@ -96,6 +107,7 @@ class Manifest:
     model: str | None
     shots: list[ShotRequest]
     defaults: dict[str, Any]
+    overrides: list[str] = field(default_factory=list)  # one line per manifest value the command line overrode
 
 
 # -- reading --------------------------------------------------------------------------------------------------------
@@ -135,7 +147,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 def _csv_value(column: str, cell: str) -> Any:
     """Spreadsheet text -> the value a YAML manifest would hold. Unparseable text stays text, so the validator
-    reports it with the field and the fix instead of this function failing."""
+    reports it with the field and the fix instead of this function failing. Names keep their spaces (reported)."""
+    if column in KEEP_SPACES:
+        return cell
     cell = cell.strip()
     if column == "label" and cell.lower() in ("true", "yes", "1", "false", "no", "0"):
         return cell.lower() in ("true", "yes", "1")
@@ -215,6 +229,9 @@ def _name_problem(value: Any, what: str) -> str | None:
     if not isinstance(value, str):
         return f"{what} must be text, got {type(value).__name__} {value!r}: write it as a quoted string"
     value = str(value)
+    if value != value.strip():
+        return (f"{what} {value!r} has leading or trailing spaces: remove them (use {value.strip()!r}); ids are "
+                f"never changed silently, since the name is how the shot is found again")
     if not SAFE_NAME.match(value) or value.endswith("."):
         return (f"{what} {value!r} is not a safe file name (letters, digits, '.', '_', '-'; starts with a letter "
                 f"or digit; at most 120 characters): use {safe_name(value)!r}")
@@ -224,7 +241,17 @@ def _name_problem(value: Any, what: str) -> str | None:
 
 
 def _suggest(name: str, known: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(name).lower(), known, n=1, cutoff=0.5)
+    low = str(name).strip().lower().replace(" ", "_").replace("-", "_")
+    alias = FIELD_ALIASES.get(low)
+    if alias in known:
+        return f"did you mean {alias!r}?"
+    # a field named as one word of the column ("shot_id" -> id, "negative" -> negative_prompt)
+    words = set(re.split(r"[_.]+", low))
+    by_word = [k for k in known if k in words] or [k for k in known if any(w and k.startswith(w) and len(w) >= 3
+                                                                           for w in words)]
+    if len(by_word) == 1:
+        return f"did you mean {by_word[0]!r}?"
+    close = difflib.get_close_matches(low, known, n=1, cutoff=0.5)
     return f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(known)}"
 
 
@@ -261,6 +288,8 @@ def _check_value(name: str, value: Any, priorities: dict[str, int]) -> str | Non
         vals = value if isinstance(value, (list, tuple)) else [value]
         if len(vals) not in (1, 2) or not all(_is_number(v) for v in vals):
             return f"must be a number or [low_noise, high_noise], got {value!r}: e.g. 5.0 or [3.0, 4.0]"
+        if not all(math.isfinite(v) for v in vals):  # YAML .nan / .inf: a grey clip and NaN in every JSON
+            return f"guidance must be a finite number, got {value!r}: e.g. 5.0 or [3.0, 4.0]"
         if any(v < 0 for v in vals):
             return f"guidance scales must be >= 0, got {value!r}"
     if name == "quality":
@@ -273,6 +302,8 @@ def _check_value(name: str, value: Any, priorities: dict[str, int]) -> str | Non
 
         if value not in SAMPLER_NAMES:
             return f"unknown sampler {value!r}: {_suggest(value, SAMPLER_NAMES)} (one of {', '.join(SAMPLER_NAMES)})"
+    if name == "shift" and _is_number(value) and not math.isfinite(value):
+        return f"shift must be a finite number, got {value!r}: e.g. 5.0 (the preset's is usually right)"
     if name == "shift" and (not _is_number(value) or value <= 0):
         return f"must be a positive number, got {value!r}"
     if name == "priority":
@@ -313,13 +344,22 @@ def _merge_tags(base: Any, over: Any) -> Any:
     return over if over is not None else base
 
 
-def _layer_defaults(manifest_defaults: dict, config_defaults: dict) -> dict:
-    merged = dict(manifest_defaults)
-    for k, v in config_defaults.items():
-        if v is None:
-            continue
-        merged[k] = _merge_tags(merged.get(k), v) if k == "tags" else v
-    return merged
+def _override_lines(manifest_defaults: dict, entries: list, cli: dict) -> list[str]:
+    """'command line job.shot_defaults.steps=2 overrides the manifest: defaults.steps 3; steps on shot b (5)'."""
+    lines = []
+    for k, v in cli.items():
+        if k == "tags":
+            continue  # tags from the command line are added to the shot's, not swapped for them
+        where = [f"defaults.{k} {manifest_defaults[k]!r}"] if k in manifest_defaults and manifest_defaults[k] != v \
+            else []
+        shots = [f"{e.get('id', '?')} ({e[k]!r})" for e in entries if isinstance(e, dict) and e.get(k) is not None
+                 and e[k] != v]
+        if shots:
+            more = f" and {len(shots) - 5} more" if len(shots) > 5 else ""
+            where.append(f"{k} on shot{'s' if len(shots) > 1 else ''} {', '.join(shots[:5])}{more}")
+        if where:
+            lines.append(f"command line job.shot_defaults.{k}={v} overrides the manifest: {'; '.join(where)}")
+    return lines
 
 
 def _resolve_path(value: str | None, base_dir: Path) -> str | None:
@@ -366,8 +406,12 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
                     normalize_fields(v)
                 except PromptError as e:
                     problems.append(Problem("manifest", f"{origin}.prompt.{e.field}", str(e)))
-    defaults = {k: v for k, v in _layer_defaults(manifest_defaults, cfg_defaults).items()
+
+    def usable(d: dict) -> dict:
+        return {k: v for k, v in d.items()
                 if k in SHOT_FIELDS and k not in NOT_DEFAULTABLE and _check_value(k, v, priorities) is None}
+
+    defaults, cli_values = usable(manifest_defaults), usable(cfg_defaults)
 
     entries = raw.get("shots")
     if not isinstance(entries, list) or not entries:
@@ -425,8 +469,10 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
                                                               f"`output`"))
             seen_outputs.setdefault(key, label)
 
-        values = {**{k: v for k, v in defaults.items() if k not in bad_fields}, **entry}
-        values["tags"] = _plain_tags(_merge_tags(defaults.get("tags"), entry.get("tags"))) or {}
+        # command line > shot > manifest defaults; tags add up instead
+        values = {**{k: v for k, v in defaults.items() if k not in bad_fields}, **entry, **cli_values}
+        values["tags"] = _plain_tags(_merge_tags(_merge_tags(defaults.get("tags"), entry.get("tags")),
+                                                 cli_values.get("tags"))) or {}
         image = _resolve_path(values.get("image"), base_dir) if "image" not in bad_fields else None
         video = _resolve_path(values.get("video"), base_dir) if "video" not in bad_fields else None
         animate = values.get("task") in ("animate", "replace")
@@ -476,7 +522,8 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
     if problems:
         raise ManifestError(problems, source)
     return Manifest(source=source, name=str(raw.get("name") or Path(source).stem), model=raw.get("model"),
-                    shots=shots, defaults=defaults)
+                    shots=shots, defaults={**defaults, **cli_values},
+                    overrides=_override_lines(manifest_defaults, entries, cli_values))
 
 
 def _compose_prompt(shot_prompt: Any, default_prompt: Any, label: str,
@@ -498,7 +545,8 @@ def _model_problems(spec: ShotSpec, preset: ModelPreset, label: str, values: dic
     except (TypeError, ValueError) as e:
         return [Problem(label, "guidance", f"{e}: use a number or [low_noise, high_noise]")]
     out = []
-    for fld, msg in check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image):
+    for fld, msg in check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image,
+                               guidance=s.guidance, shift=s.shift):
         if fld == "image" and values.get("image") and "does not exist" in msg:
             msg = f"input image {values['image']} does not exist (looked in {s.image}): check the path"
         out.append(Problem(label, fld, msg))

@@ -2,7 +2,10 @@
 
 report.html is one self-contained file: inline CSS, thumbnails as base64 JPEG data URIs, no external fonts, scripts
 or images, so it opens offline and can be mailed around. Its contact sheet shows the first, middle and last frame
-of every shot with status, attempts, seed, prompt, timings and, for a failed shot, the error and its log. A tiny
+of every shot with status, attempts, seed, prompt and negative prompt, timings, the MP4 itself (a <video> with a
+relative link, so the folder can be moved or served as a whole) and, for a failed shot, the failure class
+(jobs/faults.py), the error and its log. The Ray dashboard is linked only in the report written while the job
+runs (job["running"]): the final report outlives the dashboard. A tiny
 inline script checks that every thumbnail decoded and records the result on <body data-thumbs-ok=...> (the test
 reads it back from headless Chromium).
 """
@@ -118,15 +121,21 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
         "priority": p.priority, "tags": p.request.tags, "task": spec.task, "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt, "seed": spec.seed, "size": spec.size, "frames": spec.frames,
         "steps": spec.steps, "sampler": spec.sampler, "guidance": list(spec.guidance), "render_hash": p.render_hash,
-        "mp4": os.path.relpath(p.mp4, out_dir) if p.mp4.is_file() else None,
+        "mp4": _link(p.mp4, out_dir) if p.mp4.is_file() else None,
         # Animate shots: the plate and the preprocessing preview (keypoints + mask, pose, face) beside the result
         **contact_images(getattr(p.request, "video", None), p.mp4),
         "attempts": rec.attempts, "attempt_count": len(rec.attempts), "seconds": seconds, "timings_s": timings,
         "quality": quality,
         "error": rec.error if rec.status not in ("done", "skipped") else None,
-        "log": os.path.relpath(rec.attempts[-1]["log"], out_dir) if rec.attempts else None,
+        "failure_class": (getattr(rec, "failure_class", None) or "render") if rec.status == "failed" else None,
+        "log": _link(rec.attempts[-1]["log"], out_dir) if rec.attempts else None,
         "gpu_seconds": round(sum(float(a.get("gpu_seconds", 0.0)) for a in rec.attempts), 3),
     }
+
+
+def _link(path: str | Path, out_dir: Path) -> str:
+    """Relative to the report's folder (the folder moves as a whole), POSIX separators for the browser."""
+    return Path(os.path.relpath(Path(path).absolute(), Path(out_dir).absolute())).as_posix()
 
 
 def accounting(shots: list[dict[str, Any]], job: dict[str, Any]) -> dict[str, Any]:
@@ -159,11 +168,19 @@ def write_accounting_csv(path: Path, shots: list[dict[str, Any]], acct: dict[str
     return path
 
 
-def write_report(out_dir: str | Path, job: dict[str, Any], records: dict, wall_s: float) -> tuple[Path, Path]:
+def write_report(out_dir: str | Path, job: dict[str, Any], records: dict, wall_s: float, *,
+                 media_dir: str | Path | None = None, thumbs: bool = True) -> tuple[Path, Path]:
+    """report.json + report.html in out_dir. media_dir: where the shots' files are when that is not out_dir (a
+    report written elsewhere because out_dir is full); thumbs=False skips decoding frames (the report written at
+    the start of a job)."""
     from renderer.video_io import write_json_atomic
 
     out = Path(out_dir)
-    shots = [shot_entry(r, out) for r in records.values()]
+    out.mkdir(parents=True, exist_ok=True)
+    shots = [shot_entry(r, Path(media_dir) if media_dir is not None else out) for r in records.values()]
+    if media_dir is not None:  # links relative to media_dir would be wrong from here: absolute ones instead
+        for s, r in zip(shots, records.values()):
+            s["mp4"] = str(Path(r.shot.mp4).absolute()) if s["mp4"] else None
     counts: dict[str, int] = {}
     for s in shots:
         counts[s["status"]] = counts.get(s["status"], 0) + 1
@@ -173,17 +190,21 @@ def write_report(out_dir: str | Path, job: dict[str, Any], records: dict, wall_s
               "ok": all(s["status"] in ("done", "skipped") for s in shots), "shots": shots}
     write_accounting_csv(out / "accounting.csv", shots, acct)
     json_path = write_json_atomic(out / "report.json", report)
-    thumbs = {s["id"]: thumbnails(out / s["mp4"]) if s["mp4"] and s["status"] in ("done", "skipped", "released")
-              else []
-              for s in shots}
+    uris = {s["id"]: thumbnails(out / s["mp4"]) if thumbs and s["mp4"] and s["status"] in ("done", "skipped",
+                                                                                               "released")
+            else [] for s in shots}
     for s in shots:
         if s.get("preview"):
-            plate = (thumbnails(Path(s["plate"])) or [None, None])[1:2] if s.get("plate") else [None]
-            thumbs[s["id"]] = thumbs[s["id"]] + [None] * (3 - len(thumbs[s["id"]])) + [_image_uri(s["preview"])] + plate
+            plate = (thumbnails(Path(s["plate"])) or [None, None])[1:2] if thumbs and s.get("plate") else [None]
+            uris[s["id"]] = uris[s["id"]] + [None] * (3 - len(uris[s["id"]])) + [_image_uri(s["preview"])] + plate
     html_path = out / "report.html"
     tmp = out / f".report.html.tmp-{os.getpid()}"
-    tmp.write_text(render_html(report, thumbs), encoding="utf-8")
-    os.replace(tmp, html_path)
+    try:
+        tmp.write_text(render_html(report, uris), encoding="utf-8")
+        os.replace(tmp, html_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a half report behind
+        raise
     return json_path, html_path
 
 
@@ -197,7 +218,8 @@ h1{font-size:20px;margin:0 0 4px} .meta{color:#9aa0a6;margin-bottom:16px} .meta 
 .badge{font-size:11px;padding:1px 7px;border-radius:9px;text-transform:uppercase;letter-spacing:.04em}
 .held{background:#8a4b00}.released{background:#4a3b7a}.tier{background:#6a3d9a}.done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}
 .queued,.interrupted,.not_started{background:#5c4a12}
-.frames{display:flex;flex-wrap:wrap;gap:6px;margin:6px 0}
+.frames{display:flex;flex-wrap:wrap;gap:6px;margin:6px 0} video{height:120px;border-radius:3px;background:#000}
+.neg{color:#9aa0a6;font-size:12px;white-space:pre-wrap} .cls{font-weight:600;color:#ffb4ab}
 .frames figure{margin:0;text-align:center;font-size:11px;color:#9aa0a6}
 .frames img{height:120px;width:auto;image-rendering:pixelated;border-radius:3px;display:block;background:#000;max-width:100%;object-fit:contain}
 .noimg{width:160px;height:120px;display:flex;align-items:center;justify-content:center;background:#2a2e35;
@@ -261,17 +283,31 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
                                                     else "none")
     tags = s["tags"]
     tags_txt = ", ".join(f"{k}={v}" for k, v in tags.items()) if isinstance(tags, dict) else ", ".join(map(str, tags))
-    error = (f'<div class="error">{e(s["error"] or "")}\nlog: {e(s["log"] or "-")}</div>'
+    cls = (f'<span class="cls">{e(s["failure_class"])} failure</span>: '
+           if s.get("failure_class") else "")
+    error = (f'<div class="error">{cls}{e(s["error"] or "")}\nlog: {e(s["log"] or "-")}</div>'
              if status not in ("done", "skipped", "held", "released") else "")
-    file_line = f'<b>{e(s["mp4"])}</b>' if s["mp4"] else "-"
+    file_line = f'<a href="{e(s["mp4"])}"><b>{e(s["mp4"])}</b></a>' if s["mp4"] else "-"
+    poster = f' poster="{uris[0]}"' if uris and uris[0] else ""
+    video = (f'<figure><video controls preload="none"{poster} src="{e(s["mp4"])}" data-shot="{e(s["id"])}">'
+             f'</video><figcaption>play</figcaption></figure>'
+             if s["mp4"] and status in ("done", "skipped", "released") else "")
+    neg = s.get("negative_prompt")
+    if neg is None:
+        from renderer.encoders.text import DEFAULT_NEGATIVE_PROMPT
+
+        neg_html = f'<div class="neg">negative (the official default): {e(DEFAULT_NEGATIVE_PROMPT)}</div>'
+    else:
+        neg_html = f'<div class="neg">negative: {e(neg) or "(empty)"}</div>'
     from jobs.report_safety import provenance_html
 
     notes = provenance_html(s)  # prompt fields, held / released, provenance and signature
     return f"""
 <section class="shot st-{e(status)}" id="shot-{e(s['id'])}">
   <h2>{e(s['id'])} <span class="badge {e(status)}">{e(status)}</span>{tier_badge(s.get('quality'))}</h2>
-  <div class="frames">{''.join(frames_html)}</div>
+  <div class="frames">{''.join(frames_html)}{video}</div>
   <div class="prompt">{e(s['prompt'])}</div>
+  {neg_html}
   <div class="kv">seed <b>{s['seed']}</b> · priority <b>{s['priority']}</b> · {e(s['task'])} <b>{e(s['size'])}</b>
    · <b>{s['frames']}</b> frames · <b>{s['steps']}</b> steps {e(s['sampler'])} · guidance <b>{e(str(s['guidance']))}</b></div>
   <div class="kv">attempts: <b>{e(attempts)}</b> · render {_fmt_s(s['seconds'])}{' · ' + e(timing) if timing else ''}</div>
@@ -308,8 +344,13 @@ def render_html(report: dict[str, Any], thumbs: dict[str, list[str]]) -> str:
     e = html.escape
     job = report["job"]
     counts = " ".join(f"<span>{e(k)} {v}</span>" for k, v in sorted(report["counts"].items()))
-    dash = job.get("dashboard")
-    dash_html = f' · Ray dashboard <b>{e(str(dash))}</b>' if dash else ""
+    dash = job.get("dashboard") if job.get("running") else None  # a dead link after the job is worse than none
+    dash_html = f' · running: Ray dashboard <a href="{e(str(dash))}"><b>{e(str(dash))}</b></a>' if dash else ""
+    if job.get("stopped"):
+        dash_html += f'<div class="error">the job stopped: {e(str(job["stopped"]))}</div>'
+    if job.get("report_error"):
+        dash_html += f'<div class="error">written here because the output folder failed: ' \
+                     f'{e(str(job["report_error"]))}</div>'
     cards = "".join(_shot_card(s, thumbs.get(s["id"], [])) for s in report["shots"])
     events = "\n".join(job.get("events") or [])
     title = f"wanrender report: {job.get('name', 'job')}"

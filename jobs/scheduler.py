@@ -5,8 +5,10 @@
                                                                 (until job.max_retries), node failure counted
                                                                 (job.node_failure_limit -> node blocklisted)
 
-A group that is busy longer than job.shot_timeout_s is killed and its shot retried. A shot that fails because
-of its own settings (ShotError) is not retried: another attempt would fail the same way. Nothing already written
+A group that is busy longer than job.shot_timeout_s is killed and its shot retried. Every failure is classified
+(jobs/faults.py): the shot's own settings are not retried, an environment fault (disk full, read-only folder,
+missing binary) stops the job, a lost group (preemption) is retried without counting against job.max_retries,
+and a render error is retried up to job.max_retries. Nothing already written
 is touched: outputs land atomically from the rank that rendered them, and a killed group can at worst leave a
 hidden temp file, which the driver removes.
 """
@@ -22,6 +24,7 @@ from typing import Any, Callable
 import ray
 
 from jobs.animate_shots import task_fields
+from jobs.faults import ENVIRONMENT, FIXES, INPUT, PREEMPTION, classify
 from jobs.group import GroupHandle
 from jobs.plan import Plan, PlannedShot, ShotQueue
 from jobs.progress import JobProgress
@@ -36,6 +39,7 @@ class FarmSettings:
     shot_timeout_s: float = 3600.0
     group_start_timeout_s: float = 900.0
     node_failure_limit: int = 2
+    max_preemptions: int = 5  # lost groups a shot may suffer beyond max_retries (jobs/faults.py)
     worker_spec: dict[str, Any] = field(default_factory=dict)
     faults: dict[tuple[str, int], dict] = field(default_factory=dict)  # (shot id, attempt) -> fault (tests)
     job_meta: dict[str, Any] = field(default_factory=dict)  # copied into every sidecar under "job"
@@ -51,6 +55,14 @@ class ShotRecord:
     error: str | None = None
     result: dict | None = None
     attempt_base: int = 0  # attempts made by earlier submissions (their logs are kept, numbering continues)
+    failure_class: str | None = None  # input | environment | preemption | render (jobs/faults.py), when failed
+
+    def budget_used(self) -> int:
+        """Failed attempts that count against job.max_retries: preemptions do not (up to max_preemptions)."""
+        return sum(1 for a in self.attempts if a.get("status") == "failed" and a.get("class") != PREEMPTION)
+
+    def preemptions(self) -> int:
+        return sum(1 for a in self.attempts if a.get("class") == PREEMPTION)
 
     @property
     def gpu_seconds(self) -> float:
@@ -90,12 +102,6 @@ def short_error(e: BaseException) -> str:
     return f"{name}: {last}"[:500]
 
 
-def _is_shot_error(e: BaseException) -> bool:
-    from renderer.pipeline import ShotError
-
-    return isinstance(getattr(e, "cause", None), ShotError) or isinstance(e, ShotError)
-
-
 class Farm:
     def __init__(self, plan: Plan, settings: FarmSettings, progress: JobProgress | None = None,
                  group_factory: Callable[..., GroupHandle] = GroupHandle):
@@ -119,6 +125,7 @@ class Farm:
         self.progress = progress or JobProgress(len(plan.todo), len(plan.done), live=False)
         self.events: list[str] = []
         self.speed = 1.0  # measured seconds / estimated seconds, for the ETA
+        self.stopped: str | None = None  # why the job stopped early (an environment fault), with the fix
         self._warned_solo = False
         self.group_factory = group_factory  # benchmarks pass a stub group; the scheduling is this code either way
         self.budget_reached = False
@@ -304,7 +311,8 @@ class Farm:
     def group_failed(self, g: GroupHandle, error: BaseException, reason: str | None = None) -> None:
         """Kill and forget the group, count the failure against its node, retry or fail its shot."""
         summary = reason or short_error(error)
-        deterministic = g.state == "busy" and _is_shot_error(error)
+        kind = classify(error)
+        deterministic = g.state == "busy" and kind == INPUT
         node = g.lookup_node()
         shot_id = g.shot_id if g.state == "busy" else None
         if deterministic:
@@ -318,24 +326,33 @@ class Farm:
                 self.node_failed[node].add(shot_id or f"start:{g.gid}")
                 self._maybe_blocklist(node)
             self._event(f"group {g.gid}: {summary}" + (f" (node {node[:12]})" if node else ""))
+        if kind == ENVIRONMENT and not self.stopped:
+            self.stopped = f"{summary}: {FIXES[ENVIRONMENT]}"
         if shot_id is None:
+            if kind == ENVIRONMENT:
+                self.fail_remaining(f"not started: the job stopped: {self.stopped}", ENVIRONMENT)
             return
         rec = self.records[shot_id]
         att = rec.attempts[-1]
         close_attempt(att, "failed", seconds=round(time.time() - att["started_at"], 3), error=summary,
-                      node_id=att.get("node_id") or node)
-        _append_log(Path(att["log"]), f"attempt failed: {summary}\n{error!r}"[:4000])
+                      node_id=att.get("node_id") or node, **{"class": kind})
+        _append_log(Path(att["log"]), f"attempt failed ({kind}): {summary}\n{error!r}"[:4000])
         _remove_partial(self.out_dir, rec.shot.output)
         rec.error = summary
-        if not deterministic and len(rec.attempts) <= self.s.max_retries:
+        retry = (kind == PREEMPTION and rec.preemptions() <= self.s.max_preemptions) or \
+            (kind not in (INPUT, ENVIRONMENT) and rec.budget_used() <= self.s.max_retries)
+        if retry:
             rec.status = "queued"
             self.retries += 1
             self.queue.push(rec.shot)
-            self._event(f"{shot_id}: attempt {att['attempt']} failed ({summary}); back in the queue")
+            self._event(f"{shot_id}: attempt {att['attempt']} failed ({kind}: {summary}); back in the queue")
         else:
-            rec.status = "failed"
-            why = "not retried: the shot's settings" if deterministic else f"after {len(rec.attempts)} attempts"
-            self._event(f"{shot_id}: FAILED {why}: {summary}")
+            rec.status, rec.failure_class = "failed", kind
+            why = {INPUT: "not retried: the shot's settings", ENVIRONMENT: "not retried: the machine"}.get(
+                kind, f"after {len(rec.attempts)} attempts")
+            self._event(f"{shot_id}: FAILED ({kind}) {why}: {summary}")
+        if kind == ENVIRONMENT:
+            self.fail_remaining(f"not started: the job stopped: {self.stopped}", ENVIRONMENT)
 
     @property
     def node_failures(self) -> dict[str, int]:
@@ -365,10 +382,10 @@ class Farm:
                 self.group_failed(g, TimeoutError(), f"not ready after {self.s.group_start_timeout_s:g}s "
                                                      f"(job.group_start_timeout_s)")
 
-    def fail_remaining(self, why: str) -> None:
+    def fail_remaining(self, why: str, kind: str | None = None) -> None:
         while self.queue:
             rec = self.records[self.queue.pop().id]
-            rec.status, rec.error = "failed", why
+            rec.status, rec.error, rec.failure_class = "failed", why, kind or rec.failure_class
         self._event(f"giving up on the remaining shots: {why}")
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -379,11 +396,11 @@ class Farm:
                 if self.queue and not self._live_groups():
                     self.fail_remaining(f"no healthy node can hold a group of {self.s.gpus_per_group} "
                                         f"{'GPU' if self.s.use_gpus else 'CPU'}(s); blocklisted: "
-                                        f"{', '.join(n[:12] for n in self.blocklist) or 'none'}")
+                                        f"{', '.join(n[:12] for n in self.blocklist) or 'none'}", ENVIRONMENT)
                     break
                 if self.group_failures_in_a_row > 3 + 2 * max(1, self.s.max_groups or 1):
                     self.fail_remaining(f"{self.group_failures_in_a_row} render groups in a row failed to start; "
-                                        f"see the errors above")
+                                        f"see the errors above", ENVIRONMENT)
                     break
                 self.assign()
                 if self.refs:

@@ -101,20 +101,22 @@ def _describe(keys: list[str], what: str) -> str:
     return f"  {what} ({len(keys)}): {head}"
 
 
-def load_dit(folder: str | Path, layout: str | None = None, dtype: torch.dtype = torch.bfloat16,
-             device: str | torch.device = "cpu", family: str = "wan22") -> torch.nn.Module:
-    """Load one DiT (one expert) of `family` from an official or diffusers folder holding config.json +
-    safetensors; the family's spec gives the config reader, the model class, the key map and the fp32 rule."""
+def check_dit_folder(folder: str | Path, layout: str | None = None, family: str = "wan22"):
+    """(config, {our key: (checkpoint key, shard, shape)}) of one expert folder, checked against the model its
+    config.json describes, from config.json, the index and the safetensors headers alone: no tensor is read (the
+    dry run and `generate` call it before anything loads). Raises CheckpointError naming the folder, the missing
+    and unexpected keys and any shape mismatch."""
     spec = get_family(family)
-    from safetensors import safe_open
-
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"checkpoint {folder} has no config.json")
-    raw_cfg = json.loads(cfg_path.read_text())
-    layout = layout or ("diffusers" if "num_attention_heads" in raw_cfg else "official")
-    cfg = spec.config_from_dict(raw_cfg)
+    try:
+        raw_cfg = json.loads(cfg_path.read_text())
+        layout = layout or ("diffusers" if "num_attention_heads" in raw_cfg else "official")
+        cfg = spec.config_from_dict(raw_cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {cfg_path} is not a {family} transformer config ({e}): copy it again") from e
     with torch.device("meta"):
         model = spec.model_cls(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -138,7 +140,19 @@ def load_dit(folder: str | Path, layout: str | None = None, dtype: torch.dtype =
         lines.append("Check that this folder is a Wan2.2 transformer of the model preset you chose, "
                      "and that every shard was copied completely.")
         raise CheckpointError("\n".join(lines))
+    return cfg, ours
 
+
+def load_dit(folder: str | Path, layout: str | None = None, dtype: torch.dtype = torch.bfloat16,
+             device: str | torch.device = "cpu", family: str = "wan22") -> torch.nn.Module:
+    """Load one DiT (one expert) of `family` from an official or diffusers folder holding config.json +
+    safetensors; the family's spec gives the config reader, the model class, the key map and the fp32 rule."""
+    spec = get_family(family)
+    from safetensors import safe_open
+
+    cfg, ours = check_dit_folder(folder, layout, family)  # every key and shape checked before a tensor is read
+    with torch.device("meta"):
+        model = spec.model_cls(cfg)
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for name, (src, f, _) in ours.items():
         by_file.setdefault(f, []).append((name, src))

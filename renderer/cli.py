@@ -10,6 +10,8 @@
     wanrender release OUT SHOT --by NAME --reason TEXT  deliver a shot the safety gate held in OUT/quarantine/
 
 Overrides are Hydra's: model=t2v_a14b model.checkpoint=/ckpt/Wan2.2-T2V-A14B prompt="..." seed=7
+`wanrender COMMAND --help` describes one command. Exit codes: 0 done, 1 a shot failed, 2 bad input (nothing
+was rendered or reserved), 3 the machine stopped the job (disk full, read-only folder), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ def cmd_generate(cfg: DictConfig) -> int:
 
     s = shot.resolve(preset)
     problems = gate_problems(settings) + check_shot(preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image,
-                                                    s.sampler, seed=s.seed)
+                                                    s.sampler, seed=s.seed, guidance=s.guidance, shift=s.shift)
+    problems = problems or _folder_problems(settings.out, preset, s)
     if problems:
         for field, msg in problems:
             print(f"error: shot {s.shot_id}: {field}: {msg}", file=sys.stderr)
@@ -110,6 +113,18 @@ def cmd_generate(cfg: DictConfig) -> int:
     if group is not None:
         group.close()
     return 0
+
+
+def _folder_problems(out: str, preset, s) -> list[tuple[str, str]]:
+    """The output folder (writable, room for the clip) and the checkpoint folder, before anything loads."""
+    from renderer.preflight import check_checkpoint, check_output, estimate_output_bytes
+    from renderer.presets import parse_size
+
+    w, h = parse_size(s.size)
+    problems = [("out", m) for m in check_output(out, estimate_output_bytes([(w, h, s.frames)]), create=True)]
+    if preset.checkpoint:
+        problems += [("model.checkpoint", m) for m in check_checkpoint(preset, preset.checkpoint)]
+    return problems
 
 
 def cmd_render(cfg: DictConfig) -> int:
@@ -168,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return {"verify": cmd_verify, "release": cmd_release}[argv[0]](argv[1:])
     command, overrides = argv[0], argv[1:]
+    if any(a in ("-h", "--help", "help") for a in overrides):
+        from renderer.cli_help import HELP
+
+        if command in HELP:
+            print(HELP[command])
+            return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if command == "prepare":
         overrides = [f"prepare.{o}" if o.split("=", 1)[0] in PREPARE_SHORT else o for o in overrides]
@@ -183,7 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # Hydra's own errors name the bad override; show them without a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return int(commands[command](cfg) or 0)
+    try:
+        return int(commands[command](cfg) or 0)
+    except KeyboardInterrupt:
+        print("interrupted: nothing partial was left under a final name", file=sys.stderr)
+        return 130
+    except OSError as e:
+        from renderer.preflight import is_environment_error
+
+        if not is_environment_error(e):
+            raise
+        print(f"error: {e}\nthe machine stopped the render (disk full, read-only or no permission): fix that and "
+              f"run again", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -11,7 +11,13 @@ def compose(overrides: list[str] | None = None, config_name: str = "config"):
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="wanrender"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    if config_name == "config":  # the farm says which manifest values the command line overrode (precedence)
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            cfg.command_line = list(overrides or [])
+    return cfg
 
 
 def group_names(group: str) -> list[str]:

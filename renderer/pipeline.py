@@ -262,7 +262,8 @@ class Pipeline:
     # -- checks -------------------------------------------------------------------------------------------------
     def check(self, shot: ShotSpec) -> list[tuple[str, str]]:
         s = self.tier.apply(shot).resolve(self.preset)
-        return check_shot(self.preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image, s.sampler, seed=s.seed)
+        return check_shot(self.preset, s.task, s.size, s.frames, s.steps, s.prompt, s.image, s.sampler, seed=s.seed,
+                          guidance=s.guidance, shift=s.shift)  # a NaN scale renders grey: refused as ShotError
 
     def latent_shape(self, shot: ShotSpec) -> tuple[int, int, int, int]:
         w, h = parse_size(shot.size)

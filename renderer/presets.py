@@ -6,6 +6,7 @@ same message — naming the field and the fix — before any GPU is reserved.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,39 @@ def parse_size(size: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def preset_limits(preset: ModelPreset) -> dict[str, float]:
+    """Upper bounds on a shot's numbers for this model. A preset may set its own (max_steps, max_frames,
+    max_guidance, max_shift in its YAML); the defaults allow four times the trained clip length, far more steps than
+    any sampler needs (the official schedules use 40-50), and guidance/shift well past any useful value: a number
+    beyond them is a typo that would otherwise book GPUs for hours or render noise."""
+    x = preset.extra
+    return {"steps": int(x.get("max_steps", 200)), "frames": int(x.get("max_frames", 4 * (preset.frames - 1) + 1)),
+            "guidance": float(x.get("max_guidance", 30.0)), "shift": float(x.get("max_shift", 100.0))}
+
+
+def _number_problems(preset: ModelPreset, frames: Any, steps: Any, guidance: Any, shift: Any) -> list[tuple[str, str]]:
+    """Finite and within the preset's limits (NaN guidance renders a flat grey clip and poisons the JSON)."""
+    limits = preset_limits(preset)
+    out: list[tuple[str, str]] = []
+    for name, value in (("guidance", guidance), ("shift", shift)):
+        if value is None:
+            continue
+        vals = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals):
+            out.append((name, f"{name} must be a finite number, got {value!r}: e.g. {preset.guidance[1]:g}"
+                        if name == "guidance" else f"{name} must be a finite number, got {value!r}: e.g. "
+                                                   f"{preset.shift:g}"))
+        elif any(v > limits[name] for v in vals):
+            big = max(vals)
+            out.append((name, f"{name} {big:g} is above {preset.name}'s limit of {limits[name]:g}: the preset uses "
+                              f"{preset.guidance[1] if name == 'guidance' else preset.shift:g}"))
+    for name, value in (("steps", steps), ("frames", frames)):
+        if isinstance(value, int) and not isinstance(value, bool) and value > limits[name]:
+            out.append((name, f"{name} {value} is above {preset.name}'s limit of {limits[name]}: the preset uses "
+                              f"{preset.steps if name == 'steps' else preset.frames}"))
+    return out
+
+
 def auto_size_of(preset: "ModelPreset", task: str, image: str | None) -> str | None:
     """size: auto -> "W*H" from the image's aspect ratio and the area of the preset's default size (the official
     max_area); None when there is no readable image."""
@@ -142,11 +176,11 @@ def size_multiple(preset: "ModelPreset") -> tuple[int, int]:
 
 def check_shot(preset: ModelPreset, task: str, size: str, frames: int, steps: int,
                prompt: str | None, image: str | None, sampler: str | None = None,
-               seed: Any = 0) -> list[tuple[str, str]]:
+               seed: Any = 0, *, guidance: Any = None, shift: Any = None) -> list[tuple[str, str]]:
     """Every problem with a shot's settings for this model, as (field, message with the fix). Empty = fine.
 
     sampler=None skips the sampler check (the manifest validator checks it with a suggestion of its own)."""
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = _number_problems(preset, frames, steps, guidance, shift)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < -1 or seed > 2**63 - 1:
         problems.append(("seed", f"seed must be an integer from 0 to 2^63-1, or -1 for a random one; got {seed!r}"))
     if sampler is not None:
@@ -194,7 +228,7 @@ def check_shot(preset: ModelPreset, task: str, size: str, frames: int, steps: in
                 from PIL import Image
 
                 with Image.open(p) as im:
-                    im.verify()  # reads the header and checks integrity without decoding the pixels
+                    im.load()  # decodes every pixel: a truncated JPEG passes verify() but fails here
             except Exception as e:
                 problems.append(("image", f"input image {image} cannot be read ({type(e).__name__}): "
                                           f"give a PNG or JPEG file"))

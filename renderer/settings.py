@@ -49,6 +49,8 @@ class JobSettings:
     shot_timeout_s: float = 3600.0
     group_start_timeout_s: float = 900.0
     node_failure_limit: int = 2
+    max_preemptions: int = 5  # lost groups a shot may suffer outside max_retries (jobs/faults.py)
+    lock_wait_s: float = 0.0  # another job holds the output folder: wait this long, 0 refuses (jobs/lock.py)
     output_root: str | None = None
     force: bool = False
     max_groups: int | None = None

@@ -8,6 +8,8 @@ failed encode never leaves a half-written MP4 or JSON where a finished one is ex
 """
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
 import shutil
@@ -31,18 +33,36 @@ AI_TAG_VALUE = "true"
 
 
 def ffmpeg_exe() -> str:
-    """Path of the ffmpeg binary: `ffmpeg` on PATH, else the one shipped in the imageio-ffmpeg wheel."""
-    exe = shutil.which("ffmpeg")
-    if exe:
-        return exe
+    """Path of a working ffmpeg binary: `ffmpeg` on PATH, else the one shipped in the imageio-ffmpeg wheel.
+
+    Checked once per process (a render group's rank checks it when it starts): the binary must run and have the
+    libx264 encoder, or the next candidate is used; none usable is an environment error naming both fixes."""
+    return _usable_ffmpeg(os.environ.get("PATH", ""))
+
+
+@functools.lru_cache(maxsize=4)  # keyed on PATH: a changed PATH (tests, a re-activated env) is checked again
+def _usable_ffmpeg(path_env: str) -> str:
+    tried = []
+    candidates = [shutil.which("ffmpeg", path=path_env)]
     try:
         import imageio_ffmpeg
 
-        return imageio_ffmpeg.get_ffmpeg_exe()
+        candidates.append(imageio_ffmpeg.get_ffmpeg_exe())
     except Exception as e:  # ImportError, or imageio-ffmpeg present but its binary missing
-        raise RuntimeError(
-            "no ffmpeg binary found: put `ffmpeg` on PATH or `pip install imageio-ffmpeg`"
-        ) from e
+        tried.append(f"imageio-ffmpeg: {type(e).__name__}")
+    for exe in candidates:
+        if not exe:
+            continue
+        try:
+            res = subprocess.run([exe, "-hide_banner", "-encoders"], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:
+            tried.append(f"{exe}: {e}")
+            continue
+        if res.returncode == 0 and b"libx264" in res.stdout:
+            return exe
+        tried.append(f"{exe}: " + ("exit %d" % res.returncode if res.returncode else "no libx264 encoder"))
+    raise FileNotFoundError(errno.ENOENT, "no ffmpeg binary found: put an ffmpeg with libx264 on PATH or "
+                                          "`pip install imageio-ffmpeg` (tried: " + ("; ".join(tried) or "none") + ")")
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -132,8 +152,9 @@ def write_mp4(
     each [H,W,3] frame (renderer.label.make_stamper: the configurable CJK label).
     Odd width or height is a ValueError: yuv420p subsamples chroma 2x2, and silently padding would
     change the size the caller asked for.
-    Atomic: the final name appears only once encoding succeeded; on failure the temp file is
-    removed and whatever was at `path` before is left untouched.
+    Atomic: the final name appears only once encoding succeeded and the file was read back complete
+    (frame count and frame rate, hence duration); on failure the temp file is removed and whatever was at
+    `path` before is left untouched. A full disk is raised as OSError(ENOSPC), whatever ffmpeg said.
     """
     import ffmpeg  # ffmpeg-python: builds the argv, we run it
 
@@ -183,11 +204,14 @@ def write_mp4(
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
         try:
             broken = False
+            written = 0
             try:
                 shape = first.shape
                 proc.stdin.write(stamp(first).tobytes())
+                written = 1
                 for frame in it:
                     proc.stdin.write(stamp(_check_frame(frame, shape)).tobytes())
+                    written += 1
                 proc.stdin.close()
             except BrokenPipeError:
                 broken = True  # ffmpeg died early; its exit code and stderr below say why
@@ -195,8 +219,11 @@ def write_mp4(
             if rc != 0 or broken:
                 err.seek(0)
                 msg = err.read().decode("utf-8", "replace").strip()[-2000:]
+                if "No space left on device" in msg or "Disk quota exceeded" in msg:
+                    raise OSError(errno.ENOSPC, f"No space left on device writing {path} (ffmpeg: {msg[-300:]})")
                 raise RuntimeError(f"ffmpeg failed writing {path} (exit {rc}): {msg}")
             _fsync(tmp)
+            _check_written(tmp, path, written, fps)
             os.replace(tmp, path)
         except BaseException:
             # Covers our own errors and KeyboardInterrupt: stop the encoder, never leave the temp behind.
@@ -211,6 +238,17 @@ def write_mp4(
             tmp.unlink(missing_ok=True)
             raise
     return path
+
+
+def _check_written(tmp: Path, path: Path, frames: int, fps: int) -> None:
+    """Read the encoded file back before it gets its final name: every frame there, at the asked frame rate."""
+    try:
+        info = video_info(tmp)
+    except (ValueError, FileNotFoundError) as e:
+        raise RuntimeError(f"the MP4 written for {path} cannot be read back ({e}): not kept") from e
+    if info["frames"] != frames or abs(info["fps"] - fps) > 1e-3 * fps:
+        raise RuntimeError(f"the MP4 written for {path} is incomplete: {info['frames']} frames at {info['fps']:g} "
+                           f"fps read back, {frames} at {fps} written: not kept")
 
 
 def _parse_ffmetadata(text: str) -> dict[str, str]:
@@ -380,7 +418,8 @@ def write_json_atomic(path, obj) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Serialise first: an unserialisable object then fails before any file is touched.
-    text = json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=False) + "\n"
+    # allow_nan=False: NaN / Infinity are not JSON (jq and browsers reject the file); fail before writing instead
+    text = json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=False, allow_nan=False) + "\n"
     tmp = _tmp_sibling(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -45,12 +45,14 @@ def test_example_yaml_and_csv_are_the_same_shots():
     assert plan_y.shots[-1].id == "sh060" and plan_y.shots[-1].mp4.name == "sh060_aerial_pullback.mp4"
 
 
-def test_defaults_precedence_shot_over_cli_over_manifest():
+def test_defaults_precedence_cli_over_shot_over_manifest():
     raw = {"defaults": {"steps": 5, "seed": 3, "tags": {"seq": "010"}},
            "shots": [good_shot(1, steps=7, tags={"cam": "wide"}), {"id": "b", "prompt": "x"}]}
     m = validate_manifest(raw, T2V, config_defaults={"steps": 2, "size": "80*48", "seed": None})
     a, b = m.shots
-    assert a.spec.steps == 7 and b.spec.steps == 2  # shot > CLI > manifest defaults
+    assert a.spec.steps == 2 and b.spec.steps == 2  # command line > shot > manifest defaults (issue 15)
+    assert m.overrides == ["command line job.shot_defaults.steps=2 overrides the manifest: defaults.steps 5; "
+                           "steps on shot sh001 (7)"]
     assert b.spec.seed == 3 and b.spec.size == "80*48"
     assert a.tags == {"seq": "010", "cam": "wide"}
 
@@ -237,7 +239,8 @@ def test_config_problems_are_reported_with_the_manifest_ones(tmp_path, capsys):
     assert rc == 2 and "job.max_retries" in err and "frames" in err
     path.write_text(yaml.safe_dump({"model": "tiny_t2v", "shots": [good_shot(1)]}))
     rc = run_job(_compose([f"manifest={path}", "model=t2v_a14b", f"out={tmp_path}", "dry_run=true"]))
-    assert rc == 0  # the manifest names its model: the config's model does not apply
+    # command line > manifest (issue 15): model=t2v_a14b wins over the manifest's tiny_t2v, and asks for its weights
+    assert rc == 2 and "model t2v_a14b needs its weights" in capsys.readouterr().err
     path.write_text(yaml.safe_dump({"model": "tiny_t2x", "shots": [good_shot(1)]}))
     assert run_job(_compose([f"manifest={path}", "dry_run=true"])) == 2
     assert "tiny_t2v" in capsys.readouterr().err

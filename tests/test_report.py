@@ -91,8 +91,11 @@ def test_report_html_is_self_contained(finished_job):
     _, _, html_path = finished_job
     html = html_path.read_text()
     assert html.count('class="thumb"') == 6  # first, middle, last of the two rendered shots
-    assert re.findall(r'src="([^"]*)"', html) and all(s.startswith("data:image/jpeg;base64,")
-                                                       for s in re.findall(r'src="([^"]*)"', html))
+    images = re.findall(r'<img [^>]*src="([^"]*)"', html)
+    assert len(images) == 6 and all(s.startswith("data:image/jpeg;base64,") for s in images)
+    # the clips themselves play from relative links into the job folder (issue 15): the folder moves as a whole
+    videos = re.findall(r'<video [^>]*src="([^"]*)"', html)
+    assert sorted(videos) == ["a.mp4", "b.mp4"] and all((html_path.parent / v).is_file() for v in videos)
     assert "<link" not in html and "@import" not in html and "url(" not in html
     assert "&lt;b&gt;shot&lt;/b&gt;" in html and "<b>shot</b>" not in html  # prompts are escaped
     assert "CUDA out of memory &lt;here&gt;" in html and "logs/c.attempt2.log" in html

@@ -35,12 +35,20 @@ def snapshot(folder):
 
 # ---------------------------------------------------------------- ffmpeg / tensors
 
-def test_ffmpeg_exe_falls_back_to_imageio_and_errors_clearly(monkeypatch):
+def test_ffmpeg_exe_falls_back_to_imageio_and_errors_clearly(monkeypatch, tmp_path):
+    """A working ffmpeg on PATH wins; one that fails its check (no libx264, or does not run) falls back to the
+    binary imageio-ffmpeg ships; none at all is an OSError naming both fixes (an environment fault)."""
     import imageio_ffmpeg
 
-    monkeypatch.setattr(vio.shutil, "which", lambda name: "/opt/bin/ffmpeg" if name == "ffmpeg" else None)
-    assert vio.ffmpeg_exe() == "/opt/bin/ffmpeg"  # PATH wins over the bundled binary
-    monkeypatch.setattr(vio.shutil, "which", lambda name: None)
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for folder, script in ((good, "#!/bin/sh\necho ' V..... libx264   H.264'\n"), (bad, "#!/bin/sh\nexit 1\n")):
+        folder.mkdir()
+        (folder / "ffmpeg").write_text(script)
+        (folder / "ffmpeg").chmod(0o755)
+    vio._usable_ffmpeg.cache_clear()
+    monkeypatch.setenv("PATH", f"{good}:{os.environ['PATH']}")
+    assert vio.ffmpeg_exe() == str(good / "ffmpeg")  # PATH wins over the bundled binary
+    monkeypatch.setenv("PATH", f"{bad}:/nonexistent")
     exe = vio.ffmpeg_exe()
     assert exe == imageio_ffmpeg.get_ffmpeg_exe() and os.access(exe, os.X_OK)
 
@@ -48,8 +56,10 @@ def test_ffmpeg_exe_falls_back_to_imageio_and_errors_clearly(monkeypatch):
         raise RuntimeError("no binary")
 
     monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", missing)
-    with pytest.raises(RuntimeError, match="ffmpeg"):
+    vio._usable_ffmpeg.cache_clear()
+    with pytest.raises(OSError, match="no ffmpeg binary found.*imageio-ffmpeg"):
         vio.ffmpeg_exe()
+    vio._usable_ffmpeg.cache_clear()
 
 
 def test_to_uint8_frames_values_and_layout():
