@@ -14,6 +14,7 @@ applied before the model is parallelised, as FSDP shards whatever weights it is 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -82,9 +83,16 @@ def _digest(path: str | None) -> str | None:
     p = Path(path)
     if p.is_dir():
         return json.loads((p / "meta.json").read_text())["cache_key"]
+    st = p.stat()
+    return _file_digest(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file, once per (path, size, mtime) in this process: many shots share one plate or LoRA."""
     from renderer.prepare.footage import file_sha256
 
-    return file_sha256(p)
+    return file_sha256(path)
 
 
 def output_size(request, area) -> tuple[int, int]:
