@@ -22,18 +22,21 @@ fi
 export PATH=$PWD/.ffbin:$PATH PYTHONPATH=$PWD/.raysite:$PWD RAY_AUTH_MODE=disabled
 mkdir -p "$out"
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/gpus.txt"
+job=${FARM_JOB_DIR:-/tmp/wanrender_farm_job}  # the job's many files stay on the machine; $OUT gets the summary
+rm -rf "$job"
 run() { python3 -m renderer.cli render manifest=examples/previs.yaml parallel=ulysses2 cluster=local \
-          render.device=cuda out="$out/job" "$@"; }
+          render.device=cuda out="$job" "$@"; }
 run > "$out/first.log" 2>&1; echo "first run rc=$?" | tee -a "$out/summary.txt"
 run > "$out/resubmit.log" 2>&1; echo "resubmit rc=$?" | tee -a "$out/summary.txt"
-python3 - "$out" <<'PY' | tee -a "$out/summary.txt"
+cp "$job/report.json" "$out/report.json"
+python3 - "$job" <<'PY' | tee -a "$out/summary.txt"
 import json, sys, pathlib
-out = pathlib.Path(sys.argv[1])
-rep = json.loads((out / "job" / "report.json").read_text())
+job = pathlib.Path(sys.argv[1])
+rep = json.loads((job / "report.json").read_text())
 shots = rep.get("shots", [])
 print("shots:", {s.get("id"): s.get("status") for s in shots})
 print("gpu_seconds:", rep.get("accounting", rep.get("gpu_seconds")))
 print("code_version:", rep.get("code_version") or rep.get("job", {}).get("code_version"))
-print("mp4s:", sorted(p.name for p in (out / "job").glob("*.mp4")))
+print("mp4s:", sorted(p.name for p in job.glob("*.mp4")))
 PY
 tail -5 "$out/resubmit.log"

@@ -306,8 +306,14 @@ def ray_session(cfg: DictConfig):
     common = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
     if cluster.kind == "local":
         # address="local": always a fresh cluster of our own, never one someone else started on this machine
-        ctx = ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
-                       include_dashboard=bool(cluster.dashboard), **common)
+        try:
+            ctx = ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+                           include_dashboard=bool(cluster.dashboard), **common)
+        except Exception as e:  # e.g. "Cannot include dashboard with missing packages" (seen with a minimal Ray)
+            raise ClusterUnavailable(f"cannot start an embedded Ray instance: {type(e).__name__}: "
+                                     f"{str(e).strip()[:300]}"
+                                     + ("; or run without the dashboard: cluster.dashboard=false"
+                                        if "dashboard" in str(e) else "")) from e
         res = ray.cluster_resources()
         print(f"Ray: started an embedded instance for this job ({int(res.get('CPU', 0))} CPUs, "
               f"{int(res.get('GPU', 0))} GPUs); it stops with the job", flush=True)

@@ -169,9 +169,12 @@ def check_output(out: str | Path, need_bytes: int = 0, create: bool = False) -> 
 
 
 def is_environment_error(e: BaseException) -> bool:
-    """A fault of the machine, not of the shot: disk full, read-only, no permission, a missing binary."""
+    """A fault of the machine, not of the shot: disk full, read-only, no permission, a missing binary or Python
+    package (seen on a lent GPU machine without decord: every retry on every group failed the same way)."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM):
+        return True
+    if isinstance(e, ImportError):
         return True
     text = str(e)
     return any(s in text for s in ("No space left on device", "Read-only file system", "Disk quota exceeded",
-                                   "no ffmpeg binary found"))
+                                   "no ffmpeg binary found", "No module named"))

@@ -63,10 +63,23 @@ def provenance(root: Path = ROOT) -> dict:
     a dirty tree or the files changed since (stamp)."""
     digest = source_digest(root)
     commit = _git(root, "rev-parse", "HEAD")
-    if commit:
-        dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
-        return {"version": __version__, "commit": commit, "dirty": dirty, "source": "git", "digest": digest}
+    git_dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no")) if commit else None
     stamp_path = root / STAMP_NAME
+    if commit and not git_dirty:
+        return {"version": __version__, "commit": commit, "dirty": False, "source": "git", "digest": digest}
+    # a dirty .git can be a stale copy that travelled with the tree (seen on the lent GPU machines: the session's
+    # first commit, "dirty"): a stamp whose digest matches these very files names the commit better
+    if commit and stamp_path.exists():
+        try:
+            stamp = json.loads(stamp_path.read_text())
+            if stamp["digest"] == digest:
+                return {"version": __version__, "commit": stamp["commit"], "dirty": bool(stamp["dirty"]),
+                        "source": "stamp", "digest": digest, "stamp_matches": True,
+                        "stamped_at": stamp.get("stamped_at"), "git_commit": commit}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if commit:
+        return {"version": __version__, "commit": commit, "dirty": True, "source": "git", "digest": digest}
     if stamp_path.exists():
         try:
             stamp = json.loads(stamp_path.read_text())

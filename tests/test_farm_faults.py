@@ -61,6 +61,7 @@ def test_failures_are_classified():
     assert classify(OSError(errno.ENOSPC, "No space left on device")) == ENVIRONMENT
     assert classify(OSError(errno.EROFS, "Read-only file system")) == ENVIRONMENT
     assert classify(FileNotFoundError(errno.ENOENT, "no ffmpeg binary found: ...")) == ENVIRONMENT
+    assert classify(ModuleNotFoundError("No module named 'decord'", name="decord")) == ENVIRONMENT
     assert classify(ActorDiedError()) == PREEMPTION
     assert classify(RuntimeError("CUDA error: an illegal memory access")) == RENDER
     assert classify(TimeoutError()) == RENDER

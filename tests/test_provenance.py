@@ -103,3 +103,20 @@ def test_cli_show_and_stamp(tree):
     shown = subprocess.run([sys.executable, "-m", "renderer.provenance", "show", "--root", str(tree)], env=env,
                            capture_output=True, text=True, check=True)
     assert json.loads(shown.stdout)["commit"] == _git(tree, "rev-parse", "HEAD")
+
+
+def test_a_stale_dirty_git_yields_to_a_matching_stamp(tree):
+    """The lent GPU machines get the tree with a stale .git (an older commit): git reports that commit, dirty.
+    A stamp whose digest equals these files names the commit that really ran; one that does not match does not."""
+    old = _git(tree, "rev-parse", "HEAD")
+    (tree / "renderer" / "a.py").write_text("A = 2\n")
+    _git(tree, "commit", "-qam", "second")
+    new = _git(tree, "rev-parse", "HEAD")
+    stamp(tree)  # taken at the new commit, clean
+    _git(tree, "reset", "-q", "--soft", old)  # .git now says `old`, and the files differ from it (dirty)
+    p = provenance(tree)
+    assert p["source"] == "stamp" and p["commit"] == new and p["dirty"] is False and p["git_commit"] == old
+    assert code_version(tree) == f"{__version__}+g{new[:12]}"
+    (tree / "renderer" / "a.py").write_text("A = 3\n")  # edited after the stamp: git's dirty answer stands
+    p = provenance(tree)
+    assert p["source"] == "git" and p["commit"] == old and p["dirty"] is True
