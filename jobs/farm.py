@@ -148,7 +148,7 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
     try:  # job.tiers names and the quality.* overrides are checked with the manifest, before Ray starts
         plan = build_plan(manifest, preset, out, gpus_per_group=g if not problems else 1, force=bool(job.force),
                           kernels=kernels, tiers=tiers, tier_overrides=tier_overrides(cfg),
-                          label_style=delivery.label)
+                          label_style=delivery.label, prepare_fields=_prepare_fields(cfg, manifest, preset))
         for q in sorted({s.tier for s in plan.shots}):  # a draft on real weights needs its LoRA files
             _tier_loras(cfg, q, preset)
     except TierError as e:
@@ -162,6 +162,24 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
     for line in notes + manifest.overrides:
         print(line, flush=True)
     return plan, preset
+
+
+def _prepare_fields(cfg: DictConfig, manifest, preset) -> dict | None:
+    """The preprocessing settings Animate plates get (part of their shots' render hashes); None without any."""
+    if not any(s.clip_plan is not None for s in manifest.shots):
+        return None
+    from jobs.prepare_stage import settings_from
+    from renderer.prepare.errors import PrepareError
+
+    try:
+        fields = settings_from(cfg).cache_fields()
+    except PrepareError as e:
+        raise ManifestError([Problem("manifest", "prepare", str(e))], str(cfg.manifest)) from None
+    if fields["fps"] != preset.fps:  # the plate is resampled to the rate the model renders at
+        raise ManifestError([Problem("manifest", "prepare.fps", f"prepare.fps={fields['fps']} but {preset.name} "
+                                                                f"renders at {preset.fps} fps: remove prepare.fps "
+                                                                f"or set it to {preset.fps}")], str(cfg.manifest))
+    return fields
 
 
 def plan_bytes(plan: Plan) -> int:
@@ -509,7 +527,7 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
     import ray
 
     from jobs.progress import JobProgress
-    from jobs.scheduler import Farm, FarmSettings
+    from jobs.scheduler import Farm, FarmSettings, ShotRecord
 
     from jobs.faults import sweep_temp_files
     from jobs.report import write_report
@@ -527,6 +545,7 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
         use_gpus = ray.cluster_resources().get("GPU", 0) > 0
         from jobs.prepare_stage import run_prepare_stage, settings_from, shots_needing_prepare
 
+        planned = list(plan.shots)  # a shot whose plate fails preprocessing leaves the plan, not the report
         if shots_needing_prepare(plan):  # Animate plates become preprocessed folders before any group starts
             job_info["prepare_failures"] = run_prepare_stage(plan, settings_from(cfg), _node(cfg, "prepare.checkpoint"),
                                                              use_ray=True)
@@ -559,6 +578,8 @@ def _render(cfg: DictConfig, plan: Plan, preset, job_info: dict):
             print(f"error: the driver failed: {type(e).__name__}: {e}; traceback in {trace}", file=sys.stderr)
         finally:
             progress.close()
+        failed_prep = job_info.get("prepare_failures") or {}
+        records.update({p.id: ShotRecord(p, "failed", error=failed_prep[p.id]) for p in planned if p.id in failed_prep})
         job_info["events"] = farm.events
         job_info["blocklisted_nodes"] = sorted(farm.blocklist)
         job_info["node_failures"] = farm.node_failures

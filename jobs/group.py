@@ -37,6 +37,7 @@ class RenderRank:
         self.world_size = int(spec["world_size"])
         self.pipe = None
         self.group = None
+        self.animate = None  # Animate shots: jobs/animate_shots.AnimateShots (the family's own clip loop)
         self.delivery = None  # renderer.delivery.DeliverySettings (rank 0 writes)
         self.screen = None  # renderer.safety.OutputScreen, loaded once per actor
 
@@ -81,7 +82,13 @@ class RenderRank:
         if self.group is not None:
             options.device = str(self.group.device)  # the rank's own device, as the group placed it
         self._preset, self._options = preset, options  # kept for a tier switch (_use_tier)
-        if self.rank == 0 or supports_group:
+        from renderer.families import get_family
+
+        if get_family(preset.family).generate is not None:  # a family with its own shot loop (Animate)
+            from jobs.animate_shots import AnimateShots
+
+            self.animate = AnimateShots(preset, options, self.group)
+        elif self.rank == 0 or supports_group:
             kwargs = {"group": self.group} if supports_group and self.group is not None else {}
             self.pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, **kwargs)
         if self.rank == 0:
@@ -141,7 +148,7 @@ class RenderRank:
             log.info("settings: task %s size %s frames %d steps %d seed %d guidance %s sampler %s; prompt: %s",
                      shot.task, shot.size, shot.frames, shot.steps, shot.seed, shot.guidance, shot.sampler,
                      shot.prompt)
-            if self.pipe is None:  # a rank the pipeline cannot use yet (no group support): nothing to compute
+            if self.pipe is None and self.animate is None:  # a rank the pipeline cannot use yet: nothing to do
                 return {"rank": self.rank, "seconds": 0.0}
             fault = task.get("fault")
 
@@ -150,6 +157,11 @@ class RenderRank:
                 if fault and step == int(fault.get("at_step", 1)):
                     _inject(fault, log, handler)
 
+            if self.animate is not None:  # plate-driven: the prepared folder in, the plate's length and audio out
+                out = {**self.animate.render(task, on_step, self.world_size, t0, self.delivery, self.screen),
+                       "rank": self.rank, "node_id": where["node_id"]}
+                log.info("done in %.2fs: %s", out["seconds"], out.get("mp4", "(rank > 0 writes nothing)"))
+                return out
             self._use_tier(task.get("quality") or "exact", log)
             result = self.pipe.render(shot, on_step=on_step)  # every rank of the group takes part
             out: dict[str, Any] = {"rank": self.rank}

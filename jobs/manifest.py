@@ -487,6 +487,11 @@ def validate_manifest(raw: dict[str, Any], preset: ModelPreset, *, base_dir: str
                                              values.get("refert_num", 1), steps=values.get("steps") or 20,
                                              guidance=values.get("guidance") or 1.0)
             shot_problems += [Problem(label, f, m) for f, m in found if f not in bad_fields]
+            if "loras" not in bad_fields:  # files checked now, paths made absolute (jobs/animate_shots.py)
+                from jobs.animate_shots import folder_problems, lora_problems
+
+                values["loras"], found = lora_problems(values.get("loras"), preset.checkpoint, base_dir)
+                shot_problems += [Problem(label, f, m) for f, m in found + folder_problems(video)]
         priority = values.get("priority", 0)
         priority = priorities.get(priority, priority) if isinstance(priority, str) else priority
         # the model's checks run even when other fields are wrong (every problem at once); a field already

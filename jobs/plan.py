@@ -168,11 +168,12 @@ def _default_label():
 
 def build_plan(manifest: Manifest, preset: ModelPreset, out_dir: str | Path, *, gpus_per_group: int = 1,
                force: bool = False, kernels: KernelSettings | None = None, tiers: list[str] | None = None,
-               tier_overrides: dict | None = None, label_style=None) -> Plan:
+               tier_overrides: dict | None = None, label_style=None, prepare_fields: dict | None = None) -> Plan:
     """kernels: the job's KernelSettings (part of every render hash; default: the defaults).
     tiers (job.tiers, e.g. [draft, exact]): every shot in each tier, all of the first tier before any of the
     next; None: each shot in its own `quality`. tier_overrides: {tier name: {field: value}} (conf/quality fields).
-    label_style: the job's renderer.label.LabelStyle; a labelled shot's hash includes it."""
+    label_style: the job's renderer.label.LabelStyle; a labelled shot's hash includes it.
+    prepare_fields: the preprocessing settings (PrepareSettings.cache_fields()) Animate plates are prepared with."""
     from renderer.tiers import load_tier
 
     kernels = kernels or KernelSettings()
@@ -189,6 +190,14 @@ def build_plan(manifest: Manifest, preset: ModelPreset, out_dir: str | Path, *, 
             spec = replace(spec, shot_id=f"{req.id}.{tier.name}")
         h = render_hash(spec, preset.name, fingerprint, tier.kernel_settings(kernels), tier.describe(),
                         (label_style or _default_label()) if req.label else None)
+        if req.clip_plan is not None:  # Animate: frames / size from the plate, hash over its inputs too
+            from jobs.animate_shots import plan_entry
+            from renderer.tiers import TierError
+
+            if not tier.is_final:
+                raise TierError(f"shot {req.id}: quality {tier.name}: Animate shots render in the exact tier only; "
+                                f"remove `quality` from the shot or job.tiers")
+            spec, h = plan_entry(spec, req, h, prepare_fields)
         mp4 = out / f"{tier.output_stem(req.output)}.mp4"
         done, reason = output_status(mp4, h, spec)
         if force and done:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.animate_shots import contact_images
 from jobs.plan import format_duration
 from jobs.report_safety import c2pa_check
 
@@ -121,9 +122,8 @@ def shot_entry(rec, out_dir: Path) -> dict[str, Any]:
         "negative_prompt": spec.negative_prompt, "seed": spec.seed, "size": spec.size, "frames": spec.frames,
         "steps": spec.steps, "sampler": spec.sampler, "guidance": list(spec.guidance), "render_hash": p.render_hash,
         "mp4": _link(p.mp4, out_dir) if p.mp4.is_file() else None,
-        # Animate shots: the preprocessing preview (plate + keypoints + mask, pose, face) beside the result
-        "preview": (str(Path(p.request.video) / "preview.png")
-                    if getattr(p.request, "video", None) and (Path(p.request.video) / "preview.png").is_file() else None),
+        # Animate shots: the plate and the preprocessing preview (keypoints + mask, pose, face) beside the result
+        **contact_images(getattr(p.request, "video", None), p.mp4),
         "attempts": rec.attempts, "attempt_count": len(rec.attempts), "seconds": seconds, "timings_s": timings,
         "quality": quality,
         "error": rec.error if rec.status not in ("done", "skipped") else None,
@@ -195,7 +195,8 @@ def write_report(out_dir: str | Path, job: dict[str, Any], records: dict, wall_s
             else [] for s in shots}
     for s in shots:
         if s.get("preview"):
-            uris[s["id"]] = uris[s["id"]] + [None] * (3 - len(uris[s["id"]])) + [_image_uri(s["preview"])]
+            plate = (thumbnails(Path(s["plate"])) or [None, None])[1:2] if thumbs and s.get("plate") else [None]
+            uris[s["id"]] = uris[s["id"]] + [None] * (3 - len(uris[s["id"]])) + [_image_uri(s["preview"])] + plate
     html_path = out / "report.html"
     tmp = out / f".report.html.tmp-{os.getpid()}"
     try:
@@ -217,10 +218,10 @@ h1{font-size:20px;margin:0 0 4px} .meta{color:#9aa0a6;margin-bottom:16px} .meta 
 .badge{font-size:11px;padding:1px 7px;border-radius:9px;text-transform:uppercase;letter-spacing:.04em}
 .held{background:#8a4b00}.released{background:#4a3b7a}.tier{background:#6a3d9a}.done{background:#1e5631}.skipped{background:#2b4a6f}.failed{background:#7a1d17}
 .queued,.interrupted,.not_started{background:#5c4a12}
-.frames{display:flex;gap:6px;margin:6px 0} video{height:120px;border-radius:3px;background:#000}
+.frames{display:flex;flex-wrap:wrap;gap:6px;margin:6px 0} video{height:120px;border-radius:3px;background:#000}
 .neg{color:#9aa0a6;font-size:12px;white-space:pre-wrap} .cls{font-weight:600;color:#ffb4ab}
 .frames figure{margin:0;text-align:center;font-size:11px;color:#9aa0a6}
-.frames img{height:120px;width:auto;image-rendering:pixelated;border-radius:3px;display:block;background:#000}
+.frames img{height:120px;width:auto;image-rendering:pixelated;border-radius:3px;display:block;background:#000;max-width:100%;object-fit:contain}
 .noimg{width:160px;height:120px;display:flex;align-items:center;justify-content:center;background:#2a2e35;
   color:#9aa0a6;border-radius:3px}
 .prompt{margin:4px 0;white-space:pre-wrap} .kv{color:#9aa0a6;font-size:12px} .kv b{color:#d0d0d0;font-weight:600}
@@ -270,6 +271,9 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
         frames_html.insert(0, f'<figure><img class="thumb preview" alt="{e(s["id"])} preprocessing preview" '
                               f'data-shot="{e(s["id"])}" data-which="preview" src="{uris[3]}">'
                               '<figcaption>plate · pose · face (preprocessing)</figcaption></figure>')
+    if len(uris) > 4 and uris[4]:  # Animate: the plate itself (its middle frame) first
+        frames_html.insert(0, f'<figure><img class="thumb plate" alt="{e(s["id"])} plate" data-shot="{e(s["id"])}" '
+                              f'data-which="plate" src="{uris[4]}"><figcaption>plate</figcaption></figure>')
     t = s.get("timings_s") or {}
     timing = " · ".join(f"{k} {_fmt_s(t[k])}" for k in ("text_encode", "denoise", "vae_decode", "mp4_write",
                                                          "model_load") if t.get(k) is not None)

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import ray
 
+from jobs.animate_shots import task_fields
 from jobs.faults import ENVIRONMENT, FIXES, INPUT, PREEMPTION, classify
 from jobs.group import GroupHandle
 from jobs.plan import Plan, PlannedShot, ShotQueue
@@ -251,6 +252,7 @@ class Farm:
                     "fault": self.s.faults.get((shot.id, len(rec.attempts) + 1)),
                     "label": shot.request.label, "prompt_fields": shot.request.prompt_fields,
                     "video": getattr(shot.request, "video", None),  # Animate: the plate's prepared folder
+                    **task_fields(shot),  # Animate: mode, refert_num, LoRAs, mask, render hash (jobs/animate_shots.py)
                     "job": {**self.s.job_meta, "shot": shot.id, "output": shot.output,
                             "priority": shot.priority, "tags": shot.request.tags, "attempt": attempt,
                             "group": g.gid, "node_id": g.node_id, "gpus": g.size,

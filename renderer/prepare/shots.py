@@ -37,6 +37,8 @@ class ClipPlan:
     pflop_per_forward: float
     forwards: int
     h200_seconds: float  # DiT only, one H200, at the measured official efficiency
+    width: int = 0       # the output's size (the prepared folder's; for a raw plate, what prepare will choose)
+    height: int = 0
 
     def describe(self) -> str:
         return (f"{self.frames} frames -> {self.clips} clip(s) of {CLIP_FRAMES} (refert_num {self.refert_num}), "
@@ -53,7 +55,7 @@ def clip_plan(frames: int, width: int, height: int, refert_num: int = 1, steps: 
     flop = _A * tokens + _B * tokens * tokens
     forwards = clips * steps * (2 if guidance > 1 else 1)  # guidance > 1: a second (uncond) forward per step
     return ClipPlan(frames, clips, clips * (CLIP_FRAMES - refert_num) + refert_num, refert_num, tokens,
-                    flop / 1e15, forwards, forwards * flop / H200_EFFECTIVE_FLOPS)
+                    flop / 1e15, forwards, forwards * flop / H200_EFFECTIVE_FLOPS, width, height)
 
 
 def check_preprocessed(folder: Path, task: str) -> tuple[dict, list[tuple[str, str]]]:

@@ -254,10 +254,11 @@ def render_animate(model, vae, clip_encoder, inp: AnimateInputs, text: Tensor, t
                                 group=group, callback=on_step)  # [1, 16, 1 + T, h, w]
         with clock("vae_decode"):
             video = vae.decode(latent[:, :, 1:].to(next(vae.parameters()).dtype))[0].float().cpu()  # [3, L, H, W]
+        prev = video  # the next clip's first r frames: the last r decoded (the same frames as after the trim
+        # whenever clip_len >= 2r, as official; short test clips, clip_len < 2r, need the untrimmed clip)
         if r:
             video = video[:, r:]
         out_clips.append(video)
-        prev = video
         if on_clip is not None:
             on_clip(k + 1, len(starts))
     return torch.cat(out_clips, dim=1)[:, :real]  # [3, F, H, W]

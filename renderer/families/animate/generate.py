@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -125,25 +126,111 @@ def _components(preset, checkpoint: str | None, device: torch.device, dtype: tor
     return text, vae, clip, load_animate(root, dtype=dtype, device=device)
 
 
+def animate_settings(preset, *, clip_len=None, refert_num=None, steps=None, shift=None, sampler=None,
+                     guidance=None, clip_preprocess=None) -> AnimateSettings:
+    """A shot's AnimateSettings: each value given, else the preset's (the CLI and the farm build them here)."""
+    extra = preset.extra
+    if isinstance(guidance, (list, tuple)):
+        guidance = guidance[0]
+    return AnimateSettings(
+        clip_len=int(clip_len or extra.get("clip_len", 77)), refert_num=int(refert_num or extra.get("refert_num", 1)),
+        steps=int(steps if steps is not None else preset.steps),
+        shift=float(shift if shift is not None else preset.shift), sampler=sampler or "unipc",
+        guidance=float(guidance if isinstance(guidance, (int, float)) else preset.guidance[0]),
+        clip_preprocess=clip_preprocess or "official")
+
+
+@dataclass
+class AnimateStack:
+    """The loaded models of an Animate render (one process, or one rank of a render group): loaded once, then
+    shot after shot is rendered with `render_video`. `loras` are the (path, scale) applied, in `lora_mode`."""
+
+    text: object
+    vae: object
+    clip: object
+    model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    group: object = None
+    loras: tuple = ()
+    lora_mode: str = "unmerged"
+    load_seconds: float = 0.0
+
+    @property
+    def is_main(self) -> bool:
+        return self.group is None or self.group.is_main
+
+
+def load_stack(preset, options, group=None, loras=(), lora_mode: str = "unmerged") -> AnimateStack:
+    """Text encoder, VAE, CLIP and the DiT (+ LoRAs, before parallelising: FSDP shards whatever weights it gets),
+    with the pipeline's kernel settings. Raises CheckpointError / CLIPCheckpointError / LoraError."""
+    from renderer.lora import apply_loras, load_lora
+
+    device = group.device if group is not None else options.torch_device()
+    dtype = options.torch_dtype() if group is None or device.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    t5_device = torch.device("cpu") if options.t5_cpu else device
+    text_enc, vae, clip, model = _components(preset, preset.checkpoint, device, dtype, options.random_weights,
+                                             t5_device)
+    for path, scale in loras:
+        apply_loras(model, [(load_lora(path), scale)], mode=lora_mode)
+    model.use_kernels(options.kernels)  # the pipeline's attention backend / fused ops / compile, no globals
+    if group is not None and group.distributed:
+        model = group.parallelize_experts([model])[0]
+    return AnimateStack(text_enc, vae, clip, model, device, dtype, group, tuple(loras), lora_mode,
+                        time.perf_counter() - t0)
+
+
+def render_video(stack: AnimateStack, inp: AnimateInputs, prompt: str, negative: str, settings: AnimateSettings,
+                 seed: int, *, name: str = "shot", progress: bool = True, on_step=None,
+                 on_clip=None) -> tuple[torch.Tensor, dict[str, float], int]:
+    """One shot on a loaded stack: (video [3, F, H, W] in [-1, 1], seconds per stage, clips rendered).
+    on_step(step, total steps of the shot); on_clip(k, n) after clip k of n."""
+    from tqdm.auto import tqdm
+
+    from renderer.families.animate.conditioning import clip_starts, padded_length, render_animate
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        both = stack.text.encode([prompt, negative]).to(stack.device, stack.dtype)  # [2, 512, text_dim]
+    timings["text_encode"] = time.perf_counter() - t0
+    n_clips = len(clip_starts(padded_length(inp.pose.shape[1], settings.clip_len, settings.refert_num),
+                              settings.clip_len, settings.refert_num))
+    total = n_clips * settings.steps
+    bar = tqdm(total=total, desc=f"{name} denoise ({n_clips} clips)", unit="step",
+               disable=not (stack.is_main and progress), leave=False)
+    done = [0]
+
+    def step(i, t, e):
+        done[0] += 1
+        bar.update(1)
+        if on_step is not None:
+            on_step(done[0], total)
+
+    clips_done = []
+    t0 = time.perf_counter()
+    video = render_animate(stack.model, stack.vae, stack.clip, inp, both[:1], both[1:], settings,
+                           torch.Generator().manual_seed(int(seed)), group=stack.group, timings=timings,
+                           on_step=step, on_clip=lambda k, n: (clips_done.append(k), on_clip and on_clip(k, n)))
+    bar.close()
+    timings["render"] = time.perf_counter() - t0
+    return video, timings, len(clips_done)
+
+
 def generate_animate(cfg, preset, options, group_factory=None) -> int:
     """The whole `generate` command for the Animate family. Returns the exit code. group_factory: makes the render
     group under torchrun (called only once every input has passed its checks)."""
     from omegaconf import OmegaConf
 
-    from renderer.lora import LoraError, apply_loras, load_lora
+    from renderer.lora import LoraError
     from renderer.output import code_version
     from renderer.video_io import to_uint8_frames, write_json_atomic, write_mp4
 
     name = cfg.name or "shot"
-    extra = preset.extra
-    settings = AnimateSettings(
-        clip_len=int(cfg.get("clip_len") or extra.get("clip_len", 77)),
-        refert_num=int(cfg.get("refert_num") or extra.get("refert_num", 1)),
-        steps=int(cfg.steps if cfg.steps is not None else preset.steps),
-        shift=float(cfg.shift if cfg.shift is not None else preset.shift),
-        sampler=cfg.sampler, guidance=float(cfg.guidance if isinstance(cfg.guidance, (int, float))
-                                            else preset.guidance[0]),
-        clip_preprocess=cfg.get("clip_preprocess") or "official")
+    settings = animate_settings(preset, clip_len=cfg.get("clip_len"), refert_num=cfg.get("refert_num"),
+                                steps=cfg.steps, shift=cfg.shift, sampler=cfg.sampler, guidance=cfg.guidance,
+                                clip_preprocess=cfg.get("clip_preprocess"))
     inp, problems = read_inputs(cfg, preset.dit.motion_size)
     if inp is not None:
         problems += check_inputs(inp, settings, face_size=preset.dit.motion_size)
@@ -176,56 +263,26 @@ def generate_animate(cfg, preset, options, group_factory=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    device = group.device if group is not None else options.torch_device()
-    dtype = options.torch_dtype() if group is None or device.type == "cuda" else torch.float32
-    t0 = time.perf_counter()
     try:
-        t5_device = torch.device("cpu") if options.t5_cpu else device
-        text_enc, vae, clip, model = _components(preset, preset.checkpoint, device, dtype, options.random_weights,
-                                                 t5_device)
-        for path, scale in loras:  # before parallelising: FSDP shards whatever weights it is given
-            apply_loras(model, [(load_lora(path), scale)], mode=lora_mode)
+        stack = load_stack(preset, options, group, loras, lora_mode)
     except (CheckpointError, CLIPCheckpointError, LoraError) as e:
         print(f"error: shot {name}: {'loras' if isinstance(e, LoraError) else 'model.checkpoint'}: {e}",
               file=sys.stderr)
         return 2
-    model.use_kernels(options.kernels)  # the pipeline's attention backend / fused ops / compile, no globals
-    if group is not None and group.distributed:
-        model = group.parallelize_experts([model])[0]
-    main_rank = group is None or group.is_main
-    timings = {"model_load": time.perf_counter() - t0}
+    device, dtype, main_rank = stack.device, stack.dtype, stack.is_main
+    timings = {"model_load": stack.load_seconds}
 
     from renderer.families.wan22.prompts import DEFAULT_NEGATIVE_PROMPT  # Animate's config takes wan_shared_cfg's
 
     prompt = cfg.prompt or OFFICIAL_PROMPT
     negative = cfg.negative_prompt if cfg.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        both = text_enc.encode([prompt, negative]).to(device, dtype)  # [2, 512, text_dim]
-    timings["text_encode"] = time.perf_counter() - t0
     if main_rank:
         print(f"wanrender: {preset.name} {inp.mode} on {device}, {inp.pose.shape[1]} frames "
-          f"{inp.pose.shape[3]}×{inp.pose.shape[2]}, clips of {settings.clip_len} (refert {settings.refert_num}), "
+              f"{inp.pose.shape[3]}×{inp.pose.shape[2]}, clips of {settings.clip_len} (refert {settings.refert_num}), "
               f"{settings.steps} steps, seed {cfg.seed}")
-    from renderer.families.animate.conditioning import render_animate
-
-    t0 = time.perf_counter()
-    clips_done = []
-    stage_s: dict[str, float] = {}
-    from renderer.families.animate.conditioning import clip_starts, padded_length
-    from tqdm.auto import tqdm
-
-    n_clips = len(clip_starts(padded_length(inp.pose.shape[1], settings.clip_len, settings.refert_num),
-                              settings.clip_len, settings.refert_num))
-    bar = tqdm(total=n_clips * settings.steps, desc=f"{name} denoise ({n_clips} clips)", unit="step",
-               disable=not (main_rank and options.progress), leave=False)
-    video = render_animate(model, vae, clip, inp, both[:1], both[1:], settings,
-                           torch.Generator().manual_seed(int(cfg.seed)), group=group, timings=stage_s,
-                           on_step=lambda i, t, e: bar.update(1),
-                           on_clip=lambda k, n: (clips_done.append(k),
-                                                 main_rank and print(f"  clip {k}/{n} done", flush=True)))
-    bar.close()
-    timings["render"] = time.perf_counter() - t0
+    video, stage_s, n_clips = render_video(
+        stack, inp, prompt, negative, settings, int(cfg.seed), name=name, progress=options.progress,
+        on_clip=lambda k, n: main_rank and print(f"  clip {k}/{n} done", flush=True))
     timings.update(stage_s)
     if group is not None:
         group.close()
@@ -246,7 +303,7 @@ def generate_animate(cfg, preset, options, group_factory=None) -> int:
         "shot": name, "model": preset.name, "family": "animate", "mode": inp.mode, "task": "animate",
         "prompt": prompt, "negative_prompt": negative, "seed": int(cfg.seed), "steps": settings.steps,
         "sampler": settings.sampler, "shift": settings.shift, "guidance": settings.guidance,
-        "clip_len": settings.clip_len, "refert_num": settings.refert_num, "clips": len(clips_done),
+        "clip_len": settings.clip_len, "refert_num": settings.refert_num, "clips": n_clips,
         "clip_preprocess": settings.clip_preprocess, "frames": int(frames.shape[0]),
         "size": f"{frames.shape[2]}*{frames.shape[1]}", "fps": preset.fps,
         "loras": [{"path": p, "scale": s, "mode": lora_mode} for p, s in loras],
@@ -256,8 +313,9 @@ def generate_animate(cfg, preset, options, group_factory=None) -> int:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_json_atomic(out / f"{name}.json", side)
-    print(f"wrote {mp4} and {name}.json: {len(clips_done)} clips, render {timings['render']:.1f}s")
+    print(f"wrote {mp4} and {name}.json: {n_clips} clips, render {timings['render']:.1f}s")
     return 0
 
 
-__all__ = ["generate_animate", "letterbox", "parse_loras", "read_inputs"]
+__all__ = ["AnimateStack", "animate_settings", "generate_animate", "letterbox", "load_stack", "parse_loras",
+           "read_inputs", "render_video"]
