@@ -222,7 +222,7 @@ def test_submit_quota_queue_cancel_and_report(service):
 
 def test_cancel_a_running_job(service):
     api, _ = service
-    code, c = api("POST", "/v1/jobs", {"project": "anim", "manifest": manifest(n=6, steps=100, name="long", frames=33)},
+    code, c = api("POST", "/v1/jobs", {"project": "anim", "manifest": manifest(n=12, steps=100, name="long", frames=33)},
                   key="long")
     assert code == 201, c
     # running, with per-shot progress from the farm's progress.json (a shot has started)

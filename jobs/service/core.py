@@ -275,6 +275,8 @@ class JobService:
                "report": Path(rec.out_dir, "report.json").is_file()}
         now = time.time()
         report = _read_json(Path(rec.out_dir) / "report.json")
+        if report and (report.get("job") or {}).get("running"):
+            report = None  # the farm's start-of-job report (dashboard link, shots queued): progress.json is fresher
         if report:  # final: the report is the truth
             out["shots_status"] = [{"id": s["id"], "status": s["status"], "attempts": s["attempt_count"],
                                     "gpu_seconds": s.get("gpu_seconds"), "error": s.get("error"), "eta_s": 0.0}
