@@ -129,18 +129,27 @@ def check_dit_folder(folder: str | Path, layout: str | None = None, family: str 
     mismatched = sorted(f"{ours[k][0]}: checkpoint {list(ours[k][2])} vs model {list(shape)}"
                         for k, shape in expected.items() if k in ours and ours[k][2] != shape)
     if missing or unexpected or mismatched:
-        lines = [f"checkpoint {folder} ({layout} layout) does not match its config.json "
-                 f"(dim {cfg.dim}, {cfg.num_layers} layers, in {cfg.in_dim} / out {cfg.out_dim} channels):"]
-        if missing:
-            lines.append(_describe(missing, "missing keys"))
-        if unexpected:
-            lines.append(_describe(unexpected, "unexpected keys"))
-        if mismatched:
-            lines.append(_describe(mismatched, "shape mismatches"))
-        lines.append("Check that this folder is a Wan2.2 transformer of the model preset you chose, "
-                     "and that every shard was copied completely.")
-        raise CheckpointError("\n".join(lines))
+        raise mismatch_error(f"checkpoint {folder} ({layout} layout) does not match its config.json "
+                             f"(dim {cfg.dim}, {cfg.num_layers} layers, in {cfg.in_dim} / out {cfg.out_dim} channels):",
+                             missing, unexpected, mismatched,
+                             "Check that this folder is a Wan2.2 transformer of the model preset you chose, "
+                             "and that every shard was copied completely.")
     return cfg, ours
+
+
+def mismatch_error(headline: str, missing: list[str], unexpected: list[str], mismatched: list[str],
+                   advice: str) -> CheckpointError:
+    """One error for a folder whose keys or shapes do not match the model: the headline, the first few of each
+    list with counts, and what to check — raised before any tensor is read."""
+    lines = [headline]
+    if missing:
+        lines.append(_describe(missing, "missing keys"))
+    if unexpected:
+        lines.append(_describe(unexpected, "unexpected keys"))
+    if mismatched:
+        lines.append(_describe(mismatched, "shape mismatches"))
+    lines.append(advice)
+    return CheckpointError("\n".join(lines))
 
 
 def load_dit(folder: str | Path, layout: str | None = None, dtype: torch.dtype = torch.bfloat16,

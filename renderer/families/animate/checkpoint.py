@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from renderer.checkpoint import CheckpointError, _describe, _read_headers, _shard_files
+from renderer.checkpoint import CheckpointError, _read_headers, _shard_files, mismatch_error
 from renderer.families.wan22.keys import official_to_diffusers as wan_official_to_diffusers
 from renderer.families.animate.face import BLUR_KEY, blur_kernel
 from renderer.families.animate.model import AnimateConfig, AnimateDiT, keeps_fp32
@@ -164,17 +164,11 @@ def load_animate(root: str | Path, dtype: torch.dtype = torch.bfloat16,
         if not same and numel != torch.Size(expected[k]).numel():
             mismatched.append(f"{' + '.join(srcs)}: checkpoint {[list(s) for s in shapes]} vs model {list(expected[k])}")
     if missing or unexpected or mismatched:
-        lines = [f"checkpoint {folder} ({layout} layout) does not match its config.json (Animate DiT dim {cfg.dim}, "
-                 f"{cfg.num_layers} layers, {cfg.num_face_blocks} face blocks):"]
-        if missing:
-            lines.append(_describe(missing, "missing keys"))
-        if unexpected:
-            lines.append(_describe(unexpected, "unexpected keys"))
-        if mismatched:
-            lines.append(_describe(mismatched, "shape mismatches"))
-        lines.append("Check that this folder is a Wan2.2-Animate-14B transformer and that every shard was copied "
-                     "completely.")
-        raise CheckpointError("\n".join(lines))
+        raise mismatch_error(f"checkpoint {folder} ({layout} layout) does not match its config.json (Animate DiT "
+                             f"dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_face_blocks} face blocks):",
+                             missing, unexpected, mismatched,
+                             "Check that this folder is a Wan2.2-Animate-14B transformer and that every shard was "
+                             "copied completely.")
 
     dev = torch.device(device)
     by_file: dict[Path, list[str]] = {}
