@@ -20,23 +20,7 @@ from renderer.families.wan22.model import DiTConfig, WanBlock, build_dit, rope_t
 CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not CUDA or not fused.HAS_TRITON, reason="needs a CUDA GPU and triton")
 
-
-
-
-def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - whatever makes triton unusable here is the skip reason
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-TRITON_ERROR = _triton_import_error()
-# tests/conftest.py sets TRITON_INTERPRET=1 on machines without a GPU; there these run in CI
-interpret = pytest.mark.skipif(
-    TRITON_ERROR is not None or os.environ.get("TRITON_INTERPRET") != "1",
-    reason=f"triton cannot import here ({TRITON_ERROR})" if TRITON_ERROR else
-    "TRITON_INTERPRET is not 1 (a GPU is present: the GPU tests run the real kernels)")
+from tests.triton_helpers import TRITON_ERROR, interpret  # noqa: E402
 
 
 def _rope(l, dh, device="cpu"):

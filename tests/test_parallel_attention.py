@@ -92,19 +92,7 @@ def test_lse_convention_matches_the_aten_flash_kernel():
 # ring attention's Triton step (kernels/ring_triton.py) against its plain twin: through Triton's interpreter on the
 # CPU (TRITON_INTERPRET=1, set by tests/conftest.py where there is no GPU), and on a GPU when there is one
 
-def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - whatever makes triton unusable here is the skip reason
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-TRITON_ERROR = _triton_import_error()
-interpret = pytest.mark.skipif(
-    TRITON_ERROR is not None or os.environ.get("TRITON_INTERPRET") != "1",
-    reason=f"triton cannot import here ({TRITON_ERROR})" if TRITON_ERROR else
-    "TRITON_INTERPRET is not 1 (a GPU is present: the GPU test runs the real kernel)")
+from tests.triton_helpers import TRITON_ERROR, interpret  # noqa: E402
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or TRITON_ERROR is not None,
                                reason="needs a CUDA GPU and triton")
 STEP_TOL = {torch.float32: dict(rtol=0, atol=1e-5), torch.bfloat16: dict(rtol=0, atol=2e-2)}

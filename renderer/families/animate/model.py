@@ -33,6 +33,7 @@ import torch.nn as nn
 from renderer.families.animate.face import MOTION_CHANNELS, FaceAdapter, FaceEncoder, MotionEncoder, frame_spans
 from renderer.families.spec import gather_stream, split_stream
 from renderer.families.wan22.model import SP_PLAN, DiTConfig, WanDiT  # noqa: F401 (SP_PLAN: the same plan)
+from renderer.families.wan22.model import build_random
 from renderer.families.wan22.model import keeps_fp32 as wan_keeps_fp32
 
 # the motion encoder's frames go through it in batches of this many (the official batch; bounds its memory)
@@ -205,20 +206,4 @@ class AnimateDiT(WanDiT):
 def build_animate(cfg: AnimateConfig, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                   seed: int | None = None) -> AnimateDiT:
     """An Animate DiT with random weights (benchmarks, tiny test models), created directly in `dtype`."""
-    gen_state = torch.random.get_rng_state()
-    if seed is not None:
-        torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            model = AnimateDiT(cfg)
-        for m in model.modules():  # xavier for linears, as the reference's init_weights
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-    finally:
-        torch.set_default_dtype(prev)
-        if seed is not None:
-            torch.random.set_rng_state(gen_state)
-    return model.set_dtype(dtype).eval()
+    return build_random(AnimateDiT, cfg, dtype, device, seed)

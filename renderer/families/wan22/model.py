@@ -516,16 +516,21 @@ def _fsdp_sharded(model: nn.Module) -> bool:
 def build_dit(cfg: DiTConfig, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
               seed: int | None = None) -> WanDiT:
     """A DiT with random weights (benchmarks and tiny test models). `seed` makes the weights reproducible."""
+    return build_random(WanDiT, cfg, dtype, device, seed)
+
+
+def build_random(model_cls, cfg, dtype: torch.dtype, device: str | torch.device, seed: int | None):
+    """`model_cls(cfg)` with random weights, created directly in `dtype` on `device` (a 14B model never passes
+    through 56 GB of fp32); linears xavier-initialised as the reference's init_weights, so random-weight activations
+    stay in range. `seed` makes the weights reproducible and leaves the global generator as it was."""
     gen_state = torch.random.get_rng_state()
     if seed is not None:
         torch.manual_seed(seed)
     prev_dtype = torch.get_default_dtype()
     try:
-        # created directly in the render dtype: a 14B expert never passes through 56 GB of fp32
         torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
         with torch.device(device):
-            model = WanDiT(cfg)
-        # init_weights as the reference: xavier for linears, so random-weight activations stay in range
+            model = model_cls(cfg)
         for m in model.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
