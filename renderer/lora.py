@@ -18,6 +18,10 @@ Applying:
   * unmerged: each targeted nn.Linear becomes a LoraLinear (same weight/bias parameters, so state-dict names do
               not change) computing x·Wᵀ + b + Σ_i s_i·(x·downᵢᵀ)·upᵢᵀ — the order of operations of the official
               PEFT path, so scales can change per render without reloading.
+Which modules: every module a LoRA names must be one of the model's (factors: an nn.Linear; diff / diff_b / diff_m:
+a parameter of the same shape). A module of the Wan backbone the model lacks (k_img on a T2V model, img_emb.emb_pos
+of FLF2V) is skipped and listed in one warning line, as LightX2V and ComfyUI skip them; any other name — another
+family's module, or a block index past the model's depth (another model size) — is an error naming the key.
 Apply LoRAs before the model is parallelised (FSDP shards whatever weights it is given).
 """
 from __future__ import annotations
@@ -44,7 +48,14 @@ _PARTS = [
     (re.compile(r"^(?P<m>.+)\.alpha$"), "alpha"),
     (re.compile(r"^(?P<m>.+)\.diff$"), "diff"),
     (re.compile(r"^(?P<m>.+)\.diff_b$"), "diff_b"),
+    (re.compile(r"^(?P<m>.+)\.diff_m$"), "diff_m"),
 ]
+# module names of the official Wan2.1 / Wan2.2 DiTs (any variant): a LoRA naming one the model lacks is skipped
+_WAN_BLOCK_PARTS = re.compile(r"^(self_attn\.(q|k|v|o|norm_q|norm_k)|cross_attn\.(q|k|v|o|norm_q|norm_k|k_img|v_img|"
+                              r"norm_k_img)|norm1|norm2|norm3|ffn\.(0|2))$")
+_WAN_TOP = re.compile(r"^(patch_embedding|text_embedding\.(0|2)|time_embedding\.(0|2)|time_projection\.1|head|head\.head|"
+                      r"img_emb\.proj\.(0|1|3|4)|img_emb\.emb_pos)$")
+_BLOCK = re.compile(r"^blocks\.(?P<i>\d+)(?:\.(?P<rest>.+))?$")
 _DIFFUSERS_MARKERS = ("attn1.", "attn2.", "ffn.net.", "proj_out", "condition_embedder.", "scale_shift_table")
 
 
@@ -61,6 +72,7 @@ class LoraLayer:
     alpha: float | None = None  # None: alpha = rank (scale 1), as PEFT with lora_alpha = r
     diff: torch.Tensor | None = None  # [out, in]
     diff_b: torch.Tensor | None = None  # [out]
+    diff_m: torch.Tensor | None = None  # [1, 6, dim]: the block's modulation table
 
     @property
     def rank(self) -> int:
@@ -121,7 +133,8 @@ def parse_lora_state_dict(state: dict[str, torch.Tensor], name: str = "lora", al
             unknown.append(key)
     if unknown:
         raise LoraError(f"LoRA {name}: {len(unknown)} key(s) in no known LoRA format (first: {unknown[:3]}); "
-                        f"expected <module>.lora_down/.lora_up/.alpha, <module>.lora_A/.lora_B or .diff/.diff_b")
+                        f"expected <module>.lora_down/.lora_up/.alpha, <module>.lora_A/.lora_B or "
+                        f".diff/.diff_b/.diff_m")
     for module, layer in out.layers.items():
         if (layer.down is None) != (layer.up is None):
             raise LoraError(f"LoRA {name}: module {module} has only one of its two factors (down/A and up/B)")
@@ -165,52 +178,89 @@ def load_lora(path: str | Path, alpha: float | None = None) -> LoraWeights:
 # applying
 
 
+def _is_wan_module(name: str, modules: dict[str, nn.Module]) -> bool:
+    """A module of the Wan backbone (any variant) that this model lacks, inside the model's depth."""
+    m = _BLOCK.match(name)
+    if m:
+        if f"blocks.{m.group('i')}" not in modules:  # past the model's depth: a LoRA for another model size
+            return False
+        return m.group("rest") is not None and bool(_WAN_BLOCK_PARTS.match(m.group("rest")))
+    return bool(_WAN_TOP.match(name))
+
+
+def _param_problem(module: nn.Module, attr: str, delta: torch.Tensor | None) -> str | None:
+    if delta is None:
+        return None
+    p = getattr(module, attr, None)
+    if not isinstance(p, torch.Tensor):
+        return f"has a {attr} delta but the layer ({type(module).__name__}) has no {attr}"
+    if tuple(delta.shape) != tuple(p.shape):
+        return f"{attr} delta {tuple(delta.shape)} != {attr} {tuple(p.shape)} (a LoRA for another model size?)"
+    return None
+
+
 def _targets(model: nn.Module, lora: LoraWeights) -> dict[str, nn.Module]:
+    """{module name: module} of every module the LoRA touches that the model has. A Wan module the model lacks is
+    skipped with one warning line; anything else that does not fit is a LoraError naming the key."""
     modules = dict(model.named_modules())
-    missing = [m for m in lora.layers if not isinstance(modules.get(m), nn.Linear)]
-    if missing:
-        raise LoraError(f"LoRA {lora.name}: {len(missing)} of {len(lora.layers)} modules match no linear layer of the "
-                        f"model (first: {missing[:4]}); is it a LoRA for another model family?")
+    unknown = [m for m in lora.layers if m not in modules and not _is_wan_module(m, modules)]
+    if unknown:
+        raise LoraError(f"LoRA {lora.name}: {len(unknown)} of {len(lora.layers)} modules match no linear layer or "
+                        f"parameter of the model (first: {unknown[:4]}); is it a LoRA for another model family "
+                        f"or size?")
+    skipped = sorted(m for m in lora.layers if m not in modules)
+    if skipped:
+        log.warning("LoRA %s: %d module(s) this %s does not have, skipped: %s", lora.name, len(skipped),
+                    type(model).__name__, ", ".join(skipped))
     found = {}
     for m, layer in lora.layers.items():
-        lin = modules[m]
-        out_f, in_f = lin.weight.shape
-        if layer.down is not None and (layer.down.shape[1] != in_f or layer.up.shape[0] != out_f):
-            raise LoraError(f"LoRA {lora.name}: module {m}: factors give [{layer.up.shape[0]}, {layer.down.shape[1]}] "
-                            f"but the layer is [{out_f}, {in_f}] (a LoRA for another model size?)")
-        if layer.diff is not None and tuple(layer.diff.shape) != (out_f, in_f):
-            raise LoraError(f"LoRA {lora.name}: module {m}: diff {tuple(layer.diff.shape)} != weight {(out_f, in_f)}")
-        found[m] = lin
+        if m in skipped:
+            continue
+        mod = modules[m]
+        if layer.down is not None:
+            if not isinstance(mod, nn.Linear):
+                raise LoraError(f"LoRA {lora.name}: module {m}: low-rank factors for a {type(mod).__name__}, "
+                                f"not a linear layer")
+            out_f, in_f = mod.weight.shape
+            if layer.down.shape[1] != in_f or layer.up.shape[0] != out_f:
+                raise LoraError(f"LoRA {lora.name}: module {m}: factors give [{layer.up.shape[0]}, "
+                                f"{layer.down.shape[1]}] but the layer is [{out_f}, {in_f}] (a LoRA for another "
+                                f"model size?)")
+        for attr, delta, key in (("weight", layer.diff, "diff"), ("bias", layer.diff_b, "diff_b"),
+                                 ("modulation", layer.diff_m, "diff_m")):
+            problem = _param_problem(mod, attr, delta)
+            if problem:
+                raise LoraError(f"LoRA {lora.name}: key {m}.{key}: {problem}")
+        found[m] = mod
     return found
 
 
 def merge_loras(model: nn.Module, loras: list[tuple[LoraWeights, float]]) -> nn.Module:
-    """W += Σ scale·(alpha/rank)·up·down (and the diffs), in fp32, cast once to each weight's dtype."""
-    deltas: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+    """W += Σ scale·(alpha/rank)·up·down (+ the diff / diff_b / diff_m deltas), summed in fp32 and cast once to
+    each parameter's dtype."""
+    deltas: dict[tuple[str, str], torch.Tensor] = {}  # (module, parameter) -> fp32 delta
     targets: dict[str, nn.Module] = {}
+
+    def add(m: str, attr: str, d: torch.Tensor) -> None:
+        deltas[(m, attr)] = deltas[(m, attr)] + d if (m, attr) in deltas else d
+
     for lora, scale in loras:
-        targets.update(_targets(model, lora))
-        for m, layer in lora.layers.items():
-            dw, db = deltas.get(m, (None, None))
-            w = targets[m].weight
+        found = _targets(model, lora)
+        targets.update(found)
+        for m in found:
+            layer, mod = lora.layers[m], found[m]
+            dev = next(mod.parameters()).device
             if layer.down is not None:
-                d = (layer.up.to(w.device, torch.float32) @ layer.down.to(w.device, torch.float32))  # [out, in]
-                dw = (0 if dw is None else dw) + (scale * layer.factor) * d
-            if layer.diff is not None:
-                dw = (0 if dw is None else dw) + scale * layer.diff.to(w.device, torch.float32)
-            if layer.diff_b is not None:
-                db = (0 if db is None else db) + scale * layer.diff_b.to(w.device, torch.float32)
-            deltas[m] = (dw, db)
+                d = layer.up.to(dev, torch.float32) @ layer.down.to(dev, torch.float32)  # [out, in]
+                add(m, "weight", (scale * layer.factor) * d)
+            for attr, delta in (("weight", layer.diff), ("bias", layer.diff_b), ("modulation", layer.diff_m)):
+                if delta is not None:
+                    add(m, attr, scale * delta.to(dev, torch.float32))
     with torch.no_grad():
-        for m, (dw, db) in deltas.items():
-            lin = targets[m]
-            if dw is not None:
-                lin.weight.copy_((lin.weight.float() + dw).to(lin.weight.dtype))
-            if db is not None:
-                if lin.bias is None:
-                    raise LoraError(f"LoRA: module {m} has a bias delta (diff_b) but the layer has no bias")
-                lin.bias.copy_((lin.bias.float() + db).to(lin.bias.dtype))
-    log.info("merged %s into %d layers", ", ".join(f"{l.name}×{s:g}" for l, s in loras), len(deltas))
+        for (m, attr), d in deltas.items():
+            p = getattr(targets[m], attr)
+            p.copy_((p.float() + d).to(p.dtype))
+    log.info("merged %s into %d layers", ", ".join(f"{l.name}×{s:g}" for l, s in loras), len(targets))
     return model
 
 
@@ -246,12 +296,13 @@ class LoraLinear(nn.Linear):
 
 
 def attach_loras(model: nn.Module, loras: list[tuple[LoraWeights, float]]) -> nn.Module:
-    """Unmerged: swap each targeted nn.Linear for a LoraLinear. diff/diff_b deltas (no low-rank form) are merged."""
+    """Unmerged: swap each targeted nn.Linear for a LoraLinear. diff / diff_b / diff_m deltas (no low-rank form) are
+    merged."""
     for lora, scale in loras:
         targets = _targets(model, lora)
         full = LoraWeights(lora.name)
-        for m, layer in lora.layers.items():
-            lin = targets[m]
+        for m, lin in targets.items():
+            layer = lora.layers[m]
             if layer.down is not None:
                 if not isinstance(lin, LoraLinear):
                     parent_name, _, child = m.rpartition(".")
@@ -259,8 +310,8 @@ def attach_loras(model: nn.Module, loras: list[tuple[LoraWeights, float]]) -> nn
                     lin = LoraLinear(lin)
                     setattr(parent, child, lin)
                 lin.add(lora.name, layer.down, layer.up, scale * layer.factor)
-            if layer.diff is not None or layer.diff_b is not None:
-                full.layers[m] = LoraLayer(diff=layer.diff, diff_b=layer.diff_b)
+            if layer.diff is not None or layer.diff_b is not None or layer.diff_m is not None:
+                full.layers[m] = LoraLayer(diff=layer.diff, diff_b=layer.diff_b, diff_m=layer.diff_m)
         if full.layers:
             merge_loras(model, [(full, scale)])
     return model

@@ -2,7 +2,8 @@
 
     exact  the model preset's official sampling, bf16, no cache — the only tier that makes finals;
     fast   the exact weights and schedule with fewer FLOPs: step cache + FP8 linears (lossy);
-    draft  Wan2.2-Lightning LoRAs merged, 4 Euler steps on the Lightning schedule, shift 5, no CFG.
+    draft  Wan2.2-Lightning LoRAs merged, 4 Euler steps on the Lightning schedule, shift 5, no CFG; Animate
+           shots take the Wan2.1-I2V 4-step LoRA instead (the tier's `families.animate` fields, `for_family`).
 
 A tier fixes the sampling fields it names (a draft with 40 steps is no longer a draft); the user overrides a
 tier's own fields (`quality.steps=6`, `quality.cache.threshold=0.05`), and the shot's values apply where the tier
@@ -24,6 +25,11 @@ TIER_DIR = Path(__file__).resolve().parents[1] / "conf" / "quality"
 CACHE_METHODS = ("none", "fbcache", "schedule")
 LINEAR_MODES = ("bf16", "fp8")
 LORA_EXPERTS = ("all", "high", "low")
+
+
+# where the published distilled LoRA files live (the fix in a message that asks for quality.lora_dir)
+_EXAMPLE_DIRS = {"high_noise_model.safetensors": "/ckpt/Wan2.2-Lightning/Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1",
+                 "lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors": "/ckpt/Kijai/WanVideo_comfy/Lightx2v"}
 
 
 class TierError(ValueError):
@@ -64,6 +70,9 @@ class TierSettings:
     linear: str = "bf16"  # bf16 | fp8 (kernels/fp8.py)
     attention: str | None = None  # None: render.attention; a lossy backend needs allow_lossy
     allow_lossy: bool = False  # lossy kernels (fp8 attention) may be chosen, by name or by autotune
+    # {family: {field: value}}: the tier's fields for one model family (draft: Animate's own LoRA file); applied by
+    # for_family, so the sidecar and the hash record what the shot really ran with
+    families: dict = field(default_factory=dict)
 
     @property
     def is_final(self) -> bool:
@@ -77,6 +86,7 @@ class TierSettings:
         """Everything that changes the pixels: for the sidecar and the render hash."""
         d = asdict(self)
         d["loras"] = [asdict(l) | {"path": str(p)} for l, p in zip(self.loras, self.lora_paths())]
+        d.pop("families")  # another family's fields change nothing here; for_family resolves a family's own
         return d
 
     def kernel_settings(self, k):
@@ -88,6 +98,14 @@ class TierSettings:
         """RenderOptions whose kernel settings carry this tier's attention backend and lossy permission."""
         kernels = self.kernel_settings(options.kernels)
         return options if kernels == options.kernels else replace(options, kernels=kernels)
+
+    def for_family(self, family: str) -> "TierSettings":
+        """This tier as a shot of `family` renders it: the family's fields (families.<family>) over the common ones.
+        The result names no families (what ran is fully in its own fields)."""
+        d = asdict(self)
+        own = d.pop("families").get(family) or {}
+        d["loras"] = [asdict(l) for l in self.loras]
+        return tier_from_dict(_merge(d, own) | {"name": self.name})
 
     # -- shots --------------------------------------------------------------------------------------------------
     def apply(self, shot):
@@ -121,7 +139,7 @@ class TierSettings:
                 return [[] for _ in range(num_experts)]
             raise TierError(f"tier {self.name}: quality.lora_dir is not set: point it at the folder of the distilled "
                             f"LoRA files ({', '.join(l.file for l in self.loras)}), e.g. "
-                            f"quality.lora_dir=/ckpt/Wan2.2-Lightning/Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1")
+                            f"quality.lora_dir={_EXAMPLE_DIRS.get(self.loras[0].file, '<folder>')}")
         missing = [str(p) for p in self.lora_paths() if not p.is_file()]
         if missing:
             raise TierError(f"tier {self.name}: LoRA file(s) not found: {', '.join(missing)}: check quality.lora_dir "
@@ -202,7 +220,15 @@ def tier_from_dict(d: dict[str, Any]) -> TierSettings:
     g = d.get("guidance")
     if isinstance(g, (list, tuple)):
         d["guidance"] = (float(g[0]), float(g[1]))
-    tier = TierSettings(**d, cache=CacheSettings(**cache), loras=tuple(loras))
+    families = d.pop("families", None) or {}
+    if not isinstance(families, dict):
+        raise TierError(f"quality.families: give {{family: {{field: value}}}}, got {families!r}")
+    for fam, fields in families.items():
+        bad = set(fields or {}) - set(TierSettings.__dataclass_fields__) - {"families", "name"}
+        if bad or not isinstance(fields or {}, dict):
+            raise TierError(f"quality.families.{fam}: unknown field(s) {', '.join(sorted(bad)) or fields!r}: valid "
+                            f"fields are {', '.join(f for f in TierSettings.__dataclass_fields__ if f != 'families')}")
+    tier = TierSettings(**d, cache=CacheSettings(**cache), loras=tuple(loras), families=dict(families))
     problems = _check(tier)
     if problems:
         raise TierError("; ".join(f"{f}: {m}" for f, m in problems))
