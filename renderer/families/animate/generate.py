@@ -63,6 +63,26 @@ def parse_loras(spec, checkpoint: str | None) -> list[tuple[str, float]]:
     return out
 
 
+def animate_tier(quality, random_weights: bool):
+    """(the quality tier as an Animate shot runs it, [(LoRA path, scale)] it merges, problems). quality: the config's
+    `quality` node (a dict of conf/quality fields) or a TierSettings. Exact and draft render Animate shots; fast
+    (step cache, FP8 linears) is not wired into the clip loop. A draft on real weights needs its LoRA file: checked
+    here, before anything loads."""
+    from renderer.tiers import TierError, TierSettings, tier_from_dict
+
+    try:
+        tier = quality if isinstance(quality, TierSettings) else (
+            tier_from_dict(dict(quality)) if quality else TierSettings())
+        tier = tier.for_family("animate")
+        if tier.name == "fast":
+            return tier, [], [("quality", "fast is not available for Animate shots (its step cache and FP8 layers "
+                                          "are not in the clip loop): use quality=draft or quality=exact")]
+        files = tier.loras_per_expert(1, random_weights=random_weights)[0]
+    except TierError as e:
+        return None, [], [("quality.lora_dir" if "lora_dir" in str(e) or "LoRA file" in str(e) else "quality", str(e))]
+    return tier, [(str(p), s) for p, s in files], []
+
+
 def read_inputs(cfg, face_size: int) -> tuple[AnimateInputs | None, list[tuple[str, str]]]:
     """The shot's inputs from the config, or the problems (field, message) that stop it."""
     problems = []
@@ -155,15 +175,19 @@ class AnimateStack:
     loras: tuple = ()
     lora_mode: str = "unmerged"
     load_seconds: float = 0.0
+    tier_loras: tuple = ()  # the quality tier's distilled LoRA(s), merged (a draft)
 
     @property
     def is_main(self) -> bool:
         return self.group is None or self.group.is_main
 
 
-def load_stack(preset, options, group=None, loras=(), lora_mode: str = "unmerged") -> AnimateStack:
+def load_stack(preset, options, group=None, loras=(), lora_mode: str = "unmerged", tier_loras=(),
+               tier_lora_mode: str = "merged") -> AnimateStack:
     """Text encoder, VAE, CLIP and the DiT (+ LoRAs, before parallelising: FSDP shards whatever weights it gets),
-    with the pipeline's kernel settings. Raises CheckpointError / CLIPCheckpointError / LoraError."""
+    with the pipeline's kernel settings. tier_loras: the quality tier's distilled LoRA(s) (a draft's 4-step LoRA),
+    applied first in tier_lora_mode (merged: no cost per forward); loras: the shot's own, in lora_mode.
+    Raises CheckpointError / CLIPCheckpointError / LoraError."""
     from renderer.lora import apply_loras, load_lora
 
     device = group.device if group is not None else options.torch_device()
@@ -172,13 +196,15 @@ def load_stack(preset, options, group=None, loras=(), lora_mode: str = "unmerged
     t5_device = torch.device("cpu") if options.t5_cpu else device
     text_enc, vae, clip, model = _components(preset, preset.checkpoint, device, dtype, options.random_weights,
                                              t5_device)
+    for path, scale in tier_loras:
+        apply_loras(model, [(load_lora(path), scale)], mode=tier_lora_mode)
     for path, scale in loras:
         apply_loras(model, [(load_lora(path), scale)], mode=lora_mode)
     model.use_kernels(options.kernels)  # the pipeline's attention backend / fused ops / compile, no globals
     if group is not None and group.distributed:
         model = group.parallelize_experts([model])[0]
     return AnimateStack(text_enc, vae, clip, model, device, dtype, group, tuple(loras), lora_mode,
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, tuple(tier_loras))
 
 
 def render_video(stack: AnimateStack, inp: AnimateInputs, prompt: str, negative: str, settings: AnimateSettings,
@@ -228,10 +254,18 @@ def generate_animate(cfg, preset, options, group_factory=None) -> int:
     from renderer.video_io import to_uint8_frames, write_json_atomic, write_mp4
 
     name = cfg.name or "shot"
+    quality = cfg.get("quality")
+    tier, tier_loras, problems = animate_tier(OmegaConf.to_container(quality, resolve=True) if quality else None,
+                                              random_weights=preset.checkpoint is None)
+    # a tier fixes the sampling fields it names (a draft: 4 Euler steps on the distilled schedule, guidance 1)
+    fixed = {f: getattr(tier, f) for f in ("steps", "sampler", "shift", "guidance") if tier and getattr(tier, f)
+             is not None}
     settings = animate_settings(preset, clip_len=cfg.get("clip_len"), refert_num=cfg.get("refert_num"),
-                                steps=cfg.steps, shift=cfg.shift, sampler=cfg.sampler, guidance=cfg.guidance,
+                                steps=fixed.get("steps", cfg.steps), shift=fixed.get("shift", cfg.shift),
+                                sampler=fixed.get("sampler", cfg.sampler), guidance=fixed.get("guidance", cfg.guidance),
                                 clip_preprocess=cfg.get("clip_preprocess"))
-    inp, problems = read_inputs(cfg, preset.dit.motion_size)
+    inp, more = read_inputs(cfg, preset.dit.motion_size)
+    problems += more
     if inp is not None:
         problems += check_inputs(inp, settings, face_size=preset.dit.motion_size)
     if settings.steps < 1:
@@ -264,7 +298,8 @@ def generate_animate(cfg, preset, options, group_factory=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        stack = load_stack(preset, options, group, loras, lora_mode)
+        stack = load_stack(preset, options, group, loras, lora_mode, tier_loras=tier_loras,
+                           tier_lora_mode=tier.lora_mode)
     except (CheckpointError, CLIPCheckpointError, LoraError) as e:
         print(f"error: shot {name}: {'loras' if isinstance(e, LoraError) else 'model.checkpoint'}: {e}",
               file=sys.stderr)
@@ -292,7 +327,8 @@ def generate_animate(cfg, preset, options, group_factory=None) -> int:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    mp4 = out / f"{name}.mp4"
+    stem = tier.output_stem(name)  # a draft is <name>.draft.mp4: it never replaces the final
+    mp4 = out / f"{stem}.mp4"
     t0 = time.perf_counter()
     write_mp4(frames, mp4, fps=preset.fps, metadata={"comment": prompt, "seed": str(cfg.seed),
                                                       "description": f"AI-generated with wanrender {code_version()} "
@@ -307,15 +343,16 @@ def generate_animate(cfg, preset, options, group_factory=None) -> int:
         "clip_preprocess": settings.clip_preprocess, "frames": int(frames.shape[0]),
         "size": f"{frames.shape[2]}*{frames.shape[1]}", "fps": preset.fps,
         "loras": [{"path": p, "scale": s, "mode": lora_mode} for p, s in loras],
+        "quality": tier.describe(), "final": tier.is_final,
         "inputs": {k: cfg.get(k) for k in ("image", "pose_video", "face_video", "background_video", "mask_video")},
         "checkpoint": preset.checkpoint, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "code_version": code_version(), "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    write_json_atomic(out / f"{name}.json", side)
-    print(f"wrote {mp4} and {name}.json: {n_clips} clips, render {timings['render']:.1f}s")
+    write_json_atomic(out / f"{stem}.json", side)
+    print(f"wrote {mp4} and {stem}.json: {n_clips} clips, render {timings['render']:.1f}s, quality {tier.name}")
     return 0
 
 
-__all__ = ["AnimateStack", "animate_settings", "generate_animate", "letterbox", "load_stack", "parse_loras",
+__all__ = ["AnimateStack", "animate_settings", "animate_tier", "generate_animate", "letterbox", "load_stack", "parse_loras",
            "read_inputs", "render_video"]
