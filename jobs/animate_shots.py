@@ -164,14 +164,25 @@ def user_mask(path: str, frames: int, height: int, width: int):
 class AnimateShots:
     """The Animate side of a render group's rank: one loaded stack, shot after shot."""
 
-    def __init__(self, preset, options, group=None):
+    def __init__(self, preset, options, group=None, quality_overrides: dict | None = None):
         from renderer.families.animate.generate import load_stack
 
         self.preset, self.options, self.group = preset, options, group
+        self.quality_overrides = quality_overrides or {}  # {tier name: conf/quality fields} from the job's quality.*
         self.stack = load_stack(preset, options, group)
 
-    def _use_loras(self, loras: list[tuple[str, float]], mode: str = "unmerged") -> None:
-        if tuple(map(tuple, loras)) == tuple(self.stack.loras) and mode == self.stack.lora_mode:
+    def tier(self, name: str):
+        """The quality tier `name` as an Animate shot renders it (a draft: the Wan2.1-I2V 4-step LoRA)."""
+        from renderer.tiers import load_tier
+
+        return load_tier(name, self.quality_overrides.get(name)).for_family("animate")
+
+    def _use_loras(self, loras: list[tuple[str, float]], mode: str = "unmerged", tier_loras=()) -> None:
+        """The DiT with these LoRAs (the shot's, in `mode`; the tier's, merged): rebuilt only when they differ from
+        the loaded ones (a draft's merged LoRA cannot be taken out of the weights)."""
+        tier_loras = tuple(map(tuple, tier_loras))
+        if (tuple(map(tuple, loras)) == tuple(self.stack.loras) and mode == self.stack.lora_mode
+                and tier_loras == tuple(self.stack.tier_loras)):
             return
         import gc
 
@@ -184,7 +195,8 @@ class AnimateShots:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        self.stack = load_stack(self.preset, self.options, self.group, [tuple(x) for x in loras], mode)
+        self.stack = load_stack(self.preset, self.options, self.group, [tuple(x) for x in loras], mode,
+                                tier_loras=tier_loras)
 
     def inputs(self, folder: str, a: dict):
         """The shot's AnimateInputs from its prepared folder (and the manifest's mask, when given)."""
@@ -216,7 +228,9 @@ class AnimateShots:
         if not task.get("video") or not (Path(task["video"]) / "meta.json").is_file():
             raise ShotError(f"shot {shot.shot_id}: video: {task.get('video')} is not a prepared folder (the "
                             "prepare stage did not run for it)")
-        self._use_loras(a["loras"])
+        tier = self.tier(task.get("quality") or "exact")
+        files = tier.loras_per_expert(1, random_weights=self.preset.checkpoint is None)[0]
+        self._use_loras(a["loras"], tier_loras=[(str(p), s) for p, s in files])
         settings = animate_settings(self.preset, refert_num=a["refert_num"], steps=shot.steps, shift=shot.shift,
                                     sampler=shot.sampler, guidance=shot.guidance)
         inp = self.inputs(task["video"], a)
@@ -227,13 +241,13 @@ class AnimateShots:
                                              shot.seed, name=shot.shot_id, progress=False, on_step=on_step)
         out: dict[str, Any] = {}
         if self.stack.is_main:
-            mp4, side = self.write(task, video, timings, clips, settings, world_size, t0, delivery, screen)
+            mp4, side = self.write(task, video, timings, clips, settings, world_size, t0, delivery, screen, tier)
             out.update(mp4=str(mp4), sidecar=str(side), held=mp4.parent.name == "quarantine")
         out.update(seconds=round(time.perf_counter() - t0, 3), timings={k: round(v, 4) for k, v in timings.items()})
         return out
 
     def write(self, task: dict, video, timings: dict, clips: int, settings, world_size: int, t0: float,
-              delivery=None, screen=None):
+              delivery=None, screen=None, tier=None):
         """The MP4 at the plate's length with its audio: temporary name, read back, renamed; the sidecar last."""
         import numpy as np
 
@@ -261,7 +275,8 @@ class AnimateShots:
         mp4 = out_dir / f"{task['output']}.mp4"
         record = build_record(shot_id=shot.shot_id, preset_name=self.preset.name,
                               checkpoint_fingerprint=_fingerprint(self.preset), prompt=shot.prompt,
-                              negative_prompt=shot.negative_prompt, seed=shot.seed, tier="exact",
+                              negative_prompt=shot.negative_prompt, seed=shot.seed,
+                              tier=tier.name if tier is not None else "exact",
                               code_version=code_version(), prompt_fields=task.get("prompt_fields"),
                               label=delivery.label.text if labelled else None)
         meta = {"comment": shot.prompt, "title": shot.shot_id, **mp4_tags(record),
@@ -302,7 +317,8 @@ class AnimateShots:
             "mask": a.get("mask"), "plate_sha256": prep["plate"]["sha256"], "preprocessing": prep,
             "model": self.preset.name, "checkpoint": self.preset.checkpoint,
             "checkpoint_fingerprint": _fingerprint(self.preset), "render_hash": a["render_hash"],
-            "quality": {"name": "exact"}, "final": True, "kernels": self.options.kernels.to_dict(),
+            "quality": tier.describe() if tier is not None else {"name": "exact"},
+            "final": tier is None or tier.is_final, "kernels": self.options.kernels.to_dict(),
             "code_version": code_version(), "device": str(st.device), "dtype": str(st.dtype).replace("torch.", ""),
             "timings_s": {**{k: round(v, 4) for k, v in timings.items()}, "model_load": round(st.load_seconds, 4)},
             "rendered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "job": job,

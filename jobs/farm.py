@@ -150,7 +150,11 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
                           kernels=kernels, tiers=tiers, tier_overrides=tier_overrides(cfg),
                           label_style=delivery.label, prepare_fields=_prepare_fields(cfg, manifest, preset))
         for q in sorted({s.tier for s in plan.shots}):  # a draft on real weights needs its LoRA files
-            _tier_loras(cfg, q, preset)
+            try:
+                _tier_loras(cfg, q, preset)
+            except TierError as e:  # name the shots that need them
+                ids = [s.request.id for s in plan.shots if s.tier == q]
+                raise TierError(f"shot{'s' if len(ids) > 1 else ''} {', '.join(ids)}: quality.lora_dir: {e}") from None
     except TierError as e:
         raise ManifestError([Problem("manifest", "quality" if "quality" in str(e) else "job.tiers", str(e))],
                             str(path)) from None
@@ -202,7 +206,7 @@ def tier_overrides(cfg: DictConfig) -> dict[str, dict]:
 def _tier_loras(cfg: DictConfig, name: str, preset):
     from renderer.tiers import load_tier
 
-    tier = load_tier(name, tier_overrides(cfg).get(name))
+    tier = load_tier(name, tier_overrides(cfg).get(name)).for_family(preset.family)
     return tier.loras_per_expert(len(preset.experts), random_weights=preset.checkpoint is None)
 
 

@@ -87,7 +87,8 @@ class RenderRank:
         if get_family(preset.family).generate is not None:  # a family with its own shot loop (Animate)
             from jobs.animate_shots import AnimateShots
 
-            self.animate = AnimateShots(preset, options, self.group)
+            self.animate = AnimateShots(preset, options, self.group,
+                                        quality_overrides=self.spec.get("quality_overrides"))
         elif self.rank == 0 or supports_group:
             kwargs = {"group": self.group} if supports_group and self.group is not None else {}
             self.pipe = Pipeline(preset, checkpoint=preset.checkpoint, options=options, **kwargs)

@@ -185,6 +185,8 @@ def build_plan(manifest: Manifest, preset: ModelPreset, out_dir: str | Path, *, 
     work = [(req, t) for t in order for req in manifest.shots] if order else [(r, r.quality) for r in manifest.shots]
     for req, tier_name in work:
         tier = load_tier(tier_name, (tier_overrides or {}).get(tier_name))
+        if req.clip_plan is not None:  # an Animate shot: the tier's Animate fields (a draft's own LoRA file)
+            tier = tier.for_family("animate")
         spec = tier.apply(req.spec).resolve(preset)
         if not tier.is_final:  # the draft of s010 is shot "s010.draft" everywhere: queue, logs, sidecar
             spec = replace(spec, shot_id=f"{req.id}.{tier.name}")
@@ -194,9 +196,9 @@ def build_plan(manifest: Manifest, preset: ModelPreset, out_dir: str | Path, *, 
             from jobs.animate_shots import plan_entry
             from renderer.tiers import TierError
 
-            if not tier.is_final:
-                raise TierError(f"shot {req.id}: quality {tier.name}: Animate shots render in the exact tier only; "
-                                f"remove `quality` from the shot or job.tiers")
+            if tier.name == "fast":  # its step cache and FP8 layers are not in the Animate clip loop
+                raise TierError(f"shot {req.id}: quality fast: not available for Animate shots: use quality: draft "
+                                f"or exact (or drop fast from job.tiers)")
             spec, h = plan_entry(spec, req, h, prepare_fields)
         mp4 = out / f"{tier.output_stem(req.output)}.mp4"
         done, reason = output_status(mp4, h, spec)

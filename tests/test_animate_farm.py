@@ -158,9 +158,9 @@ def test_bad_animate_shots_are_refused_before_anything_is_reserved(tmp_path, tin
     manifest = _manifest(tmp_path, plate, character, loras=["missing.safetensors"])
     assert run_job(compose(_args(manifest, tmp_path / "out", tiny_ckpt))) == 2
     assert f"shot swap: loras: LoRA file {tmp_path / 'missing.safetensors'} does not exist" in capsys.readouterr().err
-    draft = _manifest(tmp_path, plate, character)
-    assert run_job(compose(_args(draft, tmp_path / "out", tiny_ckpt, "job.tiers=[draft,exact]"))) == 2
-    assert "Animate shots render in the exact tier only" in capsys.readouterr().err
+    fast = _manifest(tmp_path, plate, character)  # drafts are allowed (tests/test_animate_draft_farm.py); fast not
+    assert run_job(compose(_args(fast, tmp_path / "out", tiny_ckpt, "job.tiers=[fast,exact]"))) == 2
+    assert "shot dance: quality fast: not available for Animate shots" in capsys.readouterr().err
 
 
 def test_task_is_the_animate_mode_in_one_place():
