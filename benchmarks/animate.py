@@ -4,6 +4,7 @@
     torchrun --standalone --nproc-per-node 2 -m benchmarks.animate bench=animate_14b_720p layout=ulysses2 \\
         out=out/animate                                                                          # two GPUs
     python -m benchmarks.animate bench=animate_smoke out=out/animate_smoke                      # CPU smoke (tests)
+    python -m benchmarks.animate bench=animate_14b_720p_draft out=out/animate_draft             # draft tier
 
 Config: conf/bench/<bench>.yaml through benchmarks.scaling.load_config (Hydra overrides). Full-size random bf16
 weights (speed does not depend on the values). What is measured, in one process group, in this order:
@@ -14,6 +15,10 @@ weights (speed does not depend on the values). What is measured, in one process 
      denoise, decode). With timed_steps = K < steps the clip runs K steps and the 20-step figure is projected as
      (clip − denoise) + median step × steps — the JSON says which;
   4. shot: `shot_clips` chained clips (4 × 76 + 1 = 305 frames for refert 1), same projection.
+`quality=draft` (the config's `tier`; conf/bench/animate_14b_720p_draft.yaml): the draft tier as an Animate shot runs it (conf/quality/
+draft.yaml, families.animate: 4 Euler steps on the distilled schedule, shift 5, guidance 1) — no LoRA file is needed
+at random weights: a random rank-64 LoRA in the Wan2.1-I2V 4-step file's layout (every block linear incl. k_img /
+v_img, diff_b, norm diffs, diff_m) is merged and the merge timed; EVERY step of the clip is timed (no projection).
 The text encoder is not loaded (its embedding is computed once per shot; random embeddings stand in), so the
 T5's 11 GB and its ~0.3 s are outside these figures. Rank 0 writes <out>/<name>.json and .md with the seed
 article's claim rows and the design note beside the measurements.
@@ -83,6 +88,50 @@ def _models(preset, device, dtype):
     return model, vae, clip
 
 
+def bench_tier(cfg: dict):
+    """The quality tier the benchmark runs (exact or draft), as an Animate shot runs it."""
+    from renderer.tiers import load_tier
+
+    q = cfg.get("tier") or "exact"
+    name, overrides = (q.get("name", "draft"), {k: v for k, v in q.items() if k != "name"}) if isinstance(q, dict) \
+        else (str(q), None)
+    if name != "exact":  # quality_overrides: the scaling harness's fields of the non-exact tiers
+        overrides = {**(cfg.get("quality_overrides") or {}), **(overrides or {})}
+    tier = load_tier(name, overrides).for_family("animate")
+    if tier.name == "fast":
+        raise ValueError("quality=fast is not available for Animate (no step cache / FP8 in the clip loop)")
+    return tier
+
+
+def random_draft_lora(model, rank: int = 64, seed: int = 0):
+    """A random LoRA shaped like the Wan2.1-I2V 4-step file for `model` (same modules and delta kinds), its factors
+    in the weights' dtype on the weights' device: what a merge at load time costs, without the file."""
+    from renderer.lora import LoraLayer, LoraWeights
+
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    mods = dict(model.named_modules())
+    lora = LoraWeights(f"random rank-{rank} (Wan2.1-I2V 4-step layout)")
+    parts = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+             "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2")
+    norms = ("self_attn.norm_q", "self_attn.norm_k", "cross_attn.norm_q", "cross_attn.norm_k",
+             "cross_attn.norm_k_img", "norm3")
+
+    def rnd(like, *shape):
+        return torch.randn(*shape, generator=g, device=like.device, dtype=like.dtype) * 0.01
+
+    for i in range(len(model.blocks)):
+        for part in parts:
+            w = mods[f"blocks.{i}.{part}"].weight  # [out, in]
+            lora.layers[f"blocks.{i}.{part}"] = LoraLayer(down=rnd(w, rank, w.shape[1]), up=rnd(w, w.shape[0], rank),
+                                                          alpha=float(rank), diff_b=rnd(w, w.shape[0]))
+        for part in norms:
+            n = mods[f"blocks.{i}.{part}"].weight
+            lora.layers[f"blocks.{i}.{part}"] = LoraLayer(diff=rnd(n, *n.shape))
+        m = mods[f"blocks.{i}"].modulation
+        lora.layers[f"blocks.{i}"] = LoraLayer(diff_m=rnd(m, *m.shape))
+    return lora
+
+
 def run(cfg: dict) -> dict:
     from benchmarks.profile_step import measure_ceilings, timed
     from renderer.families.animate.conditioning import AnimateSettings, render_animate
@@ -107,13 +156,30 @@ def run(cfg: dict) -> dict:
     main = group is None or group.is_main
     say = (lambda m: print(m, flush=True)) if main else (lambda m: None)
 
+    tier = bench_tier(cfg)
     model, vae, clip = _models(preset, device, dtype)
+    merge = None
+    if tier.loras:  # the draft: merge a random LoRA of the real file's layout (before parallelising, as load_stack)
+        from renderer.lora import merge_loras
+
+        lora = random_draft_lora(model, rank=int(cfg.get("lora_rank", 64)))
+        _sync(device)
+        t_merge = time.perf_counter()
+        merge_loras(model, [(lora, 1.0)])
+        _sync(device)
+        merge = {"seconds": time.perf_counter() - t_merge, "modules": len(lora.layers), "rank": lora.describe()["ranks"]}
+        del lora
+        say(f"merged a random rank-{merge['rank'][0]} LoRA into {merge['modules']} modules in {merge['seconds']:.2f} s")
     if group is not None and group.distributed:
         model = group.parallelize_experts([model])[0]
     shot = cfg["shot"]
     width, height = (int(v) for v in str(shot["size"]).split("*"))
     clip_len, steps, refert = int(shot["frames"]), int(shot["steps"]), int(cfg.get("refert_num", 1))
-    k = int(cfg.get("timed_steps") or steps)
+    sampler, shift, guidance = "unipc", preset.shift, 1.0
+    if tier.name != "exact":  # the tier fixes the schedule; every step is timed (a few-step clip is never projected)
+        steps, sampler, shift = tier.steps or steps, tier.sampler or sampler, tier.shift or shift
+        guidance = float(tier.guidance if isinstance(tier.guidance, (int, float)) else 1.0)
+    k = steps if tier.name != "exact" else int(cfg.get("timed_steps") or steps)
     g = torch.Generator().manual_seed(0)
     text, null = torch.randn(1, 512, preset.dit.text_dim, generator=g), torch.randn(1, 512, preset.dit.text_dim)
     text, null = text.to(device, dtype), null.to(device, dtype)
@@ -125,7 +191,9 @@ def run(cfg: dict) -> dict:
               "model": preset.name, "gpus": world, "parallel": cfg.get("layout"),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dtype": str(dtype).removeprefix("torch."), "size": shot["size"], "clip_len": clip_len,
-              "steps": steps, "timed_steps": k, "refert_num": refert, "claims": CLAIM_ROWS, "claim_note": CLAIM_NOTE}
+              "steps": steps, "timed_steps": k, "refert_num": refert, "claims": CLAIM_ROWS, "claim_note": CLAIM_NOTE,
+              "quality": tier.describe(), "sampler": sampler, "shift": shift, "guidance": guidance,
+              "lora_merge": merge}
 
     # 1–2. ceilings and one forward
     zt = clip_len // 4 + 1
@@ -160,31 +228,43 @@ def run(cfg: dict) -> dict:
     say(f"forward {fwd_s:.3f} s, floor {floor:.3f} s (×{fwd_s / floor:.2f})")
 
     # 3–4. one clip and a chained shot, every stage timed
-    for label, n_clips in (("clip", 1), ("shot", int(cfg.get("shot_clips", 4)))):
+    from renderer.denoise import denoise
+
+    runs = [("clip", 1)] + ([("shot", int(cfg["shot_clips"]))] if int(cfg.get("shot_clips") or 0) else [])
+    for label, n_clips in runs:
         frames = n_clips * (clip_len - refert) + refert
         timings: dict[str, float] = {}
         step_s: list[float] = []
+        every_step_s: list[float] = []  # all steps, step 0 included (timed from the start of its clip's denoise)
         last = [time.perf_counter()]
+
+        def timed_denoise(*a, **kw):
+            _sync(device)
+            last[0] = time.perf_counter()
+            return denoise(*a, **kw)
 
         def on_step(i, t, e):
             # synchronise after EVERY step, the first too: resetting the clock after step 0 without a sync charged
             # the rest of step 0's queued GPU work to step 1 (seen on an H200: 15.7 s "steps" of an 11.2 s forward)
             _sync(device)
             now = time.perf_counter()
+            every_step_s.append(now - last[0])
             if i:  # step 0 is a warm-up (first use of this clip's shapes); steps 1.. are timed
                 step_s.append(now - last[0])
             last[0] = now
 
-        s = AnimateSettings(clip_len=clip_len, refert_num=refert, steps=k, shift=preset.shift)
+        s = AnimateSettings(clip_len=clip_len, refert_num=refert, steps=k, shift=shift, sampler=sampler,
+                            guidance=guidance)
         t0 = time.perf_counter()
         render_animate(model, vae, clip, _inputs(frames, height, width, face), text, null, s,
                        torch.Generator().manual_seed(1), group=group, timings=timings,
-                       on_step=on_step)
+                       on_step=on_step, denoise_fn=timed_denoise)
         total = time.perf_counter() - t0
         med_step = statistics.median(step_s) if step_s else timings["denoise"] / (k * n_clips)
         projected = total - timings["denoise"] + med_step * steps * n_clips
         overhead = projected - med_step * steps * n_clips
         report[label] = {"clips": n_clips, "frames": frames, "measured_s": total, "timings_s": timings,
+                         "steps_s": every_step_s,
                          "median_step_s": med_step, "projected_s": projected,
                          "projection": "measured" if k >= steps else f"scaled from {k} of {steps} steps",
                          "overhead_s": overhead, "overhead_pct": 100 * overhead / projected}
@@ -198,15 +278,22 @@ def run(cfg: dict) -> dict:
 
 
 def markdown(r: dict) -> str:
-    f, c, s = r["forward"], r["clip"], r["shot"]
+    f, c, s = r["forward"], r["clip"], r.get("shot")
+    q = (r.get("quality") or {}).get("name", "exact")
     lines = [f"# {r['name']}: {r['model']} on {r['gpus']}× {r['device']} ({r.get('parallel') or 'single'})", "",
-             f"{r['size']}, clips of {r['clip_len']} frames, {r['steps']} steps, refert {r['refert_num']}, "
+             f"{r['size']}, clips of {r['clip_len']} frames, {r['steps']} steps ({r.get('sampler', 'unipc')}, shift "
+             f"{r.get('shift', 5.0):g}, guidance {r.get('guidance', 1.0):g}), refert {r['refert_num']}, quality {q}, "
              f"{r['dtype']}, random weights", "",
              "| measure | seconds | note |", "|---|---|---|",
              f"| one forward | {f['median_s']:.3f} | floor {f['floor_s']:.3f} s (×{f['x_floor']:.2f}), "
              f"{f['pflop']:.2f} PFLOP, {f['tokens']} tokens |",
-             f"| one clip end to end | {c['projected_s']:.1f} | {c['projection']}; overhead {c['overhead_pct']:.1f} % |",
-             f"| {s['clips']}-clip shot ({s['frames']} frames) | {s['projected_s']:.1f} | {s['projection']} |"]
+             f"| one clip end to end | {c['projected_s']:.1f} | {c['projection']}; overhead {c['overhead_pct']:.1f} %; "
+             f"steps {', '.join(f'{x:.2f}' for x in c['steps_s'])} s |"]
+    if r.get("lora_merge"):
+        m = r["lora_merge"]
+        lines.append(f"| LoRA merge at load | {m['seconds']:.2f} | random rank {m['rank'][0]}, {m['modules']} modules |")
+    if s:
+        lines.append(f"| {s['clips']}-clip shot ({s['frames']} frames) | {s['projected_s']:.1f} | {s['projection']} |")
     lines += [f"| {x['setup']} ({x['source']}) | {x['seconds']:.0f} | not measured here |" for x in r["claims"]]
     lines += ["", r["claim_note"], ""]
     return "\n".join(lines)
@@ -217,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     bench = next((a.split("=", 1)[1] for a in argv if a.startswith("bench=")), "animate_14b_720p")
-    overrides = [a for a in argv if not a.startswith("bench=")]
+    # `quality=draft` names the tier (the config key is `tier`: `quality` is the renderer's config group)
+    overrides = [("tier=" + a.split("=", 1)[1]) if a.startswith("quality=") else a for a in argv
+                 if not a.startswith("bench=")]
     try:
         cfg = load_config(bench, overrides)
     except Exception as e:

@@ -38,3 +38,20 @@ def test_full_size_model_has_the_official_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 17_274_816_884
     assert len(model.face_adapter.fuser_blocks) == 8
     assert hash(load_preset("animate_14b").dit) == hash(load_preset("animate_14b").dit)  # the config is hashable
+
+
+def test_draft_smoke_times_every_step_and_the_merge(tmp_path):
+    """bench=animate_draft_smoke: the draft tier's 4 Euler steps at guidance 1, one clip end to end, EVERY step
+    timed (nothing projected), a random LoRA of the Wan2.1-I2V 4-step layout merged and its merge timed."""
+    assert main(["bench=animate_draft_smoke", f"out={tmp_path}"]) == 0
+    r = json.loads((tmp_path / "animate_draft_smoke.json").read_text())
+    assert r["quality"]["name"] == "draft" and (r["steps"], r["sampler"], r["guidance"]) == (4, "euler_lightning", 1.0)
+    assert r["timed_steps"] == 4 and "shot" not in r
+    c = r["clip"]
+    assert c["projection"] == "measured" and len(c["steps_s"]) == 4 and all(x > 0 for x in c["steps_s"])
+    assert sum(c["steps_s"]) <= c["timings_s"]["denoise"] + 1e-3
+    for part in ("clip_encode", "vae_encode", "denoise", "vae_decode"):
+        assert c["timings_s"][part] > 0
+    m = r["lora_merge"]
+    assert m["seconds"] > 0 and m["rank"] == [4] and m["modules"] == 4 * (12 + 6 + 1)  # tiny_animate: 4 blocks
+    assert "LoRA merge at load" in (tmp_path / "animate_draft_smoke.md").read_text()
