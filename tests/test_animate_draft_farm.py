@@ -59,3 +59,33 @@ def test_a_rank_merges_the_tier_lora_and_reloads_for_the_final(tmp_path):
     assert shots.stack is before
     shots._use_loras([])  # the final: the plain weights back
     assert torch.equal(shots.stack.model.blocks[0].cross_attn.k_img.weight, plain)
+
+
+def test_draft_animate_shots_render_on_the_farm(tmp_path, tiny_ckpt, plate, character):  # noqa: F811
+    """The embedded Ray cluster (our own): both Animate shots as drafts, <id>.draft.mp4 at the plate's length,
+    the sidecar saying draft / not final with the merged LoRA, no final written."""
+    import pytest
+
+    from renderer.video_io import read_json, sidecar_path, video_info
+    from tests.test_animate_farm import FRAMES
+
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()
+    loras = _tiny_lora(tmp_path / "loras")
+    manifest = _manifest(tmp_path, plate, character)
+    out = tmp_path / "out"
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        rc = run_job(compose(_args(manifest, out, tiny_ckpt, "job.tiers=[draft]", "quality=draft",
+                                   f"quality.lora_dir={loras}")))
+    finally:
+        ray.shutdown()
+    assert rc == 0
+    for sid in ("dance", "swap"):
+        mp4 = out / f"{sid}.draft.mp4"
+        assert video_info(mp4)["frames"] == FRAMES and not (out / f"{sid}.mp4").exists()
+        side = read_json(sidecar_path(mp4))
+        assert side["final"] is False and side["quality"]["name"] == "draft"
+        assert (side["steps"], side["sampler"]) == (4, "euler_lightning")
+        assert side["quality"]["loras"][0]["path"] == str(loras / LORA)
