@@ -237,29 +237,30 @@ def _targets(model: nn.Module, lora: LoraWeights) -> dict[str, nn.Module]:
 
 def merge_loras(model: nn.Module, loras: list[tuple[LoraWeights, float]]) -> nn.Module:
     """W += Σ scale·(alpha/rank)·up·down (+ the diff / diff_b / diff_m deltas), summed in fp32 and cast once to
-    each parameter's dtype."""
-    deltas: dict[tuple[str, str], torch.Tensor] = {}  # (module, parameter) -> fp32 delta
+    each parameter's dtype. One module at a time: the fp32 deltas of a 14B DiT held at once would take ~64 GB."""
+    found = [(lora, scale, _targets(model, lora)) for lora, scale in loras]  # every check before any change
     targets: dict[str, nn.Module] = {}
-
-    def add(m: str, attr: str, d: torch.Tensor) -> None:
-        deltas[(m, attr)] = deltas[(m, attr)] + d if (m, attr) in deltas else d
-
-    for lora, scale in loras:
-        found = _targets(model, lora)
-        targets.update(found)
-        for m in found:
-            layer, mod = lora.layers[m], found[m]
-            dev = next(mod.parameters()).device
-            if layer.down is not None:
-                d = layer.up.to(dev, torch.float32) @ layer.down.to(dev, torch.float32)  # [out, in]
-                add(m, "weight", (scale * layer.factor) * d)
-            for attr, delta in (("weight", layer.diff), ("bias", layer.diff_b), ("modulation", layer.diff_m)):
-                if delta is not None:
-                    add(m, attr, scale * delta.to(dev, torch.float32))
+    for _, _, f in found:
+        targets.update(f)
     with torch.no_grad():
-        for (m, attr), d in deltas.items():
-            p = getattr(targets[m], attr)
-            p.copy_((p.float() + d).to(p.dtype))
+        for m, mod in targets.items():
+            dev = next(mod.parameters()).device
+            sums: dict[str, torch.Tensor] = {}  # parameter -> fp32 delta of this module, over all LoRAs
+            for lora, scale, f in found:
+                if m not in f:
+                    continue
+                layer = lora.layers[m]
+                parts = [("weight", layer.diff), ("bias", layer.diff_b), ("modulation", layer.diff_m)]
+                if layer.down is not None:
+                    d = layer.up.to(dev, torch.float32) @ layer.down.to(dev, torch.float32)  # [out, in]
+                    parts.append(("weight", d * layer.factor))
+                for attr, delta in parts:
+                    if delta is not None:
+                        d = scale * delta.to(dev, torch.float32)
+                        sums[attr] = sums[attr] + d if attr in sums else d
+            for attr, d in sums.items():
+                p = getattr(mod, attr)
+                p.copy_((p.float() + d).to(p.dtype))
     log.info("merged %s into %d layers", ", ".join(f"{l.name}×{s:g}" for l, s in loras), len(targets))
     return model
 

@@ -161,3 +161,22 @@ def test_draft_schedule_is_lightx2v_step_distill_list():
     s = make_sampler(tier.sampler, tier.steps, tier.shift)
     assert np.allclose(s.sigmas[:-1].numpy(), want, atol=1e-6) and float(s.sigmas[-1]) == 0.0
     assert np.allclose(s.timesteps.numpy(), want * 1000, atol=1e-3)
+
+
+def test_family_fields_of_a_tier():
+    """conf/quality/draft.yaml names the Animate LoRA under families.animate; for_family resolves it, an unknown
+    field there is an error naming it, and describe() (sidecar, render hash) holds what ran."""
+    from renderer.tiers import TierError, load_tier
+
+    draft = load_tier("draft", {"lora_dir": "/ckpt/x"})
+    wan = draft.describe()
+    assert [l["file"] for l in wan["loras"]] == ["high_noise_model.safetensors", "low_noise_model.safetensors"]
+    assert "families" not in wan
+    anim = draft.for_family("animate").describe()
+    assert anim["loras"] == [{"file": "lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors",
+                              "scale": 1.0, "expert": "all",
+                              "path": "/ckpt/x/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors"}]
+    own = load_tier("draft", {"families": {"animate": {"lora_dir": "/ckpt/y", "loras": ["/abs/my.safetensors"]}}})
+    assert [str(p) for p in own.for_family("animate").lora_paths()] == ["/abs/my.safetensors"]
+    with pytest.raises(TierError, match=r"quality.families.animate: unknown field\(s\) stepz"):
+        load_tier("draft", {"families": {"animate": {"stepz": 3}}})
