@@ -223,11 +223,14 @@ def tier_from_dict(d: dict[str, Any]) -> TierSettings:
     families = d.pop("families", None) or {}
     if not isinstance(families, dict):
         raise TierError(f"quality.families: give {{family: {{field: value}}}}, got {families!r}")
+    valid = [f for f in TierSettings.__dataclass_fields__ if f not in ("families", "name")]
     for fam, fields in families.items():
-        bad = set(fields or {}) - set(TierSettings.__dataclass_fields__) - {"families", "name"}
-        if bad or not isinstance(fields or {}, dict):
-            raise TierError(f"quality.families.{fam}: unknown field(s) {', '.join(sorted(bad)) or fields!r}: valid "
-                            f"fields are {', '.join(f for f in TierSettings.__dataclass_fields__ if f != 'families')}")
+        if not isinstance(fields or {}, dict):
+            raise TierError(f"quality.families.{fam}: give {{field: value}} of the tier, got {fields!r}")
+        bad = sorted(set(fields or {}) - set(valid))
+        if bad:
+            raise TierError(f"quality.families.{fam}: unknown field(s) {', '.join(bad)}: valid fields are "
+                            f"{', '.join(valid)}")
     tier = TierSettings(**d, cache=CacheSettings(**cache), loras=tuple(loras), families=dict(families))
     problems = _check(tier)
     if problems:
