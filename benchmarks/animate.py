@@ -15,10 +15,11 @@ weights (speed does not depend on the values). What is measured, in one process 
      denoise, decode). With timed_steps = K < steps the clip runs K steps and the 20-step figure is projected as
      (clip − denoise) + median step × steps — the JSON says which;
   4. shot: `shot_clips` chained clips (4 × 76 + 1 = 305 frames for refert 1), same projection.
-`quality=draft` (the config's `tier`; conf/bench/animate_14b_720p_draft.yaml): the draft tier as an Animate shot runs it (conf/quality/
-draft.yaml, families.animate: 4 Euler steps on the distilled schedule, shift 5, guidance 1) — no LoRA file is needed
-at random weights: a random rank-64 LoRA in the Wan2.1-I2V 4-step file's layout (every block linear incl. k_img /
-v_img, diff_b, norm diffs, diff_m) is merged and the merge timed; EVERY step of the clip is timed (no projection).
+`quality=draft` (the config's `tier`; conf/bench/animate_14b_720p_draft.yaml): the draft tier as an Animate shot
+runs it (conf/quality/draft.yaml, families.animate: 4 Euler steps on the distilled schedule, shift 5, guidance 1).
+No LoRA file is needed at random weights: a random rank-64 LoRA in the Wan2.1-I2V 4-step file's layout (every block
+linear incl. k_img / v_img, diff_b, norm diffs, diff_m) is merged and the merge timed; EVERY step of the clip is
+timed (nothing projected).
 The text encoder is not loaded (its embedding is computed once per shot; random embeddings stand in), so the
 T5's 11 GB and its ~0.3 s are outside these figures. Rank 0 writes <out>/<name>.json and .md with the seed
 article's claim rows and the design note beside the measurements.
@@ -167,7 +168,8 @@ def run(cfg: dict) -> dict:
         t_merge = time.perf_counter()
         merge_loras(model, [(lora, 1.0)])
         _sync(device)
-        merge = {"seconds": time.perf_counter() - t_merge, "modules": len(lora.layers), "rank": lora.describe()["ranks"]}
+        merge = {"seconds": time.perf_counter() - t_merge, "modules": len(lora.layers),
+                 "rank": lora.describe()["ranks"]}
         del lora
         say(f"merged a random rank-{merge['rank'][0]} LoRA into {merge['modules']} modules in {merge['seconds']:.2f} s")
     if group is not None and group.distributed:
@@ -291,7 +293,8 @@ def markdown(r: dict) -> str:
              f"steps {', '.join(f'{x:.2f}' for x in c['steps_s'])} s |"]
     if r.get("lora_merge"):
         m = r["lora_merge"]
-        lines.append(f"| LoRA merge at load | {m['seconds']:.2f} | random rank {m['rank'][0]}, {m['modules']} modules |")
+        lines.append(f"| LoRA merge at load | {m['seconds']:.2f} | random rank {m['rank'][0]}, "
+                     f"{m['modules']} modules |")
     if s:
         lines.append(f"| {s['clips']}-clip shot ({s['frames']} frames) | {s['projected_s']:.1f} | {s['projection']} |")
     lines += [f"| {x['setup']} ({x['source']}) | {x['seconds']:.0f} | not measured here |" for x in r["claims"]]

@@ -177,12 +177,14 @@ class AnimateShots:
 
         return load_tier(name, self.quality_overrides.get(name)).for_family("animate")
 
-    def _use_loras(self, loras: list[tuple[str, float]], mode: str = "unmerged", tier_loras=()) -> None:
+    def _use_loras(self, loras: list[tuple[str, float]], mode: str = "unmerged", tier_loras=(),
+                   tier_mode: str = "merged") -> None:
         """The DiT with these LoRAs (the shot's, in `mode`; the tier's, merged): rebuilt only when they differ from
         the loaded ones (a draft's merged LoRA cannot be taken out of the weights)."""
         tier_loras = tuple(map(tuple, tier_loras))
         if (tuple(map(tuple, loras)) == tuple(self.stack.loras) and mode == self.stack.lora_mode
-                and tier_loras == tuple(self.stack.tier_loras)):
+                and tier_loras == tuple(self.stack.tier_loras)
+                and (not tier_loras or tier_mode == self.stack.tier_mode)):
             return
         import gc
 
@@ -196,7 +198,7 @@ class AnimateShots:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.stack = load_stack(self.preset, self.options, self.group, [tuple(x) for x in loras], mode,
-                                tier_loras=tier_loras)
+                                tier_loras=tier_loras, tier_lora_mode=tier_mode)
 
     def inputs(self, folder: str, a: dict):
         """The shot's AnimateInputs from its prepared folder (and the manifest's mask, when given)."""
@@ -230,7 +232,7 @@ class AnimateShots:
                             "prepare stage did not run for it)")
         tier = self.tier(task.get("quality") or "exact")
         files = tier.loras_per_expert(1, random_weights=self.preset.checkpoint is None)[0]
-        self._use_loras(a["loras"], tier_loras=[(str(p), s) for p, s in files])
+        self._use_loras(a["loras"], tier_loras=[(str(p), s) for p, s in files], tier_mode=tier.lora_mode)
         settings = animate_settings(self.preset, refert_num=a["refert_num"], steps=shot.steps, shift=shot.shift,
                                     sampler=shot.sampler, guidance=shot.guidance)
         inp = self.inputs(task["video"], a)

@@ -154,7 +154,8 @@ def prepare(cfg: DictConfig) -> tuple[Plan, Any]:
                 _tier_loras(cfg, q, preset)
             except TierError as e:  # name the shots that need them
                 ids = [s.request.id for s in plan.shots if s.tier == q]
-                raise TierError(f"shot{'s' if len(ids) > 1 else ''} {', '.join(ids)}: quality.lora_dir: {e}") from None
+                shots = f"shot{'s' if len(ids) > 1 else ''} {', '.join(ids)}"
+                raise TierError(f"{shots}: quality.lora_dir: {e}") from None
     except TierError as e:
         raise ManifestError([Problem("manifest", "quality" if "quality" in str(e) else "job.tiers", str(e))],
                             str(path)) from None

@@ -175,7 +175,8 @@ class AnimateStack:
     loras: tuple = ()
     lora_mode: str = "unmerged"
     load_seconds: float = 0.0
-    tier_loras: tuple = ()  # the quality tier's distilled LoRA(s), merged (a draft)
+    tier_loras: tuple = ()  # the quality tier's distilled LoRA(s) (a draft), applied in tier_mode
+    tier_mode: str = "merged"
 
     @property
     def is_main(self) -> bool:
@@ -204,7 +205,7 @@ def load_stack(preset, options, group=None, loras=(), lora_mode: str = "unmerged
     if group is not None and group.distributed:
         model = group.parallelize_experts([model])[0]
     return AnimateStack(text_enc, vae, clip, model, device, dtype, group, tuple(loras), lora_mode,
-                        time.perf_counter() - t0, tuple(tier_loras))
+                        time.perf_counter() - t0, tuple(tier_loras), tier_lora_mode)
 
 
 def render_video(stack: AnimateStack, inp: AnimateInputs, prompt: str, negative: str, settings: AnimateSettings,
@@ -354,5 +355,5 @@ def generate_animate(cfg, preset, options, group_factory=None) -> int:
     return 0
 
 
-__all__ = ["AnimateStack", "animate_settings", "animate_tier", "generate_animate", "letterbox", "load_stack", "parse_loras",
-           "read_inputs", "render_video"]
+__all__ = ["AnimateStack", "animate_settings", "animate_tier", "generate_animate", "letterbox", "load_stack",
+           "parse_loras", "read_inputs", "render_video"]
