@@ -43,6 +43,7 @@ from kernels.fp8 import E4M3, E4M3_MAX, HAVE_TRITON
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from kernels.fp8 import round_to_e4m3
 
@@ -53,6 +54,7 @@ class AttnConfig:
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
+    tma: bool = False  # Q/K/V tiles through host tensor descriptors (TMA on Hopper) instead of pointer loads
 
     def launch(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -67,9 +69,11 @@ HOPPER_CONFIG = AttnConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
 # elsewhere (no FP8 tensor cores, the interpreter): small blocks — the interpreter is slow per program
 FALLBACK_CONFIG = AttnConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
 # what the benchmark's sweep times (BLOCK_N 256 with 3+ stages needs more shared memory than Hopper has: left out)
-SWEEP_CONFIGS = tuple(AttnConfig(m, n, w, s) for (m, n, w, s) in (
-    (128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 4, 3),
-    (64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 3), (128, 256, 8, 2), (64, 256, 4, 2), (128, 64, 4, 4)))
+SWEEP_CONFIGS = tuple(AttnConfig(m, n, w, s, t) for (m, n, w, s, t) in (
+    (128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 128, 8, 4, False), (128, 64, 8, 3, False),
+    (128, 64, 8, 4, False), (128, 128, 4, 3, False), (64, 128, 4, 3, False), (64, 128, 4, 4, False),
+    (64, 64, 4, 3, False), (128, 256, 8, 2, False), (64, 256, 4, 2, False), (128, 64, 4, 4, False),
+    (128, 128, 8, 2, True), (128, 128, 8, 3, True), (128, 64, 8, 3, True), (64, 128, 4, 3, True)))
 
 
 class Prepared(NamedTuple):
@@ -171,13 +175,18 @@ if HAVE_TRITON:
         tl.store(out + rd[None, :] * l_pad + rl[:, None], xq.to(tl.float8e4nv))  # transposed: [D, Lp]
 
     @triton.jit
-    def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, ks_base, q_scale, j_lo, j_hi, n_kv, lk_pad,
+    def _attn_blocks(acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale, j_lo, j_hi, n_kv, lk_pad,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-                     UPCAST: tl.constexpr, ROUND_P: tl.constexpr):
+                     UPCAST: tl.constexpr, ROUND_P: tl.constexpr, TMA: tl.constexpr):
+        """k_src / v_src: this head's K and Vᵀ base pointers, or (TMA) descriptors of all heads with this head's
+        first row k_row0 / v_row0."""
         rd = tl.arange(0, D)
         for j in range(j_lo, j_hi):
             rn = j * BLOCK_N + tl.arange(0, BLOCK_N)
-            k = tl.load(k_base + rn[:, None] * D + rd[None, :])  # [BN, D] e4m3
+            if TMA:
+                k = k_src.load([k_row0 + j * BLOCK_N, 0])  # [BN, D] e4m3
+            else:
+                k = tl.load(k_src + rn[:, None] * D + rd[None, :])  # [BN, D] e4m3
             if UPCAST:
                 k = k.to(tl.float32)
             c = tl.load(ks_base + j) * q_scale  # s_Q·s_K·log2(e)/√D
@@ -190,7 +199,10 @@ if HAVE_TRITON:
             p = tl.math.exp2(qk * c - (m_new - 8.807354922057604)[:, None])  # [BM, BN]
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
-            v = tl.load(v_base + rd[None, :] * lk_pad + rn[:, None])  # [BN, D] e4m3 (stored [D, Lkp])
+            if TMA:
+                v = tl.trans(v_src.load([v_row0, j * BLOCK_N]))  # [D, BN] tile -> [BN, D] e4m3, keys contiguous
+            else:
+                v = tl.load(v_src + rd[None, :] * lk_pad + rn[:, None])  # [BN, D] e4m3 (stored [D, Lkp])
             if ROUND_P:  # the interpreter's fp8 cast is wrong (kernels/fp8.py: round_to_e4m3)
                 p = round_to_e4m3(p)
             p8 = p.to(tl.float8e4nv)
@@ -205,26 +217,34 @@ if HAVE_TRITON:
     def _fp8_attn_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, o_ptr, n_q, n_kv, n_heads, n_q_blocks,
                       n_kv_blocks, n_full_blocks, lq_pad, lk_pad, sm_scale_log2, o_stride_b, o_stride_l, o_stride_h,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                      ROUND_P: tl.constexpr):
+                      ROUND_P: tl.constexpr, TMA: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         bh64 = bh.to(tl.int64)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this program
         rd = tl.arange(0, D)
-        q = tl.load(q_ptr + bh64 * lq_pad * D + rm[:, None] * D + rd[None, :])  # [BM, D] e4m3
+        if TMA:  # q_ptr, k_ptr, v_ptr are descriptors of [BH·Lqp, D], [BH·Lkp, D], [BH·D, Lkp]
+            q = q_ptr.load([bh * lq_pad + pid_m * BLOCK_M, 0])  # [BM, D] e4m3
+            k_src = k_ptr
+            v_src = v_ptr
+        else:
+            q = tl.load(q_ptr + bh64 * lq_pad * D + rm[:, None] * D + rd[None, :])  # [BM, D] e4m3
+            k_src = k_ptr + bh64 * lk_pad * D
+            v_src = v_ptr + bh64 * D * lk_pad
         if UPCAST:
             q = q.to(tl.float32)
         q_scale = tl.load(qs_ptr + bh * n_q_blocks + pid_m) * sm_scale_log2
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        k_base = k_ptr + bh64 * lk_pad * D
-        v_base = v_ptr + bh64 * D * lk_pad
         ks_base = ks_ptr + bh * n_kv_blocks
-        acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, ks_base, q_scale, 0, n_full_blocks, n_kv,
-                                     lk_pad, D, BLOCK_M, BLOCK_N, False, UPCAST, ROUND_P)
-        acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, ks_base, q_scale, n_full_blocks,
-                                     n_kv_blocks, n_kv, lk_pad, D, BLOCK_M, BLOCK_N, True, UPCAST, ROUND_P)
+        k_row0 = bh * lk_pad
+        v_row0 = bh * D
+        acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale, 0,
+                                     n_full_blocks, n_kv, lk_pad, D, BLOCK_M, BLOCK_N, False, UPCAST, ROUND_P, TMA)
+        acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale,
+                                     n_full_blocks, n_kv_blocks, n_kv, lk_pad, D, BLOCK_M, BLOCK_N, True, UPCAST,
+                                     ROUND_P, TMA)
         v_scale = tl.load(vs_ptr + bh * D + rd)  # [D]
         out = acc * (v_scale[None, :] / l_i[:, None])  # [BM, D]
         o = o_ptr + (bh // n_heads).to(tl.int64) * o_stride_b + (bh % n_heads).to(tl.int64) * o_stride_h
@@ -263,8 +283,14 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttnConfig) 
 
 
 def default_config(device: torch.device) -> AttnConfig:
-    on_fp8_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-    return HOPPER_CONFIG if on_fp8_gpu else FALLBACK_CONFIG
+    """HOPPER_CONFIG on Hopper and later; on Ada (FP8 tensor cores, no TMA) the same without TMA."""
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    if cap >= (9, 0):
+        return HOPPER_CONFIG
+    if cap >= (8, 9):
+        return AttnConfig(HOPPER_CONFIG.block_m, HOPPER_CONFIG.block_n, HOPPER_CONFIG.num_warps,
+                          HOPPER_CONFIG.num_stages, tma=False)
+    return FALLBACK_CONFIG
 
 
 def attend(p: Prepared, out: torch.Tensor, n_kv: int, cfg: AttnConfig, upcast: bool) -> torch.Tensor:
@@ -275,11 +301,16 @@ def attend(p: Prepared, out: torch.Tensor, n_kv: int, cfg: AttnConfig, upcast: b
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     launch = cfg.launch() if out.is_cuda else {}
     grid = (p.qs.shape[1], b * h)
-    _fp8_attn_fwd[grid](p.qq, p.kq, p.vq, p.qs, p.ks, p.vs, out, lq, n_kv, h, p.qs.shape[1], n_kv_blocks,
+    srcs = (p.qq, p.kq, p.vq)
+    if cfg.tma:  # 2-D views of all heads; the kernel offsets rows by head
+        srcs = (TensorDescriptor.from_tensor(p.qq.view(-1, d), [cfg.block_m, d]),
+                TensorDescriptor.from_tensor(p.kq.view(-1, d), [cfg.block_n, d]),
+                TensorDescriptor.from_tensor(p.vq.view(-1, p.vq.shape[2]), [d, cfg.block_n]))
+    _fp8_attn_fwd[grid](*srcs, p.qs, p.ks, p.vs, out, lq, n_kv, h, p.qs.shape[1], n_kv_blocks,
                         n_kv // cfg.block_n, p.qq.shape[1], p.kq.shape[1], math.log2(math.e) / math.sqrt(d),
                         out.stride(0), out.stride(1), out.stride(2),
                         D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=bool(upcast),
-                        ROUND_P=interpreting, **launch)
+                        ROUND_P=interpreting, TMA=cfg.tma, **launch)
     return out
 
 
@@ -299,13 +330,13 @@ def fp8_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: A
 
 @torch.library.custom_op("wanrender::fp8_attention", mutates_args=())
 def _fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int,
-                      num_warps: int, num_stages: int, upcast: int) -> torch.Tensor:
-    cfg = AttnConfig(block_m, block_n, num_warps, num_stages)
+                      num_warps: int, num_stages: int, tma: bool, upcast: int) -> torch.Tensor:
+    cfg = AttnConfig(block_m, block_n, num_warps, num_stages, tma)
     return fp8_attention_impl(q, k, v, cfg, None if upcast < 0 else bool(upcast))
 
 
 @_fp8_attention_op.register_fake
-def _(q, k, v, block_m, block_n, num_warps, num_stages, upcast):
+def _(q, k, v, block_m, block_n, num_warps, num_stages, tma, upcast):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -321,6 +352,5 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: in
     if q.shape[-1] not in (16, 32, 64, 128, 256):
         raise ValueError(f"fp8_triton attention takes head dims 16..256 (powers of two), got {q.shape[-1]}")
     cfg = default_config(q.device)
-    cfg = AttnConfig(block_m or cfg.block_m, block_n or cfg.block_n, cfg.num_warps, cfg.num_stages)
-    return _fp8_attention_op(q, k, v, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
-                             -1 if upcast is None else int(upcast))
+    return _fp8_attention_op(q, k, v, block_m or cfg.block_m, block_n or cfg.block_n, cfg.num_warps,
+                             cfg.num_stages, cfg.tma, -1 if upcast is None else int(upcast))
