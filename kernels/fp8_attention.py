@@ -55,6 +55,9 @@ class AttnConfig:
     num_warps: int = 8
     num_stages: int = 3
     tma: bool = False  # Q/K/V tiles through host tensor descriptors (TMA on Hopper) instead of pointer loads
+    # Triton's automatic warp specialisation of the key loop (documented for Blackwell; Triton 3.9 also runs a
+    # Hopper warp-spec pass): swept last, experimental
+    warp_specialize: bool = False
 
     def launch(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -69,11 +72,15 @@ HOPPER_CONFIG = AttnConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
 # elsewhere (no FP8 tensor cores, the interpreter): small blocks — the interpreter is slow per program
 FALLBACK_CONFIG = AttnConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
 # what the benchmark's sweep times (BLOCK_N 256 with 3+ stages needs more shared memory than Hopper has: left out)
-SWEEP_CONFIGS = tuple(AttnConfig(m, n, w, s, t) for (m, n, w, s, t) in (
-    (128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 128, 8, 4, False), (128, 64, 8, 3, False),
-    (128, 64, 8, 4, False), (128, 128, 4, 3, False), (64, 128, 4, 3, False), (64, 128, 4, 4, False),
-    (64, 64, 4, 3, False), (128, 256, 8, 2, False), (64, 256, 4, 2, False), (128, 64, 4, 4, False),
-    (128, 128, 8, 2, True), (128, 128, 8, 3, True), (128, 64, 8, 3, True), (64, 128, 4, 3, True)))
+# (Triton's attention tutorial leaves out 8 warps for blocks smaller than 128×128 on Hopper; so do we.)
+SWEEP_CONFIGS = tuple(AttnConfig(m, n, w, s, t, ws) for (m, n, w, s, t, ws) in (
+    (128, 128, 8, 2, False, False), (128, 128, 8, 3, False, False), (128, 128, 8, 4, False, False),
+    (128, 128, 4, 3, False, False), (64, 128, 4, 3, False, False), (64, 128, 4, 4, False, False),
+    (128, 64, 4, 3, False, False), (128, 64, 4, 4, False, False), (64, 64, 4, 3, False, False),
+    (128, 256, 8, 2, False, False),
+    (128, 128, 8, 2, True, False), (128, 128, 8, 3, True, False), (128, 128, 8, 4, True, False),
+    (64, 128, 4, 3, True, False), (128, 64, 4, 3, True, False),
+    (128, 128, 8, 3, True, True)))
 
 
 class Prepared(NamedTuple):
@@ -177,11 +184,11 @@ if HAVE_TRITON:
     @triton.jit
     def _attn_blocks(acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale, j_lo, j_hi, n_kv, lk_pad,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-                     UPCAST: tl.constexpr, ROUND_P: tl.constexpr, TMA: tl.constexpr):
+                     UPCAST: tl.constexpr, ROUND_P: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
         """k_src / v_src: this head's K and Vᵀ base pointers, or (TMA) descriptors of all heads with this head's
         first row k_row0 / v_row0."""
         rd = tl.arange(0, D)
-        for j in range(j_lo, j_hi):
+        for j in tl.range(j_lo, j_hi, warp_specialize=WS):
             rn = j * BLOCK_N + tl.arange(0, BLOCK_N)
             if TMA:
                 k = k_src.load([k_row0 + j * BLOCK_N, 0])  # [BN, D] e4m3
@@ -217,7 +224,7 @@ if HAVE_TRITON:
     def _fp8_attn_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, o_ptr, n_q, n_kv, n_heads, n_q_blocks,
                       n_kv_blocks, n_full_blocks, lq_pad, lk_pad, sm_scale_log2, o_stride_b, o_stride_l, o_stride_h,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                      ROUND_P: tl.constexpr, TMA: tl.constexpr):
+                      ROUND_P: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         bh64 = bh.to(tl.int64)
@@ -240,11 +247,13 @@ if HAVE_TRITON:
         ks_base = ks_ptr + bh * n_kv_blocks
         k_row0 = bh * lk_pad
         v_row0 = bh * D
+        # the full key blocks, unmasked; then the partly filled last one (if any), masked and not specialised
         acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale, 0,
-                                     n_full_blocks, n_kv, lk_pad, D, BLOCK_M, BLOCK_N, False, UPCAST, ROUND_P, TMA)
+                                     n_full_blocks, n_kv, lk_pad, D, BLOCK_M, BLOCK_N, False, UPCAST, ROUND_P, TMA,
+                                     WS)
         acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale,
                                      n_full_blocks, n_kv_blocks, n_kv, lk_pad, D, BLOCK_M, BLOCK_N, True, UPCAST,
-                                     ROUND_P, TMA)
+                                     ROUND_P, TMA, False)
         v_scale = tl.load(vs_ptr + bh * D + rd)  # [D]
         out = acc * (v_scale[None, :] / l_i[:, None])  # [BM, D]
         o = o_ptr + (bh // n_heads).to(tl.int64) * o_stride_b + (bh % n_heads).to(tl.int64) * o_stride_h
@@ -310,7 +319,7 @@ def attend(p: Prepared, out: torch.Tensor, n_kv: int, cfg: AttnConfig, upcast: b
                         n_kv // cfg.block_n, p.qq.shape[1], p.kq.shape[1], math.log2(math.e) / math.sqrt(d),
                         out.stride(0), out.stride(1), out.stride(2),
                         D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=bool(upcast),
-                        ROUND_P=interpreting, TMA=cfg.tma, **launch)
+                        ROUND_P=interpreting, TMA=cfg.tma, WS=cfg.warp_specialize, **launch)
     return out
 
 
