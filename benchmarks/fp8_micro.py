@@ -4,6 +4,7 @@
     python -m benchmarks.fp8_micro sweep=true out=out/fp8_sweep.json     # + every attention config (≤ ~120 s)
     python -m benchmarks.fp8_micro smoke=true out=out/fp8_micro.json     # CPU: small shapes, CPU paths, numerics
     TRITON_INTERPRET=1 python -m benchmarks.fp8_micro smoke=true sweep=true out=...   # CPU: the sweep's code path
+    python -m benchmarks.fp8_micro aot=true out=out/fp8_aot.json         # no GPU needed: compile for sm_90
 
 Rows (each: median seconds over `reps` after a warm-up, TFLOP/s, and the relative RMS error against the bf16 twin):
   linear   [75600×5120] @ [5120×13824] (the FFN's first linear at 1280×720×81): FP8Linear (activation quantisation
@@ -15,8 +16,11 @@ Rows (each: median seconds over `reps` after a warm-up, TFLOP/s, and the relativ
            pre-pass and kernel timed separately, TFLOP/s, error vs the bf16 reference; the fastest is the JSON's
            "best_config" and is printed as the line to paste into kernels/fp8_attention.py (HOPPER_CONFIG).
            Configs are skipped once `sweep_budget_s` has passed (reported as skipped).
+  aot_sm90 (aot=true, instead of timing) every kernel compiled ahead of time for sm_90 (Hopper) on this machine,
+           no GPU needed: registers, spilled (local) bytes, shared memory, FP8 wgmma and TMA instructions, compile
+           seconds — what fits before the GPU run (aot_configs=N: the first N sweep configs, HOPPER_CONFIG first).
 Targets (issue 14; a benchmark, not a test): FP8 attention ≥ 1.3× cuDNN; FP8 linear ~1.8× bf16 (anchors.md).
-key=value arguments: smoke, sweep, reps, sweep_reps, sweep_budget_s, out, tokens, heads, head_dim, dim, ffn_dim.
+key=value arguments: smoke, sweep, aot, aot_configs, reps, sweep_reps, sweep_budget_s, out, tokens, heads, head_dim, dim, ffn_dim.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import yaml
 
 from renderer.provenance import code_version, provenance
 
-DEFAULTS = {"smoke": False, "sweep": False, "reps": 5, "sweep_reps": 3, "sweep_budget_s": 90.0,
+DEFAULTS = {"smoke": False, "sweep": False, "aot": False, "aot_configs": 0, "reps": 5, "sweep_reps": 3, "sweep_budget_s": 90.0,
             "out": "out/fp8_micro.json", "tokens": 75600, "heads": 40, "head_dim": 128, "dim": 5120,
             "ffn_dim": 13824}
 SMOKE = {"tokens": 128, "heads": 2, "head_dim": 64, "dim": 128, "ffn_dim": 256, "reps": 2, "sweep_reps": 1}
@@ -191,6 +195,109 @@ def sweep_attention(o: dict, device: torch.device, t_start: float, save=lambda r
     return row
 
 
+H100_H200_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90
+
+
+def _aot(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int, divisible=()) -> dict:
+    """Compile one kernel for sm_90 without a GPU; its resource use from cuobjdump (the wheel's) on the cubin."""
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    t0 = time.perf_counter()
+    k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps, "num_stages": num_stages})
+    entry = {"compile_s": time.perf_counter() - t0, "shared": k.metadata.shared}
+    ptx = k.asm["ptx"]
+    entry["fp8_wgmma"] = sum(1 for line in ptx.splitlines() if "wgmma.mma_async" in line and "e4m3.e4m3" in line)
+    entry["tma_loads"] = ptx.count("cp.async.bulk.tensor")
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"wanrender_fp8_aot_{os.getpid()}.cubin"
+    try:
+        cubin.write_bytes(k.asm["cubin"])
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        res = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True, timeout=60)
+        for field in res.stdout.split():
+            key, _, val = field.partition(":")
+            if key in ("REG", "LOCAL") and val.isdigit():
+                entry["registers" if key == "REG" else "local_bytes"] = int(val)
+    except (OSError, subprocess.SubprocessError) as e:  # no cuobjdump: compile facts only
+        entry["resource_error"] = f"{type(e).__name__}: {e}"[:200]
+    finally:
+        cubin.unlink(missing_ok=True)
+    return entry
+
+
+def aot_report(o: dict) -> dict:
+    """The FP8 kernels compiled for sm_90 at the benchmark's head dim: the attention kernel per config, the
+    pre-pass kernels and the row-wise quantisation (at `dim` and `ffn_dim` columns)."""
+    from kernels import fp8, fp8_attention as fa
+
+    row = {"row": "aot_sm90", "head_dim": o["head_dim"], "max_shared": H100_H200_MAX_SHARED, "kernels": []}
+    if _interpreting():
+        row["skipped"] = "TRITON_INTERPRET=1: the interpreter does not compile; run without it"
+        return row
+    if not fp8.HAVE_TRITON:
+        row["skipped"] = "triton is not installed"
+        return row
+    import triton
+
+    d = o["head_dim"]
+    configs = [fa.HOPPER_CONFIG] + [c for c in fa.SWEEP_CONFIGS if c != fa.HOPPER_CONFIG]
+    configs = configs[:o["aot_configs"]] if o["aot_configs"] else configs
+    attn_sig = {n: "i32" for n in fa._fp8_attn_fwd.arg_names}
+    attn_sig.update({n: "*fp32" for n in ("qs_ptr", "ks_ptr", "vs_ptr")})
+    attn_sig.update({"o_ptr": "*bf16", "sm_scale_log2": "fp32"})
+    attn_sig.update({n: "constexpr" for n in ("D", "BLOCK_M", "BLOCK_N", "UPCAST", "ROUND_P", "TMA", "WS")})
+    jobs = []
+    for c in configs:
+        sig = dict(attn_sig)
+        if c.tma:
+            sig.update({"q_ptr": f"tensordesc<fp8e4nv[{c.block_m}, {d}]>",
+                        "k_ptr": f"tensordesc<fp8e4nv[{c.block_n}, {d}]>",
+                        "v_ptr": f"tensordesc<fp8e4nv[{d}, {c.block_n}]>"})
+        else:
+            sig.update({n: "*fp8e4nv" for n in ("q_ptr", "k_ptr", "v_ptr")})
+        div = ["qs_ptr", "ks_ptr", "vs_ptr", "o_ptr", "lq_pad", "lk_pad", "o_stride_b", "o_stride_l", "o_stride_h"]
+        jobs.append(({"kernel": "fp8_attention", "config": c.as_dict()}, fa._fp8_attn_fwd, sig,
+                     {"D": d, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "UPCAST": False, "ROUND_P": False,
+                      "TMA": c.tma, "WS": c.warp_specialize}, c.num_warps, c.num_stages,
+                     div + ([] if c.tma else ["q_ptr", "k_ptr", "v_ptr"])))
+    block = fa.HOPPER_CONFIG.block_n
+    pre_warps = 8 if block * d >= 16384 else 4
+    jobs.append(({"kernel": "prepass_qk", "block": block}, fa._quantize_block_kernel,
+                 {"x_ptr": "*bf16", "mean_ptr": "*fp32", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "n_tokens": "i32",
+                  "n_heads": "i32", "stride_b": "i32", "stride_l": "i32", "stride_h": "i32", "n_blocks": "i32",
+                  "l_pad": "i32", "D": "constexpr", "BLOCK": "constexpr", "CENTRE": "constexpr"},
+                 {"D": d, "BLOCK": block, "CENTRE": True}, pre_warps, 1,
+                 ["x_ptr", "mean_ptr", "out_ptr", "scale_ptr", "stride_b", "stride_l", "stride_h", "l_pad"]))
+    jobs.append(({"kernel": "prepass_v", "block": block}, fa._quantize_v_kernel,
+                 {"x_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*fp8e4nv", "n_tokens": "i32", "n_heads": "i32",
+                  "stride_b": "i32", "stride_l": "i32", "stride_h": "i32", "l_pad": "i32", "D": "constexpr",
+                  "BLOCK": "constexpr"}, {"D": d, "BLOCK": block}, pre_warps, 1,
+                 ["x_ptr", "scale_ptr", "out_ptr", "stride_b", "stride_l", "stride_h", "l_pad"]))
+    for cols in (o["dim"], o["ffn_dim"]):
+        block_k = triton.next_power_of_2(cols)
+        block_r = max(1, min(16, 4096 // block_k))
+        jobs.append(({"kernel": "quantize_rowwise", "cols": cols}, fp8._quantize_rows_kernel,
+                     {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32",
+                      "x_stride": "i32", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"},
+                     {"BLOCK_R": block_r, "BLOCK_K": block_k}, 4 if block_r * block_k <= 4096 else 8, 1,
+                     ["x_ptr", "q_ptr", "n_cols", "x_stride"]))
+    for head, fn, sig, consts, warps, stages, div in jobs:
+        entry = dict(head)
+        try:
+            entry.update(_aot(fn, sig, consts, warps, stages, div))
+            entry["fits"] = entry["shared"] <= H100_H200_MAX_SHARED
+        except Exception as e:  # noqa: BLE001 - a kernel that does not compile is the finding
+            entry["error"] = f"{type(e).__name__}: {e}"[:400]
+        print(f"[fp8_micro]   {json.dumps(entry)}", flush=True)
+        row["kernels"].append(entry)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     o = dict(DEFAULTS)
@@ -204,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         o.update({k: v for k, v in SMOKE.items()})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    for name, bench in (("linear", bench_linear), ("attention", bench_attention)):
+    benches = (("aot_sm90", aot_report),) if o["aot"] else (("linear", bench_linear), ("attention", bench_attention))
+    for name, bench in benches:
         print(f"[fp8_micro] {name} ...", flush=True)
-        rows.append(bench(o, device))
+        rows.append(bench(o) if o["aot"] else bench(o, device))
     out = Path(o["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -218,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "smoke": bool(o["smoke"]), "sweep": bool(o["sweep"]),
               "command": " ".join(sys.argv)}
-    if o["sweep"]:
+    if o["sweep"] and not o["aot"]:
         print("[fp8_micro] attention config sweep ...", flush=True)
         rows.append(sweep_attention(o, device, t_start,
                                     save=lambda r: write({**header, "partial": True, "rows": rows + [r]})))

@@ -43,7 +43,11 @@ from kernels.fp8 import E4M3, E4M3_MAX, HAVE_TRITON
 if HAVE_TRITON:
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    try:  # host-side tensor descriptors (TMA): Triton ≥ 3.4; without them only the tma=False configs run
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover - depends on the installed Triton
+        TensorDescriptor = None
 
     from kernels.fp8 import round_to_e4m3
 
@@ -182,42 +186,54 @@ if HAVE_TRITON:
         tl.store(out + rd[None, :] * l_pad + rl[:, None], xq.to(tl.float8e4nv))  # transposed: [D, Lp]
 
     @triton.jit
+    def _attn_step(j, acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale, n_kv, lk_pad,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr,
+                   ROUND_P: tl.constexpr, TMA: tl.constexpr):
+        """Key block j. k_src / v_src: this head's K and Vᵀ base pointers, or (TMA) descriptors of all heads with
+        this head's first row k_row0 / v_row0."""
+        rd = tl.arange(0, D)
+        rn = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        if TMA:
+            k = k_src.load([k_row0 + j * BLOCK_N, 0])  # [BN, D] e4m3
+        else:
+            k = tl.load(k_src + rn[:, None] * D + rd[None, :])  # [BN, D] e4m3
+        if UPCAST:
+            k = k.to(tl.float32)
+        c = tl.load(ks_base + j) * q_scale  # s_Q·s_K·log2(e)/√D
+        qk = tl.dot(q, tl.trans(k))  # [BM, BN] fp32
+        if MASK:  # only the last, partly filled block
+            qk = tl.where((rn < n_kv)[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * c)  # c > 0: max(c·qk) = c·max(qk)
+        alpha = tl.math.exp2(m_i - m_new)
+        # 2^(c·qk − m + log2 448) ∈ [0, 448]: the 448 that fills e4m3's range cancels in acc / l
+        p = tl.math.exp2(qk * c - (m_new - 8.807354922057604)[:, None])  # [BM, BN]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if TMA:
+            v = tl.trans(v_src.load([v_row0, j * BLOCK_N]))  # [D, BN] tile -> [BN, D] e4m3, keys contiguous
+        else:
+            v = tl.load(v_src + rd[None, :] * lk_pad + rn[:, None])  # [BN, D] e4m3 (stored [D, Lkp])
+        if ROUND_P:  # the interpreter's fp8 cast is wrong (kernels/fp8.py: round_to_e4m3)
+            p = round_to_e4m3(p)
+        p8 = p.to(tl.float8e4nv)
+        if UPCAST:
+            p8 = p8.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = tl.dot(p8, v, acc)  # [BM, D] accumulated in place
+        return acc, l_i, m_new
+
+    @triton.jit
     def _attn_blocks(acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale, j_lo, j_hi, n_kv, lk_pad,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                      UPCAST: tl.constexpr, ROUND_P: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
-        """k_src / v_src: this head's K and Vᵀ base pointers, or (TMA) descriptors of all heads with this head's
-        first row k_row0 / v_row0."""
-        rd = tl.arange(0, D)
-        for j in tl.range(j_lo, j_hi, warp_specialize=WS):
-            rn = j * BLOCK_N + tl.arange(0, BLOCK_N)
-            if TMA:
-                k = k_src.load([k_row0 + j * BLOCK_N, 0])  # [BN, D] e4m3
-            else:
-                k = tl.load(k_src + rn[:, None] * D + rd[None, :])  # [BN, D] e4m3
-            if UPCAST:
-                k = k.to(tl.float32)
-            c = tl.load(ks_base + j) * q_scale  # s_Q·s_K·log2(e)/√D
-            qk = tl.dot(q, tl.trans(k))  # [BM, BN] fp32
-            if MASK:  # only the last, partly filled block
-                qk = tl.where((rn < n_kv)[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * c)  # c > 0: max(c·qk) = c·max(qk)
-            alpha = tl.math.exp2(m_i - m_new)
-            # 2^(c·qk − m + log2 448) ∈ [0, 448]: the 448 that fills e4m3's range cancels in acc / l
-            p = tl.math.exp2(qk * c - (m_new - 8.807354922057604)[:, None])  # [BM, BN]
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if TMA:
-                v = tl.trans(v_src.load([v_row0, j * BLOCK_N]))  # [D, BN] tile -> [BN, D] e4m3, keys contiguous
-            else:
-                v = tl.load(v_src + rd[None, :] * lk_pad + rn[:, None])  # [BN, D] e4m3 (stored [D, Lkp])
-            if ROUND_P:  # the interpreter's fp8 cast is wrong (kernels/fp8.py: round_to_e4m3)
-                p = round_to_e4m3(p)
-            p8 = p.to(tl.float8e4nv)
-            if UPCAST:
-                p8 = p8.to(tl.float32)
-                v = v.to(tl.float32)
-            acc = tl.dot(p8, v, acc)  # [BM, D] accumulated in place
-            m_i = m_new
+        if WS:  # tl.range's warp_specialize only where asked: older Triton releases lack the keyword
+            for j in tl.range(j_lo, j_hi, warp_specialize=True):
+                acc, l_i, m_i = _attn_step(j, acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale,
+                                           n_kv, lk_pad, D, BLOCK_N, MASK, UPCAST, ROUND_P, TMA)
+        else:
+            for j in range(j_lo, j_hi):
+                acc, l_i, m_i = _attn_step(j, acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale,
+                                           n_kv, lk_pad, D, BLOCK_N, MASK, UPCAST, ROUND_P, TMA)
         return acc, l_i, m_i
 
     @triton.jit
@@ -281,7 +297,8 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttnConfig) 
     ks = torch.empty(b * h, lkp // cfg.block_n, dtype=torch.float32, device=dev)
     k_mean = _key_mean(k)  # [BH, D]
     vs = _value_scale(v)  # [BH, D]
-    launch = {"num_warps": 4} if q.is_cuda else {}
+    # ~64 fp32 values a thread: 8 warps for 128×128 blocks (4 would spill)
+    launch = {"num_warps": 8 if max(cfg.block_m, cfg.block_n) * d >= 16384 else 4} if q.is_cuda else {}
     _quantize_block_kernel[(qs.shape[1], b * h)](q, qs, qq, qs, lq, h, q.stride(0), q.stride(1), q.stride(2),
                                                  qs.shape[1], lqp, D=d, BLOCK=cfg.block_m, CENTRE=False, **launch)
     _quantize_block_kernel[(ks.shape[1], b * h)](k, k_mean, kq, ks, lk, h, k.stride(0), k.stride(1), k.stride(2),
@@ -312,6 +329,8 @@ def attend(p: Prepared, out: torch.Tensor, n_kv: int, cfg: AttnConfig, upcast: b
     grid = (p.qs.shape[1], b * h)
     srcs = (p.qq, p.kq, p.vq)
     if cfg.tma:  # 2-D views of all heads; the kernel offsets rows by head
+        if TensorDescriptor is None:
+            raise RuntimeError("fp8_triton: tma=True needs triton.tools.tensor_descriptor (Triton ≥ 3.4)")
         srcs = (TensorDescriptor.from_tensor(p.qq.view(-1, d), [cfg.block_m, d]),
                 TensorDescriptor.from_tensor(p.kq.view(-1, d), [cfg.block_n, d]),
                 TensorDescriptor.from_tensor(p.vq.view(-1, p.vq.shape[2]), [d, cfg.block_n]))

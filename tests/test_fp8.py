@@ -142,3 +142,28 @@ def test_fp8_on_gpu_matches_reference():  # pragma: no cover - GPU only
         assert relative_rms(fp8_attention_impl(q, k, v, cfg).float(), ref) <= ATTN_BOUND, cfg
     got, want = prepare(q, k, v, SWEEP_CONFIGS[0]), prepare_reference(q, k, v, SWEEP_CONFIGS[0])
     assert all(torch.equal(a.float(), b.float()) for a, b in zip(got, want))
+
+
+def test_fp8_kernels_compile_for_hopper_without_a_gpu(tmp_path):
+    """The GPU path of the Triton kernels, compiled ahead of time for sm_90 (benchmarks/fp8_micro.py aot=true): the
+    attention kernel uses FP8 tensor-core instructions, nothing spills, and shared memory fits an H100/H200 block."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="triton cannot be imported here")
+    pytest.importorskip("triton.backends.nvidia", reason="this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter does not compile
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    out = tmp_path / "aot.json"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.fp8_micro", "aot=true", "aot_configs=1", f"out={out}"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    kernels = json.loads(out.read_text())["rows"][0]["kernels"]
+    assert [k["kernel"] for k in kernels] == ["fp8_attention", "prepass_qk", "prepass_v", "quantize_rowwise",
+                                              "quantize_rowwise"]
+    for k in kernels:
+        assert "error" not in k, k
+        assert k["fits"] and k.get("local_bytes", 0) == 0, k
+    assert kernels[0]["fp8_wgmma"] > 0  # e4m3 × e4m3 wgmma: the FP8 tensor cores, not an upcast
