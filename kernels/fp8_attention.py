@@ -59,9 +59,11 @@ class AttnConfig:
     num_warps: int = 8
     num_stages: int = 3
     tma: bool = False  # Q/K/V tiles through host tensor descriptors (TMA on Hopper) instead of pointer loads
-    # Triton's automatic warp specialisation of the key loop (documented for Blackwell; Triton 3.9 also runs a
-    # Hopper warp-spec pass): swept last, experimental
-    warp_specialize: bool = False
+    # fast_acc: P·V accumulates into acc inside the FP8 tensor-core instruction for the whole key loop. Hopper's FP8
+    # wgmma adds in reduced precision (Triton's max_num_imprecise_acc default on sm_90), so over 75,600 keys the
+    # error can grow; False (default) lets each block's product accumulate imprecisely over its BLOCK_N keys only,
+    # then adds it to acc in fp32 (max_num_imprecise_acc=BLOCK_N; Triton promotes once per block)
+    fast_acc: bool = False
 
     def launch(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -77,14 +79,14 @@ HOPPER_CONFIG = AttnConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
 FALLBACK_CONFIG = AttnConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
 # what the benchmark's sweep times (BLOCK_N 256 with 3+ stages needs more shared memory than Hopper has: left out)
 # (Triton's attention tutorial leaves out 8 warps for blocks smaller than 128×128 on Hopper; so do we.)
-SWEEP_CONFIGS = tuple(AttnConfig(m, n, w, s, t, ws) for (m, n, w, s, t, ws) in (
+SWEEP_CONFIGS = tuple(AttnConfig(m, n, w, s, t, fa) for (m, n, w, s, t, fa) in (
     (128, 128, 8, 2, False, False), (128, 128, 8, 3, False, False), (128, 128, 8, 4, False, False),
     (128, 128, 4, 3, False, False), (64, 128, 4, 3, False, False), (64, 128, 4, 4, False, False),
     (128, 64, 4, 3, False, False), (128, 64, 4, 4, False, False), (64, 64, 4, 3, False, False),
     (128, 256, 8, 2, False, False),
     (128, 128, 8, 2, True, False), (128, 128, 8, 3, True, False), (128, 128, 8, 4, True, False),
     (64, 128, 4, 3, True, False), (128, 64, 4, 3, True, False),
-    (128, 128, 8, 3, True, True)))
+    (128, 128, 8, 3, False, True), (128, 128, 8, 3, True, True)))
 
 
 class Prepared(NamedTuple):
@@ -188,7 +190,7 @@ if HAVE_TRITON:
     @triton.jit
     def _attn_step(j, acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale, n_kv, lk_pad,
                    D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr,
-                   ROUND_P: tl.constexpr, TMA: tl.constexpr):
+                   ROUND_P: tl.constexpr, TMA: tl.constexpr, FAST_ACC: tl.constexpr):
         """Key block j. k_src / v_src: this head's K and Vᵀ base pointers, or (TMA) descriptors of all heads with
         this head's first row k_row0 / v_row0."""
         rd = tl.arange(0, D)
@@ -219,28 +221,28 @@ if HAVE_TRITON:
         if UPCAST:
             p8 = p8.to(tl.float32)
             v = v.to(tl.float32)
-        acc = tl.dot(p8, v, acc)  # [BM, D] accumulated in place
+        if FAST_ACC:
+            acc = tl.dot(p8, v, acc)  # [BM, D] accumulated in place, in the tensor cores' precision
+        else:
+            acc = tl.dot(p8, v, acc, max_num_imprecise_acc=BLOCK_N)  # [BM, D], promoted to fp32 once per block
         return acc, l_i, m_new
 
     @triton.jit
     def _attn_blocks(acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale, j_lo, j_hi, n_kv, lk_pad,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-                     UPCAST: tl.constexpr, ROUND_P: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
-        if WS:  # tl.range's warp_specialize only where asked: older Triton releases lack the keyword
-            for j in tl.range(j_lo, j_hi, warp_specialize=True):
-                acc, l_i, m_i = _attn_step(j, acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale,
-                                           n_kv, lk_pad, D, BLOCK_N, MASK, UPCAST, ROUND_P, TMA)
-        else:
-            for j in range(j_lo, j_hi):
-                acc, l_i, m_i = _attn_step(j, acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale,
-                                           n_kv, lk_pad, D, BLOCK_N, MASK, UPCAST, ROUND_P, TMA)
+                     UPCAST: tl.constexpr, ROUND_P: tl.constexpr, TMA: tl.constexpr, FAST_ACC: tl.constexpr):
+        # (Triton 3.9's automatic warp specialisation, tl.range(warp_specialize=True), compiled for sm_90 left this
+        # loop unchanged at 8 warps and failed in its Hopper pass at 4: not offered)
+        for j in range(j_lo, j_hi):
+            acc, l_i, m_i = _attn_step(j, acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale, n_kv,
+                                       lk_pad, D, BLOCK_N, MASK, UPCAST, ROUND_P, TMA, FAST_ACC)
         return acc, l_i, m_i
 
     @triton.jit
     def _fp8_attn_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, o_ptr, n_q, n_kv, n_heads, n_q_blocks,
                       n_kv_blocks, n_full_blocks, lq_pad, lk_pad, sm_scale_log2, o_stride_b, o_stride_l, o_stride_h,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                      ROUND_P: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
+                      ROUND_P: tl.constexpr, TMA: tl.constexpr, FAST_ACC: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         bh64 = bh.to(tl.int64)
@@ -263,13 +265,13 @@ if HAVE_TRITON:
         ks_base = ks_ptr + bh * n_kv_blocks
         k_row0 = bh * lk_pad
         v_row0 = bh * D
-        # the full key blocks, unmasked; then the partly filled last one (if any), masked and not specialised
+        # the full key blocks, unmasked; then the partly filled last one (if any), masked
         acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale, 0,
                                      n_full_blocks, n_kv, lk_pad, D, BLOCK_M, BLOCK_N, False, UPCAST, ROUND_P, TMA,
-                                     WS)
+                                     FAST_ACC)
         acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale,
                                      n_full_blocks, n_kv_blocks, n_kv, lk_pad, D, BLOCK_M, BLOCK_N, True, UPCAST,
-                                     ROUND_P, TMA, False)
+                                     ROUND_P, TMA, FAST_ACC)
         v_scale = tl.load(vs_ptr + bh * D + rd)  # [D]
         out = acc * (v_scale[None, :] / l_i[:, None])  # [BM, D]
         o = o_ptr + (bh // n_heads).to(tl.int64) * o_stride_b + (bh % n_heads).to(tl.int64) * o_stride_h
@@ -315,7 +317,7 @@ def default_config(device: torch.device) -> AttnConfig:
         return HOPPER_CONFIG
     if cap >= (8, 9):
         return AttnConfig(HOPPER_CONFIG.block_m, HOPPER_CONFIG.block_n, HOPPER_CONFIG.num_warps,
-                          HOPPER_CONFIG.num_stages, tma=False)
+                          HOPPER_CONFIG.num_stages, tma=False, fast_acc=HOPPER_CONFIG.fast_acc)
     return FALLBACK_CONFIG
 
 
@@ -338,7 +340,8 @@ def attend(p: Prepared, out: torch.Tensor, n_kv: int, cfg: AttnConfig, upcast: b
                         n_kv // cfg.block_n, p.qq.shape[1], p.kq.shape[1], math.log2(math.e) / math.sqrt(d),
                         out.stride(0), out.stride(1), out.stride(2),
                         D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=bool(upcast),
-                        ROUND_P=interpreting, TMA=cfg.tma, WS=cfg.warp_specialize, **launch)
+                        ROUND_P=interpreting, TMA=cfg.tma, FAST_ACC=cfg.fast_acc,
+                        **launch)
     return out
 
 
@@ -358,13 +361,13 @@ def fp8_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: A
 
 @torch.library.custom_op("wanrender::fp8_attention", mutates_args=())
 def _fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int,
-                      num_warps: int, num_stages: int, tma: bool, upcast: int) -> torch.Tensor:
-    cfg = AttnConfig(block_m, block_n, num_warps, num_stages, tma)
+                      num_warps: int, num_stages: int, tma: bool, fast_acc: bool, upcast: int) -> torch.Tensor:
+    cfg = AttnConfig(block_m, block_n, num_warps, num_stages, tma, fast_acc)
     return fp8_attention_impl(q, k, v, cfg, None if upcast < 0 else bool(upcast))
 
 
 @_fp8_attention_op.register_fake
-def _(q, k, v, block_m, block_n, num_warps, num_stages, tma, upcast):
+def _(q, k, v, block_m, block_n, num_warps, num_stages, tma, fast_acc, upcast):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -381,4 +384,4 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: in
         raise ValueError(f"fp8_triton attention takes head dims 16..256 (powers of two), got {q.shape[-1]}")
     cfg = default_config(q.device)
     return _fp8_attention_op(q, k, v, block_m or cfg.block_m, block_n or cfg.block_n, cfg.num_warps,
-                             cfg.num_stages, cfg.tma, -1 if upcast is None else int(upcast))
+                             cfg.num_stages, cfg.tma, cfg.fast_acc, -1 if upcast is None else int(upcast))
