@@ -284,6 +284,16 @@ def _need_triton():
         raise RuntimeError("attention backend 'fp8_triton' needs triton: pip install triton (it comes with CUDA torch)")
 
 
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"fp8_triton attention takes q [B, Lq, H, D] and k, v [B, Lk, H, D]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] not in (16, 32, 64, 128, 256):
+        raise ValueError(f"fp8_triton attention takes head dims 16..256 (powers of two), got {q.shape[-1]}")
+    if k.shape[1] == 0:
+        raise ValueError("fp8_triton attention: no keys (Lk = 0)")
+
+
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttnConfig) -> Prepared:
     """The fused pre-pass: one Triton kernel per tensor (plus K's mean and V's amax, one torch reduction each)."""
     _need_triton()
@@ -349,9 +359,7 @@ def fp8_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: A
                        upcast: bool | None = None) -> torch.Tensor:
     """The pre-pass and the kernel with an explicit config (the benchmark's entry point)."""
     _need_triton()
-    b, lq, h, d = q.shape
-    if d not in (16, 32, 64, 128, 256):
-        raise ValueError(f"fp8_triton attention takes head dims 16..256 (powers of two), got {d}")
+    _check_shapes(q, k, v)
     cfg = cfg or default_config(q.device)
     if upcast is None:
         upcast = not (q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9))
@@ -380,8 +388,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: in
     interpreter). Blocks and launch: HOPPER_CONFIG on such a GPU, FALLBACK_CONFIG elsewhere; block_m / block_n
     override its blocks."""
     _need_triton()
-    if q.shape[-1] not in (16, 32, 64, 128, 256):
-        raise ValueError(f"fp8_triton attention takes head dims 16..256 (powers of two), got {q.shape[-1]}")
+    _check_shapes(q, k, v)
     cfg = default_config(q.device)
     return _fp8_attention_op(q, k, v, block_m or cfg.block_m, block_n or cfg.block_n, cfg.num_warps,
                              cfg.num_stages, cfg.tma, cfg.fast_acc, -1 if upcast is None else int(upcast))

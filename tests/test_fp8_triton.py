@@ -103,12 +103,17 @@ def test_fp8_attention_configs_agree_and_bf16_output():
     assert ((outb.double() - ref).norm() / ref.norm()).item() <= ATTN_BOUND
 
 
-def test_fp8_attention_refuses_odd_head_dims():
+def test_fp8_attention_refuses_bad_shapes():
     from kernels.fp8_attention import fp8_attention
 
     q = torch.randn(1, 8, 1, 48)
     with pytest.raises(ValueError, match="head dims 16..256"):
         fp8_attention(q, q, q)
+    q = torch.randn(1, 8, 2, 32)
+    with pytest.raises(ValueError, match=r"k, v \[B, Lk, H, D\]"):
+        fp8_attention(q, q, q[:, :4])
+    with pytest.raises(ValueError, match="no keys"):
+        fp8_attention(q, q[:, :0], q[:, :0])
 
 
 def test_the_custom_ops_compile_into_one_graph():
