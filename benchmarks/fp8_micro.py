@@ -250,7 +250,7 @@ def aot_report(o: dict) -> dict:
     attn_sig = {n: "i32" for n in fa._fp8_attn_fwd.arg_names}
     attn_sig.update({n: "*fp32" for n in ("qs_ptr", "ks_ptr", "vs_ptr")})
     attn_sig.update({"o_ptr": "*bf16", "sm_scale_log2": "fp32"})
-    attn_sig.update({n: "constexpr" for n in ("D", "BLOCK_M", "BLOCK_N", "UPCAST", "ROUND_P", "TMA", "FAST_ACC")})
+    attn_sig.update({n: "constexpr" for n in ("D", "BLOCK_M", "BLOCK_N", "UPCAST", "ROUND_P", "TMA", "FAST_ACC", "EXP16")})
     jobs = []
     for c in configs:
         sig = dict(attn_sig)
@@ -263,7 +263,8 @@ def aot_report(o: dict) -> dict:
         div = ["qs_ptr", "ks_ptr", "vs_ptr", "o_ptr", "lq_pad", "lk_pad", "o_stride_b", "o_stride_l", "o_stride_h"]
         jobs.append(({"kernel": "fp8_attention", "config": c.as_dict()}, fa._fp8_attn_fwd, sig,
                      {"D": d, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "UPCAST": False, "ROUND_P": False,
-                      "TMA": c.tma, "FAST_ACC": c.fast_acc}, c.num_warps, c.num_stages,
+                      "TMA": c.tma, "FAST_ACC": c.fast_acc,
+                      "EXP16": c.exp16}, c.num_warps, c.num_stages,
                      div + ([] if c.tma else ["q_ptr", "k_ptr", "v_ptr"])))
     block = fa.HOPPER_CONFIG.block_n
     pre_warps = 8 if block * d >= 16384 else 4

@@ -64,6 +64,10 @@ class AttnConfig:
     # error can grow; False (default) lets each block's product accumulate imprecisely over its BLOCK_N keys only,
     # then adds it to acc in fp32 (max_num_imprecise_acc=BLOCK_N; Triton promotes once per block)
     fast_acc: bool = False
+    # exp16: the softmax exponentials through ex2.approx.f16x2 (two per MUFU issue; inline PTX, so GPU only — the
+    # interpreter runs tl.math.exp2). P is rounded to e4m3 (3 mantissa bits) next, so f16's 10 bits are ample; the
+    # argument in f16 is off by ≤ 2^-6 for the scores that survive e4m3 (≥ 2^-9·448), ≤ 0.6 % of P
+    exp16: bool = False
 
     def launch(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -79,14 +83,16 @@ HOPPER_CONFIG = AttnConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
 FALLBACK_CONFIG = AttnConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
 # what the benchmark's sweep times (BLOCK_N 256 with 3+ stages needs more shared memory than Hopper has: left out)
 # (Triton's attention tutorial leaves out 8 warps for blocks smaller than 128×128 on Hopper; so do we.)
-SWEEP_CONFIGS = tuple(AttnConfig(m, n, w, s, t, fa) for (m, n, w, s, t, fa) in (
+SWEEP_CONFIGS = tuple(AttnConfig(*c) for c in (  # block_m, block_n, num_warps, num_stages, tma, fast_acc, exp16
     (128, 128, 8, 2, False, False), (128, 128, 8, 3, False, False), (128, 128, 8, 4, False, False),
     (128, 128, 4, 3, False, False), (64, 128, 4, 3, False, False), (64, 128, 4, 4, False, False),
     (128, 64, 4, 3, False, False), (128, 64, 4, 4, False, False), (64, 64, 4, 3, False, False),
     (128, 256, 8, 2, False, False),
     (128, 128, 8, 2, True, False), (128, 128, 8, 3, True, False), (128, 128, 8, 4, True, False),
     (64, 128, 4, 3, True, False), (128, 64, 4, 3, True, False),
-    (128, 128, 8, 3, False, True), (128, 128, 8, 3, True, True)))
+    (128, 128, 8, 3, False, True), (128, 128, 8, 3, True, True),
+    (128, 128, 8, 3, False, False, True), (128, 128, 8, 2, True, False, True), (128, 128, 8, 3, True, False, True),
+    (128, 128, 8, 3, True, True, True)))
 
 
 class Prepared(NamedTuple):
@@ -190,7 +196,7 @@ if HAVE_TRITON:
     @triton.jit
     def _attn_step(j, acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale, n_kv, lk_pad,
                    D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr,
-                   ROUND_P: tl.constexpr, TMA: tl.constexpr, FAST_ACC: tl.constexpr):
+                   ROUND_P: tl.constexpr, TMA: tl.constexpr, FAST_ACC: tl.constexpr, EXP16: tl.constexpr):
         """Key block j. k_src / v_src: this head's K and Vᵀ base pointers, or (TMA) descriptors of all heads with
         this head's first row k_row0 / v_row0."""
         rd = tl.arange(0, D)
@@ -208,15 +214,24 @@ if HAVE_TRITON:
         m_new = tl.maximum(m_i, tl.max(qk, 1) * c)  # c > 0: max(c·qk) = c·max(qk)
         alpha = tl.math.exp2(m_i - m_new)
         # 2^(c·qk − m + log2 448) ∈ [0, 448]: the 448 that fills e4m3's range cancels in acc / l
-        p = tl.math.exp2(qk * c - (m_new - 8.807354922057604)[:, None])  # [BM, BN]
-        l_i = l_i * alpha + tl.sum(p, 1)
+        arg = qk * c - (m_new - 8.807354922057604)[:, None]  # [BM, BN] fp32, ≤ log2 448
+        if EXP16:
+            p = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [arg.to(tl.float16)],
+                                          dtype=tl.float16, is_pure=True, pack=2)  # [BM, BN] f16
+            if BLOCK_N * 448 <= 65504:  # a block's row sum fits f16: no conversion of every element to fp32
+                l_i = l_i * alpha + tl.sum(p, 1).to(tl.float32)
+            else:
+                l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+        else:
+            p = tl.math.exp2(arg)  # [BM, BN] fp32
+            l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if TMA:
             v = tl.trans(v_src.load([v_row0, j * BLOCK_N]))  # [D, BN] tile -> [BN, D] e4m3, keys contiguous
         else:
             v = tl.load(v_src + rd[None, :] * lk_pad + rn[:, None])  # [BN, D] e4m3 (stored [D, Lkp])
         if ROUND_P:  # the interpreter's fp8 cast is wrong (kernels/fp8.py: round_to_e4m3)
-            p = round_to_e4m3(p)
+            p = round_to_e4m3(p.to(tl.float32))
         p8 = p.to(tl.float8e4nv)
         if UPCAST:
             p8 = p8.to(tl.float32)
@@ -230,19 +245,20 @@ if HAVE_TRITON:
     @triton.jit
     def _attn_blocks(acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale, j_lo, j_hi, n_kv, lk_pad,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-                     UPCAST: tl.constexpr, ROUND_P: tl.constexpr, TMA: tl.constexpr, FAST_ACC: tl.constexpr):
+                     UPCAST: tl.constexpr, ROUND_P: tl.constexpr, TMA: tl.constexpr, FAST_ACC: tl.constexpr,
+                     EXP16: tl.constexpr):
         # (Triton 3.9's automatic warp specialisation, tl.range(warp_specialize=True), compiled for sm_90 left this
         # loop unchanged at 8 warps and failed in its Hopper pass at 4: not offered)
         for j in range(j_lo, j_hi):
             acc, l_i, m_i = _attn_step(j, acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale, n_kv,
-                                       lk_pad, D, BLOCK_N, MASK, UPCAST, ROUND_P, TMA, FAST_ACC)
+                                       lk_pad, D, BLOCK_N, MASK, UPCAST, ROUND_P, TMA, FAST_ACC, EXP16)
         return acc, l_i, m_i
 
     @triton.jit
     def _fp8_attn_fwd(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, o_ptr, n_q, n_kv, n_heads, n_q_blocks,
                       n_kv_blocks, n_full_blocks, lq_pad, lk_pad, sm_scale_log2, o_stride_b, o_stride_l, o_stride_h,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                      ROUND_P: tl.constexpr, TMA: tl.constexpr, FAST_ACC: tl.constexpr):
+                      ROUND_P: tl.constexpr, TMA: tl.constexpr, FAST_ACC: tl.constexpr, EXP16: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         bh64 = bh.to(tl.int64)
@@ -268,10 +284,10 @@ if HAVE_TRITON:
         # the full key blocks, unmasked; then the partly filled last one (if any), masked
         acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale, 0,
                                      n_full_blocks, n_kv, lk_pad, D, BLOCK_M, BLOCK_N, False, UPCAST, ROUND_P, TMA,
-                                     FAST_ACC)
+                                     FAST_ACC, EXP16)
         acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_src, v_src, k_row0, v_row0, ks_base, q_scale,
                                      n_full_blocks, n_kv_blocks, n_kv, lk_pad, D, BLOCK_M, BLOCK_N, True, UPCAST,
-                                     ROUND_P, TMA, FAST_ACC)
+                                     ROUND_P, TMA, FAST_ACC, EXP16)
         v_scale = tl.load(vs_ptr + bh * D + rd)  # [D]
         out = acc * (v_scale[None, :] / l_i[:, None])  # [BM, D]
         o = o_ptr + (bh // n_heads).to(tl.int64) * o_stride_b + (bh % n_heads).to(tl.int64) * o_stride_h
@@ -327,7 +343,7 @@ def default_config(device: torch.device) -> AttnConfig:
         return HOPPER_CONFIG
     if cap >= (8, 9):
         return AttnConfig(HOPPER_CONFIG.block_m, HOPPER_CONFIG.block_n, HOPPER_CONFIG.num_warps,
-                          HOPPER_CONFIG.num_stages, tma=False, fast_acc=HOPPER_CONFIG.fast_acc)
+                          HOPPER_CONFIG.num_stages, False, HOPPER_CONFIG.fast_acc, HOPPER_CONFIG.exp16)
     return FALLBACK_CONFIG
 
 
@@ -351,6 +367,7 @@ def attend(p: Prepared, out: torch.Tensor, n_kv: int, cfg: AttnConfig, upcast: b
                         out.stride(0), out.stride(1), out.stride(2),
                         D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=bool(upcast),
                         ROUND_P=interpreting, TMA=cfg.tma, FAST_ACC=cfg.fast_acc,
+                        EXP16=cfg.exp16 and not interpreting and out.is_cuda,
                         **launch)
     return out
 
@@ -369,13 +386,14 @@ def fp8_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: A
 
 @torch.library.custom_op("wanrender::fp8_attention", mutates_args=())
 def _fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int,
-                      num_warps: int, num_stages: int, tma: bool, fast_acc: bool, upcast: int) -> torch.Tensor:
-    cfg = AttnConfig(block_m, block_n, num_warps, num_stages, tma, fast_acc)
+                      num_warps: int, num_stages: int, tma: bool, fast_acc: bool, exp16: bool,
+                      upcast: int) -> torch.Tensor:
+    cfg = AttnConfig(block_m, block_n, num_warps, num_stages, tma, fast_acc, exp16)
     return fp8_attention_impl(q, k, v, cfg, None if upcast < 0 else bool(upcast))
 
 
 @_fp8_attention_op.register_fake
-def _(q, k, v, block_m, block_n, num_warps, num_stages, tma, fast_acc, upcast):
+def _(q, k, v, block_m, block_n, num_warps, num_stages, tma, fast_acc, exp16, upcast):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -391,4 +409,4 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: in
     _check_shapes(q, k, v)
     cfg = default_config(q.device)
     return _fp8_attention_op(q, k, v, block_m or cfg.block_m, block_n or cfg.block_n, cfg.num_warps,
-                             cfg.num_stages, cfg.tma, cfg.fast_acc, -1 if upcast is None else int(upcast))
+                             cfg.num_stages, cfg.tma, cfg.fast_acc, cfg.exp16, -1 if upcast is None else int(upcast))
