@@ -20,7 +20,8 @@ Rows (each: median seconds over `reps` after a warm-up, TFLOP/s, and the relativ
            no GPU needed: registers, spilled (local) bytes, shared memory, FP8 wgmma and TMA instructions, compile
            seconds — what fits before the GPU run (aot_configs=N: the first N sweep configs, HOPPER_CONFIG first).
 Targets (issue 14; a benchmark, not a test): FP8 attention ≥ 1.3× cuDNN; FP8 linear ~1.8× bf16 (anchors.md).
-key=value arguments: smoke, sweep, aot, aot_configs, reps, sweep_reps, sweep_budget_s, out, tokens, heads, head_dim, dim, ffn_dim.
+key=value arguments: smoke, sweep, aot, aot_configs, reps, sweep_reps, sweep_budget_s, out, tokens, heads,
+head_dim, dim, ffn_dim.
 """
 from __future__ import annotations
 
@@ -36,9 +37,9 @@ import yaml
 
 from renderer.provenance import code_version, provenance
 
-DEFAULTS = {"smoke": False, "sweep": False, "aot": False, "aot_configs": 0, "reps": 5, "sweep_reps": 3, "sweep_budget_s": 90.0,
-            "out": "out/fp8_micro.json", "tokens": 75600, "heads": 40, "head_dim": 128, "dim": 5120,
-            "ffn_dim": 13824}
+DEFAULTS = {"smoke": False, "sweep": False, "aot": False, "aot_configs": 0, "reps": 5, "sweep_reps": 3,
+            "sweep_budget_s": 90.0, "out": "out/fp8_micro.json", "tokens": 75600, "heads": 40, "head_dim": 128,
+            "dim": 5120, "ffn_dim": 13824}
 SMOKE = {"tokens": 128, "heads": 2, "head_dim": 64, "dim": 128, "ffn_dim": 256, "reps": 2, "sweep_reps": 1}
 
 
@@ -250,7 +251,8 @@ def aot_report(o: dict) -> dict:
     attn_sig = {n: "i32" for n in fa._fp8_attn_fwd.arg_names}
     attn_sig.update({n: "*fp32" for n in ("qs_ptr", "ks_ptr", "vs_ptr")})
     attn_sig.update({"o_ptr": "*bf16", "sm_scale_log2": "fp32"})
-    attn_sig.update({n: "constexpr" for n in ("D", "BLOCK_M", "BLOCK_N", "UPCAST", "ROUND_P", "TMA", "FAST_ACC", "EXP16")})
+    attn_sig.update({n: "constexpr" for n in ("D", "BLOCK_M", "BLOCK_N", "UPCAST", "ROUND_P", "TMA", "FAST_ACC",
+                                               "EXP16")})
     jobs = []
     for c in configs:
         sig = dict(attn_sig)

@@ -21,9 +21,20 @@ B operand (as in Triton's fused-attention tutorial). The two reductions the scal
 V's per-channel amax) are one torch reduction each. `prepare_reference` is the eager twin (the same values: tested
 equal under TRITON_INTERPRET=1).
 
-Configs: `HOPPER_CONFIG` is what a GPU with FP8 tensor cores runs; `python -m benchmarks.fp8_micro sweep=true`
-times SWEEP_CONFIGS and prints the winner to paste there. Where the GPU has no FP8 tensor cores (or in the
-interpreter) the fp8 operands are upcast before tl.dot — the same quantised values.
+Configs (AttnConfig): blocks, warps, stages, and three switches — `tma` (tiles through host tensor descriptors),
+`fast_acc` (P·V accumulated inside Hopper's FP8 tensor cores, whose adds are imprecise, over the whole key loop;
+default: promoted to fp32 once per key block) and `exp16` (exponentials via ex2.approx.f16x2, GPU only).
+`HOPPER_CONFIG` is what a GPU with FP8 tensor cores runs; `python -m benchmarks.fp8_micro sweep=true` times
+SWEEP_CONFIGS on the GPU and prints the winner to paste there; `aot=true` compiles them all for sm_90 on any machine
+(registers, spills, shared memory, FP8 wgmma). Where the GPU has no FP8 tensor cores (or in the interpreter) the
+fp8 operands are upcast before tl.dot — the same quantised values.
+
+Why the previous kernel reached only 544 TFLOP/s (0.96× cuDNN), and what changed: its pre-pass ran ~15 eager passes
+over fp32 copies of q, k, v (transposes, mean, pad, abs, amax, divide, clamp, cast, V transpose: tens of ms of the
+215 ms) -> three Triton kernels, one read each; it wrote an fp32 [BH, L, D] output, transposed and cast it ->
+written once, in q's dtype and layout; per key block it multiplied the scores by the scale (separate pass), masked
+every block, multiplied P by 448 and scaled each PV product by its block's V scale before adding it -> scale folded
+into the exp2 FMA, only the last block masked, 448 folded into the exp2 offset, V scale per channel applied once.
 
 Registered in kernels/attention.py as "fp8_triton", only where settings allow lossy kernels (never picked by
 "auto"). Error bound: tests/test_fp8.py (relative RMS vs fp64 attention; 0.054 vs cuDNN bf16 at full size on an
