@@ -210,7 +210,7 @@ def _aot(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     t0 = time.perf_counter()
     k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
+                       options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
     entry = {"compile_s": time.perf_counter() - t0, "shared": k.metadata.shared}
     ptx = k.asm["ptx"]
     entry["fp8_wgmma"] = sum(1 for line in ptx.splitlines() if "wgmma.mma_async" in line and "e4m3.e4m3" in line)

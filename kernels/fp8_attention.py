@@ -81,7 +81,8 @@ class AttnConfig:
     exp16: bool = False
 
     def launch(self) -> dict:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        # fp fusion spelled out: `c·qk − m` must stay one FMA, and Triton 3.10 turns the default off
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
 
     def as_dict(self) -> dict:
         return asdict(self)
