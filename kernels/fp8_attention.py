@@ -137,7 +137,7 @@ def _pad_to(n: int, block: int) -> int:
 
 
 def prepare_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttnConfig) -> Prepared:
-    """The eager pre-pass: the reference for `prepare` (and its path where triton is missing)."""
+    """The eager pre-pass, over fp32 copies: the reference `prepare` is tested equal to."""
     b, lq, h, d = q.shape
     lk = k.shape[1]
 
