@@ -55,6 +55,19 @@ def apply_sequence_parallel(model: nn.Module, mesh, pcfg: ParallelConfig, agree=
     return sharder
 
 
+def reapply_sequence_parallel(model: nn.Module, mesh, pcfg: ParallelConfig, agree=None) -> SequenceSharder | None:
+    """Lay an already parallelised expert out anew (RenderGroup.use_layout): the token split and the attention
+    slots are cleared, then step 2 runs for `pcfg` (nothing more when sp = 1). Weights and FSDP shards are not
+    touched: FSDP spans the whole group in every layout."""
+    pcfg.validate(mesh.size() if mesh is not None else 1, model.cfg.num_heads)
+    model.token_split = None
+    plan = model.sp_plan
+    for name, module in model.named_modules():
+        if any(fnmatch(name, p) for p in plan.attention):
+            module.attn_fn = None  # the model's own attention
+    return apply_sequence_parallel(model, mesh, pcfg, agree) if mesh is not None else None
+
+
 def apply_fsdp(model: nn.Module, fsdp_mesh) -> nn.Module:
     """Step 3. Shard every block, then the root, over `fsdp_mesh` (1-D, all ranks of the group).
 
@@ -104,4 +117,4 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-__all__ = ["parallelize", "apply_sequence_parallel", "apply_fsdp", "make_sharder", "expert_bytes", "is_sharded"]
+__all__ = ["parallelize", "apply_sequence_parallel", "reapply_sequence_parallel", "apply_fsdp", "make_sharder", "expert_bytes", "is_sharded"]
