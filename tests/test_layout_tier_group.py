@@ -1,0 +1,90 @@
+"""The layout chosen from the tier, end to end on CPU with gloo: `torchrun ... wanrender generate parallel=gpus2` of a
+draft (guidance 1) runs as ulysses2 and equals the one-process render; a farm group started as gpus2 renders the
+drafts as ulysses2 and the finals as cfg2 (job.tiers=[draft, exact]), each equal to its one-process render."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from renderer.cli import main
+from renderer.video_io import read_json, read_video
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["model=tiny_t2v", "prompt=a red kite over a beach", "steps=2", "seed=4", "size=64*48", "frames=5",
+          "render.progress=false"]
+
+
+def _torchrun(n: int, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--standalone",
+           "-m", "renderer.cli", "generate", *args]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _max_diff(a: Path, b: Path) -> int:
+    return int(np.abs(read_video(a).astype(int) - read_video(b).astype(int)).max())
+
+
+def test_cli_draft_on_gpus2_runs_ulysses2_and_equals_one_process(tmp_path):
+    assert main(["generate", *COMMON, "quality=draft", f"out={tmp_path / 'one'}"]) == 0
+    run = _torchrun(2, [*COMMON, "quality=draft", "parallel=gpus2", f"out={tmp_path / 'two'}"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert ("parallel: shot shot runs without CFG (one forward per step): layout cfg2 -> ulysses2 on the same 2 GPUs"
+            in run.stdout)
+    assert _max_diff(tmp_path / "one" / "shot.draft.mp4", tmp_path / "two" / "shot.draft.mp4") <= 1
+    side = read_json(tmp_path / "two" / "shot.draft.json")
+    assert side["parallel"]["configured"] == "cfg2" and side["parallel"]["effective"] == "ulysses2"
+    assert side["parallel"]["folded_idle_cfg"] is True
+    assert side["config"]["parallel"]["cfg"] == 2  # the configured layout stays in the config record
+    assert side["render_hash"] == read_json(tmp_path / "one" / "shot.draft.json")["render_hash"]
+
+
+def test_cli_fold_turned_off_keeps_cfg2(tmp_path):
+    run = _torchrun(2, [*COMMON, "guidance=1.0", "parallel=gpus2", "parallel.fold_idle_cfg=false",
+                        f"out={tmp_path}"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "runs without CFG" not in run.stdout
+    side = read_json(tmp_path / "shot.json")
+    assert side["parallel"]["effective"] == "cfg2" and side["parallel"]["folded_idle_cfg"] is False
+
+
+def test_farm_group_renders_drafts_as_ulysses2_and_finals_as_cfg2(tmp_path):
+    ray = pytest.importorskip("ray")
+    from jobs.farm import run_job
+    from renderer.conf import compose
+
+    raw = {"name": "fold", "model": "tiny_t2v", "defaults": {"size": "64*48", "frames": 5, "steps": 2},
+           "shots": [{"id": "s0", "prompt": "a red kite over a beach", "seed": 4}]}
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "farm"
+    assert not ray.is_initialized()
+    # address="local": our own cluster, never one another test or engineer left running
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING")
+    try:
+        rc = run_job(compose([f"manifest={manifest}", f"out={out}", "render.device=cpu", "job.live_progress=false",
+                              "job.tiers=[draft,exact]", "job.max_groups=1", "cluster=local", "parallel=gpus2"]))
+    finally:
+        ray.shutdown()
+    assert rc == 0
+    draft, final = read_json(out / "s0.draft.json"), read_json(out / "s0.json")
+    assert (draft["parallel"]["effective"], final["parallel"]["effective"]) == ("ulysses2", "cfg2")
+    assert draft["job"]["group"] == final["job"]["group"]  # one group, both layouts
+    report = read_json(out / "report.json")
+    layouts = {s["id"]: s["attempts"][-1]["layout"]["effective"] for s in report["shots"]}
+    assert layouts == {"s0.draft": "ulysses2", "s0": "cfg2"}
+    # each equals the one-process render of the same shot and tier
+    common = ["model=tiny_t2v", "prompt=a red kite over a beach", "steps=2", "seed=4", "size=64*48", "frames=5",
+              "render.progress=false", "render.device=cpu", "name=s0"]
+    assert main(["generate", *common, "quality=draft", f"out={tmp_path / 'one'}"]) == 0
+    assert main(["generate", *common, f"out={tmp_path / 'one'}"]) == 0
+    assert _max_diff(out / "s0.draft.mp4", tmp_path / "one" / "s0.draft.mp4") <= 1
+    assert _max_diff(out / "s0.mp4", tmp_path / "one" / "s0.mp4") <= 1
