@@ -149,15 +149,19 @@ def _switching_worker(rank: int, port: int, fsdp: bool, out_path: str) -> None:
     meshes = dict(group.meshes)
     experts = group.parallelize_experts(shot.experts())
     results = {"meshes": len(meshes)}
+    attn_fns = []
     for i, g in enumerate((1.0, 5.0, 1.0)):
         pcfg = effective_layout(group.configured, cfg_active(g), heads)
         group.use_layout(pcfg, experts)
+        attn_fns.append(experts[0].blocks[0].self_attn.attn_fn)
         latent, guider = _render(shot, group, experts, g)
         every = [torch.empty_like(latent) for _ in range(2)]
         dist.all_gather(every, latent)
         sp = [m.token_split.sp if m.token_split is not None else 1 for m in experts]  # each rank's token share
         results[f"{i}"] = (latent, (every[0] - every[1]).abs().max().item(), guider, group.pcfg.short_name(), sp)
     # no process group was built after start: the same mesh objects served every shot
+    # a layout that comes back brings back its attention object: compiled blocks keep their graphs (no recompile)
+    results["same_attn_fn"] = attn_fns[0] is attn_fns[2] and attn_fns[0] is not None and attn_fns[1] is None
     results["same_meshes"] = all(group.meshes[k] is v for k, v in meshes.items()) and len(group.meshes) == 2
     if rank == 0:
         torch.save(results, out_path)
@@ -180,4 +184,4 @@ def test_a_group_switches_layout_per_shot_and_matches_one_process(tmp_path, fsdp
         err = ((latent - ref).abs().max() / ref.abs().max()).item()
         assert err <= TOL and spread == 0.0, (i, g, err, spread)
         assert (layout, guider, sp) == expected[i]
-    assert res["meshes"] == 2 and res["same_meshes"]
+    assert res["meshes"] == 2 and res["same_meshes"] and res["same_attn_fn"]

@@ -120,7 +120,7 @@ class RenderGroup:
             from renderer.parallel.parallelize import reapply_sequence_parallel
 
             for m in experts:
-                reapply_sequence_parallel(m, mesh, pcfg, self.agree)
+                reapply_sequence_parallel(m, mesh, self.pcfg, pcfg, self.agree)
         self.pcfg, self.mesh = pcfg, mesh
         return True
 
