@@ -234,6 +234,27 @@ class RenderRank:
             handler.close()
 
 
+def folded_layout_line(parallel: dict[str, Any] | None, shots: list, preset) -> str | None:
+    """The start-of-job line naming the shots a cfg=2 group renders with the cfg dim folded in (no CFG: drafts,
+    Animate, guidance 1) — the same choice `RenderRank._use_layout` makes per shot. None when there are none."""
+    if not parallel:
+        return None
+    from renderer.parallel.config import ParallelConfig, cfg_active, effective_layout
+
+    configured = ParallelConfig.from_dict(parallel)
+    folded: dict[str, list[str]] = {}
+    for shot in shots:
+        g = shot.spec.guidance if shot.spec.guidance is not None else preset.guidance  # the tier is applied
+        pcfg = effective_layout(configured, cfg_active(g), preset.dit.num_heads)
+        if pcfg != configured:
+            folded.setdefault(pcfg.short_name(), []).append(shot.id)
+    if not folded:
+        return None
+    return "; ".join(f"layout: {len(ids)} shot(s) without CFG ({', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''})"
+                     f" run as {name} on the {configured.short_name()} groups (parallel.fold_idle_cfg=false keeps "
+                     f"{configured.short_name()})" for name, ids in folded.items())
+
+
 def _inject(fault: dict[str, Any], log: logging.Logger, handler: logging.Handler) -> None:
     """Test hook (WANRENDER_FAULTS): die, hang or raise in the middle of a shot, like a lost GPU would."""
     kind = fault["kind"]

@@ -55,7 +55,7 @@ def test_cli_fold_turned_off_keeps_cfg2(tmp_path):
     assert side["parallel"]["effective"] == "cfg2" and side["parallel"]["folded_idle_cfg"] is False
 
 
-def test_farm_group_renders_drafts_as_ulysses2_and_finals_as_cfg2(tmp_path):
+def test_farm_group_renders_drafts_as_ulysses2_and_finals_as_cfg2(tmp_path, capsys):
     ray = pytest.importorskip("ray")
     from jobs.farm import run_job
     from renderer.conf import compose
@@ -75,6 +75,8 @@ def test_farm_group_renders_drafts_as_ulysses2_and_finals_as_cfg2(tmp_path):
     finally:
         ray.shutdown()
     assert rc == 0
+    assert ("layout: 1 shot(s) without CFG (s0.draft) run as ulysses2 on the cfg2 groups "
+            "(parallel.fold_idle_cfg=false keeps cfg2)") in capsys.readouterr().out
     draft, final = read_json(out / "s0.draft.json"), read_json(out / "s0.json")
     assert (draft["parallel"]["effective"], final["parallel"]["effective"]) == ("ulysses2", "cfg2")
     assert draft["job"]["group"] == final["job"]["group"]  # one group, both layouts
