@@ -90,3 +90,15 @@ def test_farm_group_renders_drafts_as_ulysses2_and_finals_as_cfg2(tmp_path, caps
     assert main(["generate", *common, f"out={tmp_path / 'one'}"]) == 0
     assert _max_diff(out / "s0.draft.mp4", tmp_path / "one" / "s0.draft.mp4") <= 1
     assert _max_diff(out / "s0.mp4", tmp_path / "one" / "s0.mp4") <= 1
+
+
+def test_scaling_harness_draft_row_on_two_ranks_runs_ulysses2(tmp_path):
+    """bench=smoke on 2 gloo ranks, quality draft, layout auto (gpus2.yaml): the row ran as ulysses2."""
+    from benchmarks.scaling import load_config, run_scaling
+
+    cfg = load_config("smoke", ["gpus=[2]", "qualities=[draft]", f"out={tmp_path}", "check=false"])
+    rc, report = run_scaling(cfg)
+    assert rc == 0 and not report["failed"], report["failed"]
+    (row,) = report["rows"]
+    assert row["layout"] == "ulysses2+draft" and row["layout_from"].startswith("auto: gpus2")
+    assert row["parallel"].startswith("cfg1×ulysses2×ring1 (2 GPUs") and row["forwards_per_step"] == 1
