@@ -210,12 +210,23 @@ def run(spec: dict) -> dict | None:
         warmup_s = _warm_up(pipe, full, device)
 
     sleep_s = float(spec.get(STEP_SLEEP_KEY) or 0.0)
-    on_step = (lambda i, n: time.sleep(sleep_s)) if sleep_s > 0 else None
+    last = [time.perf_counter()]
+
+    def on_step(i: int, n: int) -> None:
+        # one line per step on the main rank: a row cut short by its timeout still shows how far it got and at
+        # what pace (wall time between step ends; the row's step times come from the render's synchronised clock)
+        if pipe.is_main:
+            now = time.perf_counter()
+            print(f"[worker] step {i}/{n} +{now - last[0]:.2f}s", file=sys.stderr, flush=True)
+            last[0] = now
+        if sleep_s > 0:
+            time.sleep(sleep_s)
     if group is not None:
         group.barrier()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
+    last[0] = t0
     try:
         result = pipe.render(shot, on_step=on_step)
     finally:
