@@ -102,3 +102,28 @@ def test_scaling_harness_draft_row_on_two_ranks_runs_ulysses2(tmp_path):
     (row,) = report["rows"]
     assert row["layout"] == "ulysses2+draft" and row["layout_from"].startswith("auto: gpus2")
     assert row["parallel"].startswith("cfg1×ulysses2×ring1 (2 GPUs") and row["forwards_per_step"] == 1
+
+
+def _animate_inputs(tmp: Path) -> list[str]:
+    """A tiny Animate shot's inputs: a portrait reference image, a 13-frame pose video and a face video."""
+    from PIL import Image
+
+    from renderer.video_io import write_mp4
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (60, 40, 3), dtype=np.uint8)).save(tmp / "ref.png")
+    write_mp4(rng.integers(0, 255, (13, 48, 64, 3), dtype=np.uint8), tmp / "pose.mp4", fps=30)
+    write_mp4(rng.integers(0, 255, (13, 16, 16, 3), dtype=np.uint8), tmp / "face.mp4", fps=30)
+    return ["model=tiny_animate", f"image={tmp / 'ref.png'}", f"pose_video={tmp / 'pose.mp4'}",
+            f"face_video={tmp / 'face.mp4'}", "mode=animate", "name=take1", "steps=2", "seed=3", "refert_num=1",
+            "render.progress=false"]
+
+
+def test_cli_animate_on_gpus2_runs_ulysses2_and_equals_one_process(tmp_path):
+    """Animate runs at guidance 1 (one forward per step): a gpus2 group renders it as ulysses2."""
+    args = _animate_inputs(tmp_path)
+    assert main(["generate", *args, f"out={tmp_path / 'one'}"]) == 0
+    run = _torchrun(2, [*args, "parallel=gpus2", f"out={tmp_path / 'two'}"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "parallel: shot take1 runs without CFG (one forward per step): layout cfg2 -> ulysses2" in run.stdout
+    assert _max_diff(tmp_path / "one" / "take1.mp4", tmp_path / "two" / "take1.mp4") <= 1
