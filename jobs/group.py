@@ -72,10 +72,8 @@ class RenderRank:
         preset = load_preset(self.spec["preset"])
         supports_group = "group" in inspect.signature(Pipeline.__init__).parameters
         if self.world_size > 1:
-            from renderer.parallel.config import ParallelConfig
+            from renderer.parallel.config import ParallelConfig, effective_layout
             from renderer.parallel.group import init_group
-
-            from renderer.parallel.config import effective_layout
 
             backend = "gloo" if options.torch_device().type == "cpu" else None
             configured = ParallelConfig.from_dict(self.spec["parallel"])
