@@ -127,3 +127,20 @@ def test_cli_animate_on_gpus2_runs_ulysses2_and_equals_one_process(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "parallel: shot take1 runs without CFG (one forward per step): layout cfg2 -> ulysses2" in run.stdout
     assert _max_diff(tmp_path / "one" / "take1.mp4", tmp_path / "two" / "take1.mp4") <= 1
+
+
+def test_launch_switches_layout_per_render_and_checks_each(tmp_path):
+    """`python -m renderer.parallel.launch --parallel gpus2 --guidance 1 5 1 --check` (the GPU check's CPU path):
+    one group, ulysses2 / cfg2 / ulysses2, each render against one process."""
+    import json
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "-m",
+                          "renderer.parallel.launch", "--parallel", "gpus2", "--guidance", "1", "5", "1", "--check"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [r["layout"] for r in report["renders"]] == ["ulysses2", "cfg2", "ulysses2"]
+    assert all(r["max_rel_err"] <= 1e-5 for r in report["renders"]), report["renders"]
+    assert report["meshes"] == 2
