@@ -83,6 +83,7 @@ def test_farm_group_renders_drafts_as_ulysses2_and_finals_as_cfg2(tmp_path, caps
     report = read_json(out / "report.json")
     layouts = {s["id"]: s["attempts"][-1]["layout"]["effective"] for s in report["shots"]}
     assert layouts == {"s0.draft": "ulysses2", "s0": "cfg2"}
+    assert (out / "report.html").read_text().count(" as ulysses2") == 1  # the draft's attempt line says so
     # each equals the one-process render of the same shot and tier
     common = ["model=tiny_t2v", "prompt=a red kite over a beach", "steps=2", "seed=4", "size=64*48", "frames=5",
               "render.progress=false", "render.device=cpu", "name=s0"]
