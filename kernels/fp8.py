@@ -8,6 +8,15 @@ with the row-wise scales folded into its epilogue (1478 TFLOP/s measured on an H
 elsewhere the same quantised operands are multiplied in fp32 (`fp8_linear_reference`), so CI tests the numerics
 on a CPU. The weight is quantised once, when the layer is swapped; the activation per call.
 
+Activation quantisation on the GPU (`quantize_rowwise_triton`): one Triton program per block of rows reads the bf16
+row once, takes its amax, divides and writes e4m3 + the fp32 scale — the same values as the eager
+`quantize_rowwise` (IEEE-rounded divisions, round-to-nearest-even cast; tested equal under TRITON_INTERPRET=1),
+which costs ~6 passes over fp32 copies of a [75600, 5120] tensor. The launch is a torch custom op
+(wanrender::fp8_quantize_rowwise, as kernels/fused.py's ops) rather than a @torch.compiler.disable function:
+inside a regionally compiled DiT block a disabled function is a graph break — the block splits into two graphs
+around every FP8 linear (six per block), Inductor cannot fuse across the split and each piece adds guard and launch
+overhead — whereas a custom op with a fake (shape-only) implementation is one opaque node in a single graph.
+
 Which layers (`fp8_targets`): the DiT blocks' q/k/v/o projections of self- and cross-attention and the two FFN
 linears — over 99 % of the linear FLOPs. Kept in higher precision: the patch embedding, text and time embeddings,
 the time projection (modulation), every norm and the head — small, and the modulation and the head feed the
@@ -28,6 +37,14 @@ import torch.nn as nn
 
 log = logging.getLogger("wanrender.fp8")
 
+try:  # triton is optional: the GPU machines have it; CI installs it for the interpreter tests
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    HAVE_TRITON = False
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite e4m3fn value
 _TARGET = re.compile(r"(^|\.)blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.0|ffn\.2)$")
@@ -39,6 +56,76 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))  # [M, 1]
     q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)  # [M, K]
     return q, scale
+
+
+# one program holds whole rows in registers: beyond this many columns the eager path runs (Wan's widest input is
+# the FFN's 13,824 -> 16,384 lanes)
+_TRITON_MAX_COLS = 32768
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def round_to_e4m3(x):
+        """fp32 x with |x| ≤ 448 -> the nearest e4m3 value (ties to even), still fp32; the cast that follows is
+        then exact. Why not just the cast: Triton's interpreter converts fp32 to fp8 wrongly (a mantissa carry
+        is dropped: 124.3 -> 64), so the kernels round here and the code the CPU tests is the code the GPU runs.
+        RNE to a multiple of the e4m3 ulp u = 2^(exponent-3) (2^-9 below e4m3's smallest normal 2^-6):
+        (x + 1.5·2^23·u) − 1.5·2^23·u, whose fp32 sum has exactly ulp u."""
+        a = tl.abs(x)
+        pow2 = (a.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # 2^floor(log2|x|)
+        ulp = tl.maximum(pow2 * 0.125, 0.001953125)  # 2^-3 relative; 2^-9 for e4m3 subnormals
+        magic = ulp * 12582912.0  # 1.5 · 2^23 · ulp
+        r = (a + magic) - magic
+        return tl.where(x < 0, -r, r)  # the sign kept (a negative value that rounds to zero is -0, as torch's)
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, n_rows, n_cols, x_stride,
+                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+        cols = tl.arange(0, BLOCK_K)  # [BK]
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & (cols < n_cols)[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(x_ptr + rows64[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)  # [BR, BK]
+        x = x.to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)  # [BR]
+        # div_rn: IEEE division as torch's (Triton's plain fp32 `/` is an approximate division on NVIDIA GPUs)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full([BLOCK_R], 448.0, tl.float32)), 1.0)  # [BR]
+        q = tl.math.div_rn(x, scale[:, None] + tl.zeros([BLOCK_R, BLOCK_K], tl.float32))  # [BR, BK]
+        q = round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
+        tl.store(q_ptr + rows64[:, None] * n_cols + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr + rows, scale, mask=row_ok)
+
+
+def quantize_rowwise_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton twin of `quantize_rowwise` (same values). x: [M, K], last dim contiguous -> (e4m3 [M, K],
+    fp32 [M, 1])."""
+    if not HAVE_TRITON:
+        raise RuntimeError("quantize_rowwise_triton needs triton: pip install triton (it comes with CUDA torch)")
+    m, k = x.shape
+    if k > _TRITON_MAX_COLS:
+        raise ValueError(f"quantize_rowwise_triton: {k} columns, at most {_TRITON_MAX_COLS}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty(m, k, dtype=E4M3, device=x.device)  # [M, K]
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)  # [M, 1]
+    block_k = triton.next_power_of_2(k)
+    block_r = max(1, min(16, 4096 // block_k))  # ~4096 elements a program: whole rows, few registers each
+    num_warps = 4 if block_r * block_k <= 4096 else 8
+    _quantize_rows_kernel[(triton.cdiv(m, block_r),)](x, q, scale, m, k, x.stride(0), BLOCK_R=block_r,
+                                                     BLOCK_K=block_k, num_warps=num_warps)
+    return q, scale
+
+
+@torch.library.custom_op("wanrender::fp8_quantize_rowwise", mutates_args=())
+def _quantize_rowwise_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_rowwise_triton(x)
+
+
+@_quantize_rowwise_op.register_fake
+def _(x):
+    return (torch.empty(x.shape, dtype=E4M3, device=x.device),
+            torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device))
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -75,6 +162,8 @@ class FP8Linear(nn.Module):
         if use_scaled_mm is None:
             use_scaled_mm = torch.cuda.is_available() and fp8_supported(torch.device("cuda"))
         self.use_scaled_mm = bool(use_scaled_mm)
+        # the Triton quantisation where _scaled_mm runs (a GPU); the eager quantize_rowwise is the CPU reference
+        self.triton_quant = self.use_scaled_mm and HAVE_TRITON and self.in_features <= _TRITON_MAX_COLS
         # what `weight` returns: a meta tensor with the compute dtype and shape (no memory)
         self._weight_meta = torch.empty(self.out_features, self.in_features, dtype=self.out_dtype, device="meta")
 
@@ -87,7 +176,10 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        xq, xs = quantize_rowwise(x2)  # [M, K] e4m3, [M, 1] fp32
+        if self.triton_quant and x2.is_cuda:
+            xq, xs = _quantize_rowwise_op(x2)  # [M, K] e4m3, [M, 1] fp32: one read of x
+        else:
+            xq, xs = quantize_rowwise(x2)  # [M, K] e4m3, [M, 1] fp32
         if self.use_scaled_mm:
             out_dtype = self.out_dtype if self.out_dtype != torch.float32 else torch.bfloat16
             bias = self.bias.to(out_dtype) if self.bias is not None else None
