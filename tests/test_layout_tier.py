@@ -166,6 +166,12 @@ def _switching_worker(rank: int, port: int, fsdp: bool, out_path: str) -> None:
     if rank == 0:
         torch.save(results, out_path)
     group.close()
+    # Leave without the interpreter's teardown: a cfg=2 + FSDP group on gloo aborts at exit in about 1 of 4 runs
+    # ("terminate called without an active exception", after close(); reproduced with no layout switch at all).
+    # That teardown bug is not what this test checks, and everything it checks is saved above.
+    import os
+
+    os._exit(0)
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
