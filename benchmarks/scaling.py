@@ -6,7 +6,9 @@
 
 `bench=NAME` picks the config file conf/bench/NAME.yaml (default `scaling`); every other argument is a Hydra
 override of it. Each row is one `torchrun --nproc-per-node N -m benchmarks.worker` (a subprocess with its own
-timeout); the 1-GPU row uses the `single` layout, N > 1 every layout asked for ("auto": conf/parallel/gpus<N>.yaml).
+timeout); the 1-GPU row uses the `single` layout, N > 1 every layout asked for ("auto": conf/parallel/gpus<N>.yaml,
+laid out for the row's quality tier as a render would be: a tier without CFG — draft — folds gpus2's cfg=2 into
+ulysses2, see renderer.parallel.effective_layout; a named layout runs as named, idle CFG half included).
 Results go to <out>/scaling.{json,md,png} after every row, so a run cut short keeps the rows it finished.
 Configs are composed by Hydra (hydra-core is an install requirement: `pip install -e .` on a GPU machine).
 """
@@ -58,15 +60,30 @@ def plan_rows(cfg: dict, available_gpus: int | None) -> tuple[list[dict], list[d
     rows, skipped = [], []
     qualities = list(dict.fromkeys(cfg.get("qualities") or ["exact"]))
     for q in qualities:  # one set of rows per quality tier (renderer/tiers.py); exact rows keep their labels
-        for row in _plan_gpu_rows(cfg, available_gpus, heads, skipped if q == qualities[0] else []):
+        two_passes = tier_runs_cfg(cfg, q)
+        for row in _plan_gpu_rows(cfg, available_gpus, heads, skipped if q == qualities[0] else [], two_passes):
             if q != "exact":
                 row["layout"] = f"{row['layout']}+{q}"
             rows.append({**row, "quality": q})
     return rows, skipped
 
 
-def _plan_gpu_rows(cfg: dict, available_gpus: int | None, heads: int, skipped: list[dict]) -> list[dict]:
-    from renderer.parallel.config import ParallelConfig
+def tier_runs_cfg(cfg: dict, quality: str) -> bool:
+    """Does a render of the bench shot in `quality` run cond and uncond each step? The tier's guidance (draft:
+    1.0), else the shot's, else the model preset's — the precedence of TierSettings.apply + ShotSpec.resolve."""
+    from renderer.parallel.config import cfg_active
+    from renderer.tiers import load_tier
+
+    tier = load_tier(quality, (cfg.get("quality_overrides") or {}) if quality != "exact" else None)
+    g = next(v for v in (tier.guidance, (cfg.get("shot") or {}).get("guidance"), cfg["model"]["guidance"])
+             if v is not None)
+    return cfg_active(g)
+
+
+def _plan_gpu_rows(cfg: dict, available_gpus: int | None, heads: int, skipped: list[dict],
+                   two_passes: bool = True) -> list[dict]:
+    """Rows of one quality tier; two_passes: its guider runs cond and uncond (False: `auto` folds idle cfg)."""
+    from renderer.parallel.config import ParallelConfig, effective_layout
 
     rows = []
     for n in dict.fromkeys(int(g) for g in cfg["gpus"]):  # asked order, no repeats
@@ -81,18 +98,36 @@ def _plan_gpu_rows(cfg: dict, available_gpus: int | None, heads: int, skipped: l
                 layout = "single+offload"
             rows.append({"gpus": 1, "layout": layout, "parallel": None, "render": render})
             continue
+        planned: list[tuple] = []  # (mesh shape, fsdp, impl) of this GPU count's rows: one row per real layout
         for name in dict.fromkeys(cfg["layouts"]):
             chosen = name
             if name == "auto":
                 chosen = f"gpus{n}" if (CONF / "parallel" / f"gpus{n}.yaml").is_file() else None
             par = parallel_preset(chosen) if chosen else {"ulysses": n}
             label = chosen or f"ulysses{n} (auto)"
+            layout_from = None
             try:
-                ParallelConfig.from_dict(par).validate(n, heads)
+                pcfg = ParallelConfig.from_dict(par).validate(n, heads)
+                if name == "auto":  # the renderer's choice for this tier (renderer.parallel.effective_layout)
+                    eff = effective_layout(pcfg, two_passes, heads)
+                    if eff != pcfg:
+                        layout_from = f"auto: {label} with its cfg dim folded in (the tier runs no CFG)"
+                        pcfg, par, label = eff, eff.to_dict(), eff.short_name()
+                else:  # a named layout runs as named (e.g. gpus2 for a draft, to measure the idle CFG half)
+                    par = {**par, "fold_idle_cfg": False}
             except ValueError as e:
                 skipped.append({"gpus": n, "layout": label, "why": str(e)})
                 continue
-            rows.append({"gpus": n, "layout": label, "parallel": par, "render": dict(cfg["render"])})
+            key = (pcfg.mesh_shape, pcfg.fsdp, pcfg.ulysses_impl)
+            if key in planned:
+                skipped.append({"gpus": n, "layout": label, "why": f"same layout as another {n}-GPU row "
+                                                                   f"({pcfg.short_name()})"})
+                continue
+            planned.append(key)
+            row = {"gpus": n, "layout": label, "parallel": par, "render": dict(cfg["render"])}
+            if layout_from:
+                row["layout_from"] = layout_from
+            rows.append(row)
     return rows
 
 
@@ -116,6 +151,7 @@ def worker_spec(cfg: dict, row: dict, out: Path) -> dict:
             "warmup": cfg.get("warmup", "auto"), "mp4": cfg.get("mp4", "auto"),
             "inject_step_sleep_s": cfg.get("inject_step_sleep_s") or 0,
             "quality": row.get("quality", "exact"), "quality_overrides": cfg.get("quality_overrides") or {},
+            "layout_from": row.get("layout_from"),
             "out_json": str(out / "rows" / f"{rid}.json"), "out_dir": str(out / "videos")}
 
 

@@ -118,15 +118,19 @@ def model_flops(preset, size: str, frames: int) -> dict:
     return {"tokens": tokens, "per_forward": count_flops(preset.dit, 1, tokens, preset.dit.num_layers)}
 
 
-def build_group(parallel: dict | None, world: int, num_heads: int):
-    """The render group for WORLD_SIZE > 1 (the same code the CLI's group_from and the farm run), else None."""
+def build_group(parallel: dict | None, world: int, num_heads: int, two_passes: bool = True):
+    """The render group for WORLD_SIZE > 1 (the same code the CLI's group_from and the farm run), else None.
+    two_passes: the shot's guider runs cond and uncond each step; without, a cfg=2 layout is folded
+    (renderer.parallel.effective_layout, unless the spec's parallel says fold_idle_cfg: false)."""
     if world == 1:
         return None
-    from renderer.parallel import init_group
+    from renderer.parallel import effective_layout, init_group
 
     pcfg = ParallelConfig.from_dict(parallel or {"ulysses": world})
     pcfg.validate(world, num_heads)  # the exact message before any rendezvous
-    return init_group(pcfg)
+    group = init_group(effective_layout(pcfg, two_passes, num_heads))
+    group.configured = pcfg
+    return group
 
 
 def gather(group, value):
@@ -151,7 +155,14 @@ def run(spec: dict) -> dict | None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     preset = ModelPreset.from_dict(spec["model"])
     r = spec["render"]
-    group = build_group(spec.get("parallel"), world, preset.dit.num_heads)
+    from renderer.parallel import cfg_active
+    from renderer.tiers import load_tier
+
+    tier = load_tier(spec.get("quality") or "exact", spec.get("quality_overrides") if spec.get("quality") not in
+                     (None, "exact") else None)
+    s = spec["shot"]
+    g = next(v for v in (tier.guidance, s.get("guidance"), preset.guidance) if v is not None)
+    group = build_group(spec.get("parallel"), world, preset.dit.num_heads, cfg_active(g))
     kernels = KernelSettings.from_dict({"attention": r.get("attention", "auto"), "precision": r.get("dtype", "auto"),
                                         "compile": r.get("compile", "auto")})
     options = RenderOptions(device=str(group.device) if group else r.get("device", "auto"),
@@ -161,14 +172,9 @@ def run(spec: dict) -> dict | None:
     device = options.torch_device()
     if r.get("cpu_threads"):
         torch.set_num_threads(int(r["cpu_threads"]))
-    s = spec["shot"]
-    from renderer.tiers import load_tier
-
-    tier = load_tier(spec.get("quality") or "exact", spec.get("quality_overrides") if spec.get("quality") not in
-                     (None, "exact") else None)
     full = ShotSpec(prompt=s.get("prompt") or "a red kite over a beach at dusk", task=s.get("task"),
                     size=s.get("size"), frames=s.get("frames"), steps=s.get("steps"), seed=int(s.get("seed", 0)),
-                    sampler=s.get("sampler", "unipc"), shot_id=spec.get("name", "bench"))
+                    sampler=s.get("sampler", "unipc"), guidance=s.get("guidance"), shot_id=spec.get("name", "bench"))
     full = tier.apply(full).resolve(preset)  # the tier's steps / sampler / shift / guidance
     full_steps = full.steps
     # a cached step is not a median step: fast and draft rows time every step of their schedule
@@ -311,6 +317,7 @@ def _row(spec, preset, pipe, full, result, k, indices, build_s, warmup_s, render
         "quality": pipe.tier.name, "tier": pipe.tier.describe(), "step_cache": pipe.describe()["step_cache"],
         "sampler": full.sampler, "guidance": list(full.guidance),
         "parallel": pipe.group.pcfg.describe() if pipe.group else "single process",
+        "layout_from": spec.get("layout_from"),
         "model": preset.name, "checkpoint": preset.checkpoint, "random_weights": preset.checkpoint is None,
         "task": full.task, "size": full.size, "frames": full.frames, "steps": n, "timed_steps": k,
         "sampler": full.sampler, "sampler_ran": meta["sampler_ran"],

@@ -385,6 +385,11 @@ def run_job(cfg: DictConfig) -> int:
         return 2
     groups, note = planned_groups(cfg, plan)
     print(format_plan(plan, groups, note), flush=True)
+    from jobs.group import folded_layout_line
+
+    folded = folded_layout_line(gpus_per_group(cfg)[1], plan.todo, preset)
+    if folded:
+        print(folded, flush=True)
     if cfg.dry_run:
         print("dry run: nothing reserved, nothing rendered.")
         return 0

@@ -72,13 +72,16 @@ class RenderRank:
         preset = load_preset(self.spec["preset"])
         supports_group = "group" in inspect.signature(Pipeline.__init__).parameters
         if self.world_size > 1:
-            from renderer.parallel.config import ParallelConfig
+            from renderer.parallel.config import ParallelConfig, effective_layout
             from renderer.parallel.group import init_group
 
             backend = "gloo" if options.torch_device().type == "cpu" else None
-            self.group = init_group(ParallelConfig.from_dict(self.spec["parallel"]), backend, rank=self.rank,
+            configured = ParallelConfig.from_dict(self.spec["parallel"])
+            self.group = init_group(configured, backend, rank=self.rank,
                                     world_size=self.world_size, master_addr=master[0], master_port=master[1],
                                     local_rank=0)  # Ray shows each rank only its own GPU: it is always cuda:0
+            # the layout of shots without CFG (drafts, guidance 1): its process groups now, not in a shot
+            self.group.prepare_layouts(effective_layout(configured, False, preset.dit.num_heads))
         if self.group is not None:
             options.device = str(self.group.device)  # the rank's own device, as the group placed it
         self._preset, self._options = preset, options  # kept for a tier switch (_use_tier)
@@ -127,6 +130,32 @@ class RenderRank:
         self.pipe = Pipeline(self._preset, checkpoint=self._preset.checkpoint, options=self._options, tier=tier,
                              **kwargs)
 
+    def _use_layout(self, shot, log: logging.Logger) -> dict[str, Any] | None:
+        """Lay the group out for this shot (renderer.parallel.effective_layout): a shot without CFG — a draft, an
+        Animate shot, guidance 1 — runs with the cfg dim folded into ulysses or ring instead of idling half the
+        group; the next shot with CFG switches back. The meshes exist from setup and the loaded experts are only
+        re-pointed (RenderGroup.use_layout). Returns the layout record for the sidecar and the report."""
+        if self.group is None:
+            return None
+        from renderer.parallel.config import cfg_active, effective_layout, layout_change_note, layout_record
+
+        if self.animate is not None:  # the family's own loop: one scale, no tier (animate_settings)
+            g = shot.guidance if shot.guidance is not None else self._preset.guidance
+            g = g[0] if isinstance(g, (list, tuple)) else g
+            experts = [self.animate.stack.model]
+        else:
+            tier = self.pipe.tier
+            g = tier.guidance if tier.guidance is not None else (
+                shot.guidance if shot.guidance is not None else self._preset.guidance)
+            experts = self.pipe.experts
+        configured = self.group.configured
+        pcfg = effective_layout(configured, cfg_active(g), self._preset.dit.num_heads)
+        self.group.use_layout(pcfg, experts)
+        note = layout_change_note(configured, pcfg, f"shot {shot.shot_id}")
+        if note:
+            log.info(note)
+        return layout_record(configured, pcfg)
+
     def render(self, task: dict[str, Any]) -> dict[str, Any]:
         """Render one shot (every rank), write it (rank 0); the log goes to <out>/logs/<shot>.attempt<N>.log."""
         log_path = Path(task["log"])
@@ -159,13 +188,19 @@ class RenderRank:
                     _inject(fault, log, handler)
 
             if self.animate is not None:  # plate-driven: the prepared folder in, the plate's length and audio out
+                layout = self._use_layout(shot, log)
                 out = {**self.animate.render(task, on_step, self.world_size, t0, self.delivery, self.screen),
                        "rank": self.rank, "node_id": where["node_id"]}
+                if layout:
+                    out["layout"] = layout
                 log.info("done in %.2fs: %s", out["seconds"], out.get("mp4", "(rank > 0 writes nothing)"))
                 return out
             self._use_tier(task.get("quality") or "exact", log)
+            layout = self._use_layout(shot, log)
             result = self.pipe.render(shot, on_step=on_step)  # every rank of the group takes part
             out: dict[str, Any] = {"rank": self.rank}
+            if layout:
+                out["layout"] = layout
             if getattr(self.pipe, "is_main", self.rank == 0):  # rank 0 decoded the frames: it writes
                 from renderer.output import write_shot
 
@@ -174,6 +209,8 @@ class RenderRank:
                 job["gpu_seconds"] = round(job.get("earlier_attempts_gpu_seconds", 0.0)
                                            + job.get("gpus", self.world_size) * (time.perf_counter() - t0), 3)
                 extra = {"job": job}
+                if layout:
+                    extra["parallel"] = layout  # configured and effective layout (renderer/parallel/config.py)
                 if task.get("video") and (Path(task["video"]) / "meta.json").is_file():
                     from renderer.prepare.folder import provenance
 
@@ -194,6 +231,27 @@ class RenderRank:
         finally:
             root.removeHandler(handler)
             handler.close()
+
+
+def folded_layout_line(parallel: dict[str, Any] | None, shots: list, preset) -> str | None:
+    """The start-of-job line naming the shots a cfg=2 group renders with the cfg dim folded in (no CFG: drafts,
+    Animate, guidance 1) — the same choice `RenderRank._use_layout` makes per shot. None when there are none."""
+    if not parallel:
+        return None
+    from renderer.parallel.config import ParallelConfig, cfg_active, effective_layout
+
+    configured = ParallelConfig.from_dict(parallel)
+    folded: dict[str, list[str]] = {}
+    for shot in shots:
+        g = shot.spec.guidance if shot.spec.guidance is not None else preset.guidance  # the tier is applied
+        pcfg = effective_layout(configured, cfg_active(g), preset.dit.num_heads)
+        if pcfg != configured:
+            folded.setdefault(pcfg.short_name(), []).append(shot.id)
+    if not folded:
+        return None
+    return "; ".join(f"layout: {len(ids)} shot(s) without CFG ({', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''})"
+                     f" run as {name} on the {configured.short_name()} groups (parallel.fold_idle_cfg=false keeps "
+                     f"{configured.short_name()})" for name, ids in folded.items())
 
 
 def _inject(fault: dict[str, Any], log: logging.Logger, handler: logging.Handler) -> None:

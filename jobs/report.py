@@ -278,6 +278,8 @@ def _shot_card(s: dict[str, Any], uris: list[str]) -> str:
     timing = " · ".join(f"{k} {_fmt_s(t[k])}" for k in ("text_encode", "denoise", "vae_decode", "mp4_write",
                                                          "model_load") if t.get(k) is not None)
     attempts = "; ".join(f"#{a['attempt']} {a.get('status', 'running')} on {a.get('group', '?')}"
+                         + (f" as {a['layout']['effective']}" if (a.get("layout") or {}).get("folded_idle_cfg")
+                            else "")  # a shot without CFG ran with the cfg half folded in
                          + (f" ({_fmt_s(a.get('seconds'))})" if a.get("seconds") is not None else "")
                          for a in s["attempts"]) or ("none this run (already rendered)" if status == "skipped"
                                                     else "none")

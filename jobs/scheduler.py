@@ -300,7 +300,8 @@ class Farm:
         rec = self.records[g.shot_id]
         res = g.result or {}
         att = rec.attempts[-1]
-        close_attempt(att, "done", seconds=res.get("seconds"), node_id=g.node_id)
+        close_attempt(att, "done", seconds=res.get("seconds"), node_id=g.node_id,
+                      **({"layout": res["layout"]} if res.get("layout") else {}))  # the layout the shot ran on
         rec.status, rec.result, rec.error = "done", res, None
         if rec.shot.estimate_s > 0 and res.get("seconds"):
             ratio = res["seconds"] / rec.shot.estimate_s

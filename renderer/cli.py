@@ -24,19 +24,41 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("wanrender")
 
 
+def shot_guidance(settings):
+    """The guidance scale(s) the shot's guider will use: the quality tier's (draft: 1.0), else the shot's, else the
+    model preset's — the precedence of TierSettings.apply + ShotSpec.resolve, without resolving the rest of the shot.
+    A family with its own shot loop (Animate) takes one scale and no tier (animate_settings)."""
+    from renderer.families import get_family
+
+    own_loop = get_family(settings.model.family).generate is not None
+    if not own_loop and settings.quality is not None and settings.quality.guidance is not None:
+        return settings.quality.guidance
+    g = settings.shot.guidance if settings.shot.guidance is not None else settings.model.guidance
+    return g[0] if own_loop and isinstance(g, (list, tuple)) else g
+
+
 def group_from(settings):
     """Under torchrun (WORLD_SIZE > 1) the shot is rendered by a group laid out by the `parallel` settings —
-    the same group code the Ray farm runs. Returns None for one process."""
+    the same group code the Ray farm runs — on the layout for this shot (renderer.parallel.effective_layout: a
+    shot without CFG does not leave the cfg=2 half idle). Returns None for one process."""
     import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return None
-    from renderer.parallel import ParallelConfig, init_group
+    from renderer.parallel import ParallelConfig, cfg_active, effective_layout, init_group
+    from renderer.parallel.config import layout_change_note
 
-    pcfg = settings.parallel or ParallelConfig(ulysses=world)
-    pcfg.validate(world, settings.model.dit.num_heads)  # exact message before any process group forms
-    return init_group(pcfg)
+    heads = settings.model.dit.num_heads
+    configured = settings.parallel or ParallelConfig(ulysses=world)
+    configured.validate(world, heads)  # exact message before any process group forms
+    pcfg = effective_layout(configured, cfg_active(shot_guidance(settings)), heads)
+    note = layout_change_note(configured, pcfg, f"shot {settings.name or settings.shot.shot_id}")
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(note, flush=True)
+    group = init_group(pcfg)
+    group.configured = configured
+    return group
 
 
 def cmd_generate(cfg: DictConfig) -> int:
@@ -95,8 +117,13 @@ def cmd_generate(cfg: DictConfig) -> int:
     print(f"wanrender: {preset.name} on {pipe.device} ({pipe.describe()['dtype']}, experts {pipe.placement}), "
           f"{s.task} {s.size} {s.frames} frames, {s.steps} steps, seed {s.seed}, quality {tier.name}")
     result = pipe.render(shot)
+    extra = {"config": settings.resolved}
+    if group is not None:  # the layout the shot ran on beside the configured one (config.parallel)
+        from renderer.parallel.config import layout_record
+
+        extra["parallel"] = layout_record(group.configured, group.pcfg)
     mp4, side = write_shot(pipe, result, settings.out, name=tier.output_stem(settings.name or result.shot.shot_id),
-                           label=settings.label, extra={"config": settings.resolved}, delivery=settings.delivery,
+                           label=settings.label, extra=extra, delivery=settings.delivery,
                            prompt_fields=settings.prompt_fields, screen=screen)
     t = result.timings
     print(f"wrote {mp4} and {side.name}: text {t['text_encode']:.1f}s, denoise {t['denoise']:.1f}s, "

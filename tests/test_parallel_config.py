@@ -47,7 +47,7 @@ def test_field_messages(kwargs, message):
 def test_unknown_key_message():
     with pytest.raises(ValueError) as e:
         ParallelConfig.from_dict({"ulysses": 2, "sp": 2})
-    assert str(e.value) == "unknown parallel setting sp: valid keys are cfg, ulysses, ring, fsdp, ulysses_impl"
+    assert str(e.value) == "unknown parallel setting sp: valid keys are cfg, ulysses, ring, fsdp, ulysses_impl, fold_idle_cfg"
 
 
 def test_bad_layout_fails_before_any_rendezvous():

@@ -11,10 +11,10 @@ DeepSpeed adapter), parallelize (the order things are applied in, driven by the 
 (runtime), launch (`python -m renderer.parallel.launch`, a torchrun smoke test and timer), selftest (tiny shots).
 The denoising loop itself is renderer/denoise.py, the same for one GPU and a group.
 """
-from renderer.parallel.config import MESH_DIMS, ParallelConfig, build_mesh
+from renderer.parallel.config import MESH_DIMS, ParallelConfig, build_mesh, cfg_active, effective_layout
 from renderer.parallel.group import RenderGroup, init_group
 from renderer.parallel.parallelize import apply_fsdp, apply_sequence_parallel, parallelize
 from renderer.parallel.sequence import SequenceSharder
 
-__all__ = ["MESH_DIMS", "ParallelConfig", "build_mesh", "RenderGroup",
+__all__ = ["MESH_DIMS", "ParallelConfig", "build_mesh", "cfg_active", "effective_layout", "RenderGroup",
            "init_group", "apply_fsdp", "apply_sequence_parallel", "parallelize", "SequenceSharder"]

@@ -8,6 +8,12 @@ Two launchers start the processes:
 Without either (one plain process) the group is a single GPU with no process group at all.
 
 The backend is NCCL when CUDA is available, gloo otherwise (CPU tests); `backend=` overrides.
+
+One group, several layouts.  A group renders shot after shot, and a shot without CFG runs on a different layout
+than the configured cfg=2 one (config.effective_layout).  `prepare_layouts` builds the other layouts' meshes once,
+up front (their process groups; NCCL creates each communicator on its first collective and keeps it), and
+`use_layout` switches the group and its parallelised experts between them per shot — the weights, FSDP shards
+and communicators stay; only the experts' sequence-parallel attributes are set anew.
 """
 from __future__ import annotations
 
@@ -35,6 +41,14 @@ class RenderGroup:
     mesh: Any = None  # DeviceMesh ("cfg", "ring", "ulysses")
     fsdp_mesh: Any = None  # 1-D DeviceMesh of all ranks, built when FSDP is first used
     owns_process_group: bool = False  # init_group created it, so close() destroys it
+    configured: ParallelConfig | None = None  # the layout the group was started with (pcfg: the current one)
+    meshes: dict = field(default_factory=dict)  # mesh_shape -> DeviceMesh, every layout prepared so far
+
+    def __post_init__(self) -> None:
+        if self.configured is None:
+            self.configured = self.pcfg
+        if self.mesh is not None:
+            self.meshes.setdefault(self.pcfg.mesh_shape, self.mesh)
 
     @property
     def distributed(self) -> bool:
@@ -76,6 +90,39 @@ class RenderGroup:
         fsdp_mesh = self.get_fsdp_mesh() if fsdp else None
         return [parallelize(m, self.mesh, self.pcfg, fsdp_mesh=fsdp_mesh, fsdp=fsdp, agree=self.agree)
                 for m in experts]
+
+    def mesh_for(self, pcfg: ParallelConfig):
+        """The DeviceMesh of `pcfg` over this group, built on first use (a collective: every rank asks for the same
+        layouts in the same order)."""
+        if not self.distributed:
+            return None
+        pcfg.validate(self.world_size)
+        if pcfg.mesh_shape not in self.meshes:
+            self.meshes[pcfg.mesh_shape] = build_mesh(pcfg, self.device.type)
+        return self.meshes[pcfg.mesh_shape]
+
+    def prepare_layouts(self, *layouts: ParallelConfig) -> None:
+        """Build the meshes of `layouts` now (at group start), so no shot waits for process groups to form."""
+        for pcfg in layouts:
+            self.mesh_for(pcfg)
+
+    def use_layout(self, pcfg: ParallelConfig, experts: Sequence[torch.nn.Module] = ()) -> bool:
+        """Switch the group to `pcfg` (same GPUs, same fsdp and ulysses_impl) and re-apply sequence parallelism to
+        the already parallelised `experts`. Every rank calls it with the same pcfg before the same shot. Returns
+        whether anything changed. The guider reads `pcfg.cfg` per shot (renderer/guidance.make_guider)."""
+        if pcfg == self.pcfg:
+            return False
+        if (pcfg.fsdp, pcfg.ulysses_impl) != (self.pcfg.fsdp, self.pcfg.ulysses_impl):
+            raise ValueError(f"use_layout: {pcfg.describe()} changes fsdp or ulysses_impl of {self.pcfg.describe()};"
+                             f" only cfg, ulysses and ring can change while the experts stay loaded")
+        mesh = self.mesh_for(pcfg)
+        if self.distributed:
+            from renderer.parallel.parallelize import reapply_sequence_parallel
+
+            for m in experts:
+                reapply_sequence_parallel(m, mesh, self.pcfg, pcfg, self.agree)
+        self.pcfg, self.mesh = pcfg, mesh
+        return True
 
     def agree(self, value: str) -> str:
         """Rank 0's `value` on every rank (a collective: every rank calls it at the same point)."""
@@ -143,4 +190,4 @@ def init_group(pcfg: ParallelConfig | None = None, backend: str | None = None, *
         raise RuntimeError(f"a process group is already initialised as rank {dist.get_rank()} of "
                            f"{dist.get_world_size()}, not rank {rank} of {world_size}")
     mesh = build_mesh(pcfg, device.type)
-    return RenderGroup(pcfg, rank, world_size, local_rank, device, backend, mesh, None, owns)
+    return RenderGroup(pcfg, rank, world_size, local_rank, device, backend, mesh, None, owns, pcfg)

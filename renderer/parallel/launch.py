@@ -4,6 +4,12 @@
     torchrun --nproc-per-node 8 -m renderer.parallel.launch --parallel ulysses8 --model t2v_a14b \
         --dtype bfloat16 --grid 21 90 160 --steps 2 --repeat 2          # a 720p A14B timing, random weights
 
+    torchrun --nproc-per-node 2 -m renderer.parallel.launch --parallel gpus2 --guidance 1 5 1 --check
+                                    # one group, the layout per shot: guidance 1 folds cfg2 into ulysses2 (NCCL)
+
+--guidance G [G ...] renders the shot once per scale on the same group and loaded experts, each on the layout
+renderer.parallel.effective_layout picks for it (RenderGroup.use_layout, as a farm group does between drafts and
+finals); the JSON then has one entry per render under "renders".
 --check also renders the shot on rank 0 alone (no parallelism) and reports max|Δ| / max|ref| of the final latents;
 only sensible for models that fit one device. The reference runs like the group did (eager vs eager, compiled vs
 compiled; `compared` in the JSON says which), so the figure is the layout's error, not compile's.  Rank 0 prints one JSON line.  Also runs without torchrun as a
@@ -22,7 +28,7 @@ import torch
 from kernels.attention import resolved_backend
 from kernels.compile import blocks_compiled
 from kernels.settings import KernelSettings
-from renderer.parallel.config import ParallelConfig
+from renderer.parallel.config import ParallelConfig, cfg_active, effective_layout
 from renderer.parallel.group import init_group
 from renderer.parallel.parallelize import is_sharded
 from renderer.parallel.selftest import run_shot, tiny_shot
@@ -63,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="kernels.compile of the group's experts; --check runs the reference the same way (eager vs "
                          "eager, compiled vs compiled)")
     ap.add_argument("--backend", default=None, help="nccl or gloo (default: nccl on CUDA)")
+    ap.add_argument("--guidance", type=float, nargs="+", default=None,
+                    help="render once per scale on one group, the layout chosen per render (effective_layout)")
     return ap.parse_args(argv)
 
 
@@ -85,8 +93,12 @@ def main(argv=None) -> dict:
         shot = tiny_shot(args.task, tuple(args.grid), args.steps, args.sampler, preset=args.model)
         group.pcfg.validate(group.world_size, shot.dit.num_heads)
         experts = shot.experts(dtype, group.device, kernels)
+        if args.guidance and group.distributed:  # the other layout's process groups before anything runs
+            group.prepare_layouts(effective_layout(group.configured, False, shot.dit.num_heads))
         if group.distributed:
             experts = group.parallelize_experts(experts)
+        if args.guidance:
+            return _per_shot_layouts(args, group, shot, dtype, kernels, experts)
         seconds = []
         for _ in range(max(args.repeat, 1)):
             group.barrier()
@@ -114,14 +126,41 @@ def main(argv=None) -> dict:
         group.close()
 
 
+def _per_shot_layouts(args, group, shot, dtype, kernels: KernelSettings, experts) -> dict:
+    """One render per --guidance value on the same group, each on its effective layout; rank 0 prints the JSON."""
+    renders, latents = [], []
+    for g in args.guidance:
+        pcfg = effective_layout(group.configured, cfg_active(g), shot.dit.num_heads)
+        group.use_layout(pcfg, experts)
+        group.barrier()
+        t0 = time.perf_counter()
+        latents.append(run_shot(shot, group, dtype, experts=experts, guidance=g))  # [1, C, F, H, W]
+        if group.device.type == "cuda":
+            torch.cuda.synchronize(group.device)
+        renders.append({"guidance": g, "layout": group.pcfg.short_name(), "seconds": time.perf_counter() - t0})
+    compiled = any(blocks_compiled(m) for m in experts)
+    if args.check and group.is_main:  # after the group's renders: the other ranks are not held up in a collective
+        for entry, latent in zip(renders, latents):
+            entry.update(_check_against_one_process(shot, group, dtype, latent, kernels, compiled, entry["guidance"]))
+    report = {"configured": group.configured.describe(), "world_size": group.world_size, "backend": group.backend,
+              "device": str(group.device), "model": args.model or f"tiny_{args.task}", "grid": args.grid,
+              "steps": args.steps, "dtype": args.dtype, "renders": renders, "meshes": len(group.meshes),
+              "compiled": compiled, "code_version": code_version()}
+    if group.is_main:
+        print(json.dumps(report, ensure_ascii=False), flush=True)
+    group.barrier()
+    return report
+
+
 def _check_against_one_process(shot, group, dtype, latent: torch.Tensor, kernels: KernelSettings,
-                               group_compiled: bool) -> dict:
+                               group_compiled: bool, guidance: float | None = None) -> dict:
     """The same shot on rank 0 alone, run like the group ran: compiled if the group's blocks compiled (FSDP-sharded
     experts stay eager under compile=auto, so their reference is eager too), with the same kernel settings
     otherwise. A comparison of unlike paths would measure compile's or a kernel's rounding, not the layout's."""
     ref_kernels = replace(kernels, compile="on" if group_compiled else "off")
     experts = shot.experts(dtype, group.device, ref_kernels)
-    ref = run_shot(shot, _local(group), dtype, experts=experts, kernels=ref_kernels)  # final latent [1, C, F, H, W]
+    ref = run_shot(shot, _local(group), dtype, experts=experts, kernels=ref_kernels,
+                   guidance=guidance)  # final latent [1, C, F, H, W]
     ref_compiled = any(blocks_compiled(m) for m in experts)
     if ref_compiled != group_compiled:
         raise RuntimeError(f"--check compared unlike paths: group compiled={group_compiled}, "

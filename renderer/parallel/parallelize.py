@@ -55,6 +55,41 @@ def apply_sequence_parallel(model: nn.Module, mesh, pcfg: ParallelConfig, agree=
     return sharder
 
 
+def _attention_slots(model: nn.Module) -> list[nn.Module]:
+    plan = model.sp_plan
+    return [m for name, m in model.named_modules() if any(fnmatch(name, p) for p in plan.attention)]
+
+
+def reapply_sequence_parallel(model: nn.Module, mesh, old: ParallelConfig, new: ParallelConfig,
+                              agree=None) -> SequenceSharder | None:
+    """Lay an already parallelised expert out anew (RenderGroup.use_layout): from `old` to `new` on `mesh`.
+    Weights and FSDP shards are not touched (FSDP spans the whole group in every layout); only the token split
+    and the attention slots change. Each layout's pair is kept on the model and put back when the layout comes
+    back, so compiled blocks find the attn_fn object their graphs were traced with (a new object per switch
+    would recompile on every switch and soon hit dynamo's recompile limit)."""
+    pcfg_world = mesh.size() if mesh is not None else 1
+    new.validate(pcfg_world, model.cfg.num_heads)
+    slots = _attention_slots(model)
+    kept = getattr(model, "_sp_layouts", None)
+    if kept is None:
+        kept = {}
+        model._sp_layouts = kept
+    kept[(old.mesh_shape, old.ulysses_impl)] = (model.token_split, slots[0].attn_fn if slots else None)
+    key = (new.mesh_shape, new.ulysses_impl)
+    if key in kept:
+        sharder, attn_fn = kept[key]
+        model.token_split = sharder
+        for module in slots:
+            module.attn_fn = attn_fn
+        return sharder
+    model.token_split = None
+    for module in slots:
+        module.attn_fn = None  # the model's own attention
+    sharder = apply_sequence_parallel(model, mesh, new, agree) if mesh is not None else None
+    kept[key] = (model.token_split, slots[0].attn_fn if slots else None)
+    return sharder
+
+
 def apply_fsdp(model: nn.Module, fsdp_mesh) -> nn.Module:
     """Step 3. Shard every block, then the root, over `fsdp_mesh` (1-D, all ranks of the group).
 
@@ -104,4 +139,4 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-__all__ = ["parallelize", "apply_sequence_parallel", "apply_fsdp", "make_sharder", "expert_bytes", "is_sharded"]
+__all__ = ["parallelize", "apply_sequence_parallel", "reapply_sequence_parallel", "apply_fsdp", "make_sharder", "expert_bytes", "is_sharded"]

@@ -93,8 +93,10 @@ def tiny_shot(task: str, grid: tuple[int, int, int] = (3, 6, 10), steps: int = 3
 
 
 def run_shot(shot: TinyShot, group: RenderGroup | None = None, dtype: torch.dtype = torch.float32,
-             experts: list | None = None, kernels: KernelSettings | None = None) -> torch.Tensor:
-    """Render `shot` (parallelising fresh experts over `group` when it has more than one rank) -> final latent."""
+             experts: list | None = None, kernels: KernelSettings | None = None,
+             guidance: float | tuple[float, float] | None = None) -> torch.Tensor:
+    """Render `shot` (parallelising fresh experts over `group` when it has more than one rank) -> final latent.
+    guidance: the scale(s) to use (None: the preset's)."""
     device = group.device if group is not None else torch.device("cpu")
     if experts is None:
         experts = shot.experts(dtype, device, kernels)
@@ -103,4 +105,4 @@ def run_shot(shot: TinyShot, group: RenderGroup | None = None, dtype: torch.dtyp
     sampler = make_sampler(shot.sampler, shot.steps, shot.preset.shift)
     return denoise(experts, shot.conditioner(device, dtype), sampler, shot.noise.to(device),
                    guider=make_guider(group), boundary=shot.preset.boundary if len(experts) == 2 else None,
-                   guidances=shot.preset.guidance, group=group)
+                   guidances=shot.preset.guidance if guidance is None else guidance, group=group)
