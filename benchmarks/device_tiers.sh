@@ -15,7 +15,7 @@ set -u
 phase=${1:?usage: device_tiers.sh call1|call2|call3}
 T0=$(date +%s)
 LIMIT=${TIERS_CALL_LIMIT_S:-575}
-O=${OUT:-out}/tiers
+O=/tmp/tier_out/$phase    # everything lands here, then one archive in $OUT (a call returns a limited number of files)
 R=/tmp/tier_runs            # survives between calls while the machine is warm
 mkdir -p "$O" "$R"
 if [ ! -d /tmp/site/hydra ]; then
@@ -64,8 +64,18 @@ call2)
   cp $R/fast_1gpu.log "$O/fast_1gpu.partial.log"
   ;;
 call3)
-  while pgrep -f "out=$R/fast_1gpu" > /dev/null && [ "$(left)" -gt 380 ]; do sleep 5; done
+  export CUDA_VISIBLE_DEVICES=1
+  step ti2v_draft_1gpu python3 -m benchmarks.scaling bench=ti2v_5b_720p_draft qualities=[draft] gpus=[1] \
+    out=$O/ti2v_draft_1gpu
+  step quality_fast python3 -m benchmarks.quality model=t2v_a14b random_weights=true quality=fast size=832*480 \
+    frames=33 steps=12 quality.cache.method=schedule quality.cache.schedule=$R/t2v_a14b_magcache_12.json \
+    out=$O/quality_fast
+  step quality_draft python3 -m benchmarks.quality model=t2v_a14b random_weights=true quality=draft size=832*480 \
+    frames=33 steps=12 out=$O/quality_draft
+  while pgrep -f "out=$R/fast_1gpu" > /dev/null && [ "$(left)" -gt 20 ]; do sleep 5; done
   cp -r $R/fast_1gpu $R/fast_1gpu.log "$O/" 2>/dev/null
+  ;;
+call4)
   step fast_2gpu python3 -m benchmarks.scaling bench=a14b_720p_tiers qualities=[fast] gpus=[2] \
     "+quality_overrides.cache={method:schedule,schedule:$R/t2v_a14b_magcache_40.json}" out=$O/fast_2gpu
   step ti2v_draft_2gpu python3 -m benchmarks.scaling bench=ti2v_5b_720p_draft qualities=[draft] gpus=[2] \
@@ -75,3 +85,5 @@ call3)
   ;;
 esac
 echo "call $phase done in $(( $(date +%s) - T0 ))s" | tee -a "$O/summary.txt"
+find "$O" -name "*.mp4" -size +20M -delete  # videos of random weights: noise, and large
+tar -C /tmp/tier_out -czf "${OUT:-out}/tiers_$phase.tgz" "$phase" && ls -la "${OUT:-out}"
