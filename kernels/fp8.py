@@ -47,13 +47,17 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite e4m3fn value
+# a scale is amax × fp32(1/448), one IEEE multiply, in the eager and the Triton code alike: `amax / 448` is not one
+# operation everywhere (PyTorch on CUDA divides by a scalar as a multiply by its reciprocal; Triton's div_rn is the
+# exact quotient), and a 1-ulp different scale moves x/scale across an e4m3 rounding tie (measured on an H200)
+INV_E4M3_MAX = 1.0 / 448.0
 _TARGET = re.compile(r"(^|\.)blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.0|ffn\.2)$")
 
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K] -> (e4m3 [M, K], fp32 scale [M, 1]) with x ≈ q·scale; a zero row gets scale 1."""
     amax = x.detach().abs().amax(dim=-1, keepdim=True).float()  # [M, 1]
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))  # [M, 1]
+    scale = torch.where(amax > 0, amax * INV_E4M3_MAX, torch.ones_like(amax))  # [M, 1]
     q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)  # [M, K]
     return q, scale
 
@@ -63,6 +67,8 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _TRITON_MAX_COLS = 32768
 
 if HAVE_TRITON:
+
+    INV_E4M3_MAX_TL = tl.constexpr(INV_E4M3_MAX)  # the same fp32 constant inside @triton.jit code
 
     @triton.jit
     def round_to_e4m3(x):
@@ -89,8 +95,8 @@ if HAVE_TRITON:
         x = tl.load(x_ptr + rows64[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)  # [BR, BK]
         x = x.to(tl.float32)
         amax = tl.max(tl.abs(x), axis=1)  # [BR]
-        # div_rn: IEEE division as torch's (Triton's plain fp32 `/` is an approximate division on NVIDIA GPUs)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full([BLOCK_R], 448.0, tl.float32)), 1.0)  # [BR]
+        scale = tl.where(amax > 0, amax * INV_E4M3_MAX_TL, 1.0)  # [BR]: the eager twin's multiply (INV_E4M3_MAX)
+        # div_rn: IEEE division as torch's tensor / tensor (Triton's plain fp32 `/` is approximate on NVIDIA GPUs)
         q = tl.math.div_rn(x, scale[:, None] + tl.zeros([BLOCK_R, BLOCK_K], tl.float32))  # [BR, BK]
         q = round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
         tl.store(q_ptr + rows64[:, None] * n_cols + cols[None, :], q.to(tl.float8e4nv), mask=mask)

@@ -49,7 +49,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.fp8 import E4M3, E4M3_MAX, HAVE_TRITON
+from kernels.fp8 import E4M3, E4M3_MAX, HAVE_TRITON, INV_E4M3_MAX
 
 if HAVE_TRITON:
     import triton
@@ -60,7 +60,7 @@ if HAVE_TRITON:
     except ImportError:  # pragma: no cover - depends on the installed Triton
         TensorDescriptor = None
 
-    from kernels.fp8 import round_to_e4m3
+    from kernels.fp8 import INV_E4M3_MAX_TL, round_to_e4m3
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def _value_scale(v: torch.Tensor) -> torch.Tensor:
     b, _, h, d = v.shape
     lo, hi = torch.aminmax(v, dim=1)  # 2 × [B, H, D]: one read of v, no |v| copy
     amax = torch.maximum(-lo, hi).float().reshape(b * h, d)  # [BH, D]
-    return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)).contiguous()
+    return torch.where(amax > 0, amax * INV_E4M3_MAX, torch.ones_like(amax)).contiguous()
 
 
 def _pad_to(n: int, block: int) -> int:
@@ -148,7 +148,7 @@ def prepare_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: At
     def per_block(x, block):  # fp32 [BH, Lp, D] -> e4m3 [BH, Lp, D], [BH, Lp/block]
         xb = x.view(b * h, -1, block, d)  # [BH, nb, block, D]
         amax = xb.abs().amax(dim=(2, 3))  # [BH, nb]
-        scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+        scale = torch.where(amax > 0, amax * INV_E4M3_MAX, torch.ones_like(amax))
         xq = (xb / scale[:, :, None, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
         return xq.reshape(x.shape), scale
 
@@ -180,7 +180,7 @@ if HAVE_TRITON:
         if CENTRE:  # K smoothing; padded rows stay zero
             x = tl.where(row_ok, x - tl.load(mean_ptr + bh * D + rd)[None, :], 0.0)
         amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+        scale = tl.where(amax > 0, amax * INV_E4M3_MAX_TL, 1.0)  # as the eager twin (kernels/fp8.py INV_E4M3_MAX)
         xq = tl.math.div_rn(x, tl.zeros([BLOCK, D], tl.float32) + scale)  # IEEE division, as the eager twin
         xq = round_to_e4m3(tl.minimum(tl.maximum(xq, -448.0), 448.0))
         out = out_ptr + bh.to(tl.int64) * l_pad * D

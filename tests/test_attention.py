@@ -30,7 +30,12 @@ def test_gpu_backends_match_fp64(backend):
     q, k, v = (torch.randn(1, 1000, 8, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
     got = attention(q, k, v, backend=backend).double()
     want = reference_attention(q, k, v)
-    assert (got - want).abs().max().item() < 2e-2  # bf16 inputs and outputs
+    if backend.startswith("fp8"):  # lossy: FP8 operands, held to the FP8 bound (tests/test_fp8.py), not bf16's
+        from tests.test_fp8 import ATTN_BOUND
+
+        assert ((got - want).norm() / want.norm()).item() <= ATTN_BOUND
+    else:
+        assert (got - want).abs().max().item() < 2e-2  # bf16 inputs and outputs
 
 
 def test_unknown_and_missing_backends_are_explained():
