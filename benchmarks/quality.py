@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from renderer.provenance import code_version, provenance
+
 DEFAULTS = {"model": "tiny_t2v", "quality": "fast", "prompt": "a red kite over a beach at dusk, slow dolly shot",
             "seed": 0, "size": None, "frames": None, "steps": None, "out": "out/quality", "checkpoint": None,
             "random_weights": False, "device": "auto", "dtype": "auto", "attention": None,
@@ -101,6 +103,8 @@ def compare(opts: dict, tier_overrides: dict) -> dict:
         "note": ("random weights: the figures are numerical deviation only, not image quality"
                  if preset.checkpoint is None else "real weights: deviation of the tier from exact on this shot"),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code_version": code_version(), "provenance": provenance(),
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
     return report
 

@@ -68,14 +68,16 @@ def provenance(root: Path = ROOT) -> dict:
     if commit and not git_dirty:
         return {"version": __version__, "commit": commit, "dirty": False, "source": "git", "digest": digest}
     # a dirty .git can be a stale copy that travelled with the tree (seen on the lent GPU machines: the session's
-    # first commit, "dirty"): a stamp whose digest matches these very files names the commit better
+    # first commit, "dirty"): the stamp, taken just before the tree was sent, names the commit better — as it is
+    # when its digest matches these very files, `.modified` when a file changed after stamping (the digest is kept,
+    # so the exact files can still be matched to a commit afterwards)
     if commit and stamp_path.exists():
         try:
             stamp = json.loads(stamp_path.read_text())
-            if stamp["digest"] == digest:
-                return {"version": __version__, "commit": stamp["commit"], "dirty": bool(stamp["dirty"]),
-                        "source": "stamp", "digest": digest, "stamp_matches": True,
-                        "stamped_at": stamp.get("stamped_at"), "git_commit": commit}
+            matches = stamp["digest"] == digest
+            return {"version": __version__, "commit": stamp["commit"], "dirty": bool(stamp["dirty"]) or not matches,
+                    "source": "stamp", "digest": digest, "stamp_matches": matches,
+                    "stamped_at": stamp.get("stamped_at"), "git_commit": commit}
         except (OSError, ValueError, KeyError, TypeError):
             pass
     if commit:

@@ -107,7 +107,7 @@ def test_cli_show_and_stamp(tree):
 
 def test_a_stale_dirty_git_yields_to_a_matching_stamp(tree):
     """The lent GPU machines get the tree with a stale .git (an older commit): git reports that commit, dirty.
-    A stamp whose digest equals these files names the commit that really ran; one that does not match does not."""
+    A stamp names the commit that was sent: as is when its digest equals these files, `.modified` when not."""
     old = _git(tree, "rev-parse", "HEAD")
     (tree / "renderer" / "a.py").write_text("A = 2\n")
     _git(tree, "commit", "-qam", "second")
@@ -117,6 +117,11 @@ def test_a_stale_dirty_git_yields_to_a_matching_stamp(tree):
     p = provenance(tree)
     assert p["source"] == "stamp" and p["commit"] == new and p["dirty"] is False and p["git_commit"] == old
     assert code_version(tree) == f"{__version__}+g{new[:12]}"
-    (tree / "renderer" / "a.py").write_text("A = 3\n")  # edited after the stamp: git's dirty answer stands
+    (tree / "renderer" / "a.py").write_text("A = 3\n")  # edited after the stamp: the stamp's commit, modified
+    p = provenance(tree)
+    assert p["source"] == "stamp" and p["commit"] == new and p["dirty"] is True and p["stamp_matches"] is False
+    assert p["git_commit"] == old and p["digest"] == source_digest(tree)
+    assert code_version(tree) == f"{__version__}+g{new[:12]}.modified"
+    (tree / STAMP_NAME).write_text("{not json")  # an unreadable stamp is no evidence: git's dirty answer stands
     p = provenance(tree)
     assert p["source"] == "git" and p["commit"] == old and p["dirty"] is True

@@ -70,6 +70,7 @@ def test_quality_command_fast_within_bounds(tmp_path, capsys):
     assert report["tier"]["tier"]["linear"] == "fp8" and report["exact"]["tier"]["name"] == "exact"
     assert report["exact"]["steps"] == report["tier"]["steps"] == 6
     assert "numerical deviation only" in report["note"]
+    assert report["code_version"].startswith("0.") and report["provenance"]["digest"]  # which code measured it
     assert (tmp_path / "quality_tiny_t2v_fast.md").read_text().count("|") > 10
     # an impossible bound fails the command (CI would go red)
     assert main(args[:3] + ["max_latent_err=1e-9"]) == 1
