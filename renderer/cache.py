@@ -158,10 +158,19 @@ class StepCache:
 
 
 def install_step_caches(experts, settings, group: dist.ProcessGroup | None = None) -> list[StepCache]:
-    """One StepCache per expert from a tier's CacheSettings (renderer/tiers.py); [] when method is none."""
+    """One StepCache per expert from a tier's CacheSettings (renderer/tiers.py); [] when method is none.
+    method auto installs fbcache caches; `plan_for_shot` turns them into the published MagCache schedule per shot
+    where the model has one."""
     if settings.method == "none":
         return []
     schedules: list[list[bool] | None] = [None] * len(experts)
+    if settings.method == "auto":
+        caches = [StepCache(m, "fbcache", settings.threshold, settings.warmup, settings.max_skips, group=group).install()
+                  for m in experts]
+        for c in caches:
+            c.siblings = caches
+            c.auto = True
+        return caches
     if settings.method == "schedule":
         data = load_schedule(settings.schedule)
         schedules = [data["experts"][i] if i < len(data["experts"]) else [] for i in range(len(experts))]
@@ -170,6 +179,30 @@ def install_step_caches(experts, settings, group: dist.ProcessGroup | None = Non
     for c in caches:
         c.siblings = caches
     return caches
+
+
+def plan_for_shot(caches: list[StepCache], model: str, steps: int, shift: float, boundary: float | None,
+                  image: bool) -> str | None:
+    """Before a shot (after StepCache.reset): caches installed by method auto replay the published MagCache schedule
+    of `model` for this shot's steps / shift / expert boundary (renderer/cache_schedules.py: decisions calibrated on
+    the real weights, the same on every rank) when there is one, else stay fbcache. Returns what they do, for the
+    sidecar: "magcache (published, N of S steps cached)", "fbcache", or None (no auto caches)."""
+    auto = [c for c in caches if getattr(c, "auto", False)]
+    if not auto:
+        return None
+    from renderer.cache_schedules import has_published_calibration, magcache_schedule
+
+    if not has_published_calibration(model):
+        for c in auto:
+            c.method, c.schedule = "fbcache", None
+        return f"fbcache (threshold {auto[0].threshold}; no published MagCache calibration for {model})"
+    plan = magcache_schedule(model, steps, shift, boundary, image=image)
+    if len(plan["experts"]) != len(auto):
+        raise ValueError(f"step cache: the MagCache schedule of {model} has {len(plan['experts'])} expert(s), the "
+                         f"pipeline {len(auto)}")
+    for c, sched in zip(auto, plan["experts"]):
+        c.method, c.schedule = "schedule", list(sched)
+    return f"magcache (published calibration, {plan['cached_steps']} of {steps} steps cached)"
 
 
 def load_schedule(path: str | Path) -> dict:

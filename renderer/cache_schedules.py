@@ -79,6 +79,11 @@ PUBLISHED_SETTINGS = {"t2v_a14b": {"threshold": 0.06, "max_skips": 2, "retention
                       "ti2v_5b": {"threshold": 0.06, "max_skips": 2, "retention": 0.2}}
 
 
+def has_published_calibration(model: str) -> bool:
+    """Whether the model preset has a published MagCache ratio table (the Wan2.2 T2V-A14B, I2V-A14B, TI2V-5B)."""
+    return model in PUBLISHED_SETTINGS
+
+
 def ratio_table(model: str, image: bool = False) -> tuple[float, ...]:
     """The published per-call ratios for a model preset name (ti2v_5b: text-only or image-conditioned)."""
     key = f"{model}_{'i2v' if image else 't2v'}" if model == "ti2v_5b" else model

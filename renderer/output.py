@@ -83,6 +83,7 @@ def sidecar(pipe: Pipeline, result: RenderResult, extra: dict | None = None) -> 
         "quality": _tier(pipe) or {"name": "exact"},
         "final": (_tier(pipe) or {"name": "exact"})["name"] == "exact",  # fast and draft renders never are
         "step_cache": pipe.describe().get("step_cache", []),
+        "step_cache_plan": pipe.describe().get("step_cache_plan"),
         "code_version": code_version(),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),

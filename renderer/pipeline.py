@@ -293,6 +293,10 @@ class Pipeline:
         shot = self.tier.apply(shot).resolve(self.preset)  # the tier's steps / sampler / shift / guidance
         for cache in self.step_caches:
             cache.reset()
+        from renderer.cache import plan_for_shot
+
+        self.cache_plan = plan_for_shot(self.step_caches, self.preset.name, shot.steps, shot.shift,
+                                        self.preset.boundary, image=shot.image is not None)
         problems = self.check(shot)
         if problems:
             raise ShotError("; ".join(f"shot {shot.shot_id}: {f}: {m}" for f, m in problems))
@@ -378,7 +382,8 @@ class Pipeline:
         return {"model": self.preset.name, "checkpoint": self.checkpoint, "fingerprint": self.fingerprint,
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "placement": self.placement, "options": asdict(self.options), "tier": self.tier.describe(),
-                "step_cache": [{"computed": c.stats.computed, "cached": c.stats.cached} for c in self.step_caches]}
+                "step_cache": [{"computed": c.stats.computed, "cached": c.stats.cached} for c in self.step_caches],
+                "step_cache_plan": getattr(self, "cache_plan", None)}
 
 
 class _ExpertView:

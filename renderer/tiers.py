@@ -22,7 +22,7 @@ log = logging.getLogger("wanrender.tiers")
 
 TIER_NAMES = ("exact", "fast", "draft")
 TIER_DIR = Path(__file__).resolve().parents[1] / "conf" / "quality"
-CACHE_METHODS = ("none", "fbcache", "schedule")
+CACHE_METHODS = ("none", "auto", "fbcache", "schedule")
 LINEAR_MODES = ("bf16", "fp8")
 LORA_EXPERTS = ("all", "high", "low")
 
@@ -47,7 +47,9 @@ class TierLora:
 class CacheSettings:
     """The step cache (renderer/cache.py). fbcache: a step reuses the last residual of the blocks after the first
     when the first block's output moved less than `threshold` (relative L1) since the last full step; schedule:
-    a calibrated list of the steps to compute (benchmarks.calibrate_cache)."""
+    a calibrated list of the steps to compute (benchmarks.calibrate_cache, renderer.cache_schedules); auto: the
+    published MagCache calibration of the model with its authors' settings where there is one (the Wan2.2 T2V-A14B,
+    I2V-A14B, TI2V-5B: renderer/cache_schedules.py), else fbcache with the fields below."""
 
     method: str = "none"
     threshold: float = 0.0

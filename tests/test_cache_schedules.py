@@ -104,3 +104,30 @@ def test_cli_writes_a_schedule_the_step_cache_reads(tmp_path):
     assert "Traceback" not in bad.stderr
     with pytest.raises(ValueError, match="retention must lie in"):
         magcache_schedule("t2v_a14b", 40, 12.0, 0.875, retention=1.5)
+
+
+def test_fast_tier_auto_cache_replays_the_published_schedule_in_a_render():
+    """quality=fast (cache method auto) on a model with a published calibration: the render's caches serve exactly
+    the steps of magcache_schedule (cond and uncond each); on one without, they stay the residual cache."""
+    from dataclasses import replace
+
+    from renderer.pipeline import Pipeline, RenderOptions, ShotSpec
+    from renderer.presets import load_preset
+    from renderer.tiers import load_tier
+
+    tier = load_tier("fast", {"linear": "bf16"})  # the cache only: FP8 is tested elsewhere
+    assert tier.cache.method == "auto"
+    tiny = load_preset("tiny_t2v")
+    as_a14b = replace(tiny, name="t2v_a14b")  # the tiny weights under the A14B name: its calibration applies
+    pipe = Pipeline(as_a14b, options=RenderOptions(progress=False), tier=tier)
+    steps = 12
+    pipe.render(ShotSpec(prompt="p", steps=steps, seed=1))
+    plan = magcache_schedule("t2v_a14b", steps, tiny.shift, tiny.boundary)
+    assert pipe.cache_plan == f"magcache (published calibration, {plan['cached_steps']} of {steps} steps cached)"
+    assert plan["cached_steps"] > 0
+    cached = [c.stats.cached for c in pipe.step_caches]
+    assert cached == [2 * sum(e) for e in plan["experts"]]  # sequential CFG: cond and uncond skip together
+    assert pipe.describe()["step_cache_plan"] == pipe.cache_plan
+    plain = Pipeline(tiny, options=RenderOptions(progress=False), tier=tier)
+    plain.render(ShotSpec(prompt="p", steps=4, seed=1))
+    assert plain.cache_plan.startswith("fbcache (threshold 0.08; no published MagCache calibration for tiny_t2v)")

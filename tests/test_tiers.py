@@ -54,7 +54,7 @@ def test_tier_apply_and_override():
     more = load_tier("draft", {"steps": 6, "loras": []})
     assert more.apply(shot).steps == 6 and more.loras == ()
     fast = load_tier("fast", {"cache": {"threshold": 0.05}})
-    assert fast.cache.method == "fbcache" and fast.cache.threshold == 0.05 and fast.linear == "fp8"
+    assert fast.cache.method == "auto" and fast.cache.threshold == 0.05 and fast.linear == "fp8"
     assert fast.apply(shot) == shot  # fast keeps the exact schedule
     assert fast.describe()["cache"]["threshold"] == 0.05  # into the sidecar and render hash
     assert draft.describe() != load_tier("exact").describe()
