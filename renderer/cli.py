@@ -16,7 +16,9 @@ was rendered or reserved), 3 the machine stopped the job (disk full, read-only f
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 from dataclasses import replace
 
 from omegaconf import DictConfig, OmegaConf
@@ -199,8 +201,19 @@ def cmd_serve(cfg: DictConfig) -> int:
     return serve_from_config(cfg)
 
 
+def _ctrl_c_stops_the_job() -> None:
+    """A process started in the background (`nohup wanrender serve &`, a CI runner's `cmd &`) inherits SIGINT
+    *ignored*, and Python then never raises KeyboardInterrupt: Ctrl-C, and the service's cancel (SIGINT to the job's
+    driver, jobs/service/core.py), would do nothing and the job would run to its end. Restore the default handler so
+    both always stop a job cleanly (groups ended, report written, lock released). A terminal sends Ctrl-C only to its
+    foreground process group, so a background job still does not see the terminal's Ctrl-C."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _ctrl_c_stops_the_job()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
         return 0

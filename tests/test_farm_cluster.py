@@ -102,10 +102,13 @@ def test_ctrl_c_mid_job_keeps_finished_shots_and_leaves_no_temp(tmp_path):
     (out / ".s1.mp4.tmp-4242-0badf00d.mp4").write_bytes(b"left by an earlier Ctrl-C")  # swept at the start
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANRENDER_FAULTS": "hang:s2:1"}
     env.pop("RAY_ADDRESS", None)
+    # started with SIGINT ignored, as anything launched in the background (`cmd &`, nohup) inherits it: the CLI
+    # must still stop on SIGINT (renderer/cli.py _ctrl_c_stops_the_job; the service's cancel is a SIGINT too)
     proc = subprocess.Popen([sys.executable, "-m", "renderer.cli", "render", f"manifest={path}", f"out={out}",
                              "render.device=cpu", "job.live_progress=false", "job.max_groups=1",
                              "cluster.num_cpus=1", "cluster.num_gpus=0", "cluster.dashboard=false"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (out / "logs" / "s2.attempt1.log").is_file():
         time.sleep(0.5)  # s0 and s1 are rendered and written by then (one group, manifest order)
