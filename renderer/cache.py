@@ -69,6 +69,7 @@ class StepCache:
         self.distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
         self.stats = CacheStats()
         self.siblings: list[StepCache] = [self]  # the caches of the other experts (install_step_caches)
+        self.auto = False  # installed by method auto: plan_for_shot picks schedule or fbcache per shot
         self._branches: dict[int, _Branch] = {}
         self._t: float | None = None
         self._call_in_step = 0
@@ -187,7 +188,7 @@ def plan_for_shot(caches: list[StepCache], model: str, steps: int, shift: float,
     of `model` for this shot's steps / shift / expert boundary (renderer/cache_schedules.py: decisions calibrated on
     the real weights, the same on every rank) when there is one, else stay fbcache. Returns what they do, for the
     sidecar: "magcache (published, N of S steps cached)", "fbcache", or None (no auto caches)."""
-    auto = [c for c in caches if getattr(c, "auto", False)]
+    auto = [c for c in caches if c.auto]
     if not auto:
         return None
     from renderer.cache_schedules import has_published_calibration, magcache_schedule
