@@ -70,11 +70,15 @@ def provenance(root: Path = ROOT) -> dict:
     # a dirty .git can be a stale copy that travelled with the tree (seen on the lent GPU machines: the session's
     # first commit, "dirty"): the stamp, taken just before the tree was sent, names the commit better — as it is
     # when its digest matches these very files, `.modified` when a file changed after stamping (the digest is kept,
-    # so the exact files can still be matched to a commit afterwards)
+    # so the exact files can still be matched to a commit afterwards). A stamp left over from an earlier commit of
+    # this very history (an ancestor of HEAD: a developer's checkout with uncommitted edits) is older than git's
+    # answer, which then stands.
     if commit and stamp_path.exists():
         try:
             stamp = json.loads(stamp_path.read_text())
             matches = stamp["digest"] == digest
+            if not matches and _git(root, "merge-base", "--is-ancestor", stamp["commit"], "HEAD") is not None:
+                raise ValueError("an older stamp")
             return {"version": __version__, "commit": stamp["commit"], "dirty": bool(stamp["dirty"]) or not matches,
                     "source": "stamp", "digest": digest, "stamp_matches": matches,
                     "stamped_at": stamp.get("stamped_at"), "git_commit": commit}

@@ -122,6 +122,12 @@ def test_a_stale_dirty_git_yields_to_a_matching_stamp(tree):
     assert p["source"] == "stamp" and p["commit"] == new and p["dirty"] is True and p["stamp_matches"] is False
     assert p["git_commit"] == old and p["digest"] == source_digest(tree)
     assert code_version(tree) == f"{__version__}+g{new[:12]}.modified"
+    _git(tree, "reset", "-q", "--soft", new)  # a stamp of an ancestor of HEAD with files edited since: git answers
+    _git(tree, "commit", "-qam", "third")
+    (tree / "renderer" / "a.py").write_text("A = 4\n")
+    third = _git(tree, "rev-parse", "HEAD")
+    p = provenance(tree)
+    assert p["source"] == "git" and p["commit"] == third and p["dirty"] is True
     (tree / STAMP_NAME).write_text("{not json")  # an unreadable stamp is no evidence: git's dirty answer stands
     p = provenance(tree)
-    assert p["source"] == "git" and p["commit"] == old and p["dirty"] is True
+    assert p["source"] == "git" and p["commit"] == third and p["dirty"] is True
