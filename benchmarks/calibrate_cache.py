@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
+from renderer.kvargs import parse_key_values
 
 DEFAULTS = {"model": "tiny_t2v", "checkpoint": None, "random_weights": False, "prompt": "a red kite over a beach",
             "seed": 0, "size": None, "frames": None, "steps": None, "threshold": 0.1, "warmup": 1, "max_skips": 2,
@@ -59,13 +59,12 @@ def calibrate(opts: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = dict(DEFAULTS)
-    for a in list(sys.argv[1:] if argv is None else argv):
-        key, sep, raw = a.partition("=")
-        if not sep or key not in DEFAULTS:
-            print(f"error: argument {a!r}: use key=value with key one of {', '.join(DEFAULTS)}", file=sys.stderr)
-            return 2
-        opts[key] = raw if key in ("prompt", "size", "out", "checkpoint", "model") else yaml.safe_load(raw)
+    try:
+        opts = parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS,
+                                ("prompt", "size", "out", "checkpoint", "model"))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         data = calibrate(opts)
     except ValueError as e:

@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
+from renderer.kvargs import parse_key_values
 from renderer.provenance import code_version, provenance
 
 DEFAULTS = {"smoke": False, "sweep": False, "aot": False, "aot_configs": 0, "reps": 5, "sweep_reps": 3,
@@ -303,13 +303,11 @@ def aot_report(o: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
-    o = dict(DEFAULTS)
-    for a in list(sys.argv[1:] if argv is None else argv):
-        key, sep, raw = a.partition("=")
-        if not sep or key not in DEFAULTS:
-            print(f"error: argument {a!r}: use key=value with key one of {', '.join(DEFAULTS)}", file=sys.stderr)
-            return 2
-        o[key] = raw if key == "out" else yaml.safe_load(raw)
+    try:
+        o = parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, ("out",))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if o["smoke"]:
         o.update({k: v for k, v in SMOKE.items()})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

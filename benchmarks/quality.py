@@ -71,8 +71,7 @@ def render_once(preset, tier, opts: dict):
     info = {"quality": tier.name, "tier": tier.describe(), "steps": result.shot.steps, "sampler": result.shot.sampler,
             "seconds": {**{k: round(v, 4) for k, v in result.timings.items()}, "total": round(total, 4)},
             "step_seconds": [round(s, 4) for s in result.step_seconds], "experts_used": result.experts_used,
-            "step_cache": pipe.describe()["step_cache"],
-            "step_cache_plan": pipe.describe()["step_cache_plan"], "device": str(pipe.device)}
+            **pipe.cache_report(), "device": str(pipe.device)}
     del pipe
     gc.collect()
     if torch.cuda.is_available():

@@ -314,8 +314,7 @@ def _row(spec, preset, pipe, full, result, k, indices, build_s, warmup_s, render
     tflops = per_step / steps["median_s"] / world / 1e12 if steps.get("median_s") else None
     return {
         "name": spec.get("name"), "layout": spec.get("layout"), "gpus": world,
-        "quality": pipe.tier.name, "tier": pipe.tier.describe(), "step_cache": pipe.describe()["step_cache"],
-        "step_cache_plan": pipe.describe()["step_cache_plan"],
+        "quality": pipe.tier.name, "tier": pipe.tier.describe(), **pipe.cache_report(),
         "sampler": full.sampler, "guidance": list(full.guidance),
         "parallel": pipe.group.pcfg.describe() if pipe.group else "single process",
         "layout_from": spec.get("layout_from"),

@@ -181,29 +181,24 @@ def magcache_schedule(model: str, steps: int, shift: float, boundary: float | No
             "source": "MagCache (arXiv:2506.09045), ratios from github:Zehong-Ma/MagCache MagCache4Wan2.2"}
 
 
+# the command line's keys; boundary "preset": the model preset's own (null: one model, no expert switch)
+CLI_DEFAULTS = {"model": "t2v_a14b", "steps": None, "shift": None, "boundary": "preset", "threshold": None,
+                "max_skips": None, "retention": None, "image": False, "out": None}
+
+
 def main(argv: list[str] | None = None) -> int:
     """python -m renderer.cache_schedules model=t2v_a14b [steps=40 shift=12 boundary=0.875 threshold=0.06
     max_skips=2 retention=0.4 image=false] out=schedules/t2v_a14b_magcache.json"""
-    import yaml
-
+    from renderer.kvargs import parse_key_values
     from renderer.presets import load_preset
 
-    opts: dict = {"model": "t2v_a14b", "out": None}
-    for a in list(sys.argv[1:] if argv is None else argv):
-        key, sep, raw = a.partition("=")
-        if not sep or key not in ("model", "steps", "shift", "boundary", "threshold", "max_skips", "retention",
-                                  "image", "out"):
-            print(f"error: argument {a!r}: use key=value with key one of model, steps, shift, boundary, threshold, "
-                  f"max_skips, retention, image, out", file=sys.stderr)
-            return 2
-        opts[key] = raw if key in ("model", "out") else yaml.safe_load(raw)
     try:
+        opts = parse_key_values(sys.argv[1:] if argv is None else argv, CLI_DEFAULTS, ("model", "out"))
         preset = load_preset(opts["model"])
-        sched = magcache_schedule(opts["model"], int(opts.get("steps") or preset.steps),
-                                  float(opts.get("shift") or preset.shift),
-                                  opts["boundary"] if "boundary" in opts else preset.boundary,
-                                  opts.get("threshold"), opts.get("max_skips"), opts.get("retention"),
-                                  bool(opts.get("image", False)))
+        sched = magcache_schedule(opts["model"], int(opts["steps"] or preset.steps),
+                                  float(opts["shift"] or preset.shift),
+                                  preset.boundary if opts["boundary"] == "preset" else opts["boundary"],
+                                  opts["threshold"], opts["max_skips"], opts["retention"], bool(opts["image"]))
     except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

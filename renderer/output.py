@@ -82,8 +82,7 @@ def sidecar(pipe: Pipeline, result: RenderResult, extra: dict | None = None) -> 
         "render_hash": render_hash(shot, pipe.preset.name, pipe.fingerprint, pipe.kernels, _tier(pipe)),
         "quality": _tier(pipe) or {"name": "exact"},
         "final": (_tier(pipe) or {"name": "exact"})["name"] == "exact",  # fast and draft renders never are
-        "step_cache": pipe.describe().get("step_cache", []),
-        "step_cache_plan": pipe.describe().get("step_cache_plan"),
+        **pipe.cache_report(),
         "code_version": code_version(),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),

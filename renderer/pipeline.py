@@ -382,7 +382,11 @@ class Pipeline:
         return {"model": self.preset.name, "checkpoint": self.checkpoint, "fingerprint": self.fingerprint,
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "placement": self.placement, "options": asdict(self.options), "tier": self.tier.describe(),
-                "step_cache": [{"computed": c.stats.computed, "cached": c.stats.cached} for c in self.step_caches],
+                **self.cache_report()}
+
+    def cache_report(self) -> dict:
+        """The step cache of the last render: computed / cached calls per expert and what decided (the plan)."""
+        return {"step_cache": [{"computed": c.stats.computed, "cached": c.stats.cached} for c in self.step_caches],
                 "step_cache_plan": getattr(self, "cache_plan", None)}
 
 
